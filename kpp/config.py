@@ -1,0 +1,198 @@
+"""Typed configuration of the Kanerva++ model: one dataclass per component, composed into `KanervaConfig`.
+
+Every choice the paper leaves open (marked "choice" in the design doc) is a field here, so a sweep can search it.
+`KanervaConfig.validate()` rejects a config that cannot build a model, naming the field, before any training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config value that cannot build a model. `field` is the dotted path of the offending field."""
+
+    def __init__(self, field_path: str, message: str):
+        super().__init__(f"{field_path}: {message}")
+        self.field = field_path
+
+
+@dataclass(kw_only=True)
+class EncoderConfig:
+    """TSM ResNet applied to every image of the episode, then a 2-layer MLP to the embedding E [B, T, F]."""
+
+    width: int = 32  # channels of the first stage; doubled at each of the two downsampling stages
+    blocks_per_stage: int = 1  # residual blocks per stage (3 stages)
+    groups: int = 8  # GroupNorm groups (the authors use GroupNorm, not BatchNorm)
+    shift_fraction: float = 0.125  # fraction of channels shifted each way along the episode (TSM: 1/8)
+    embedding_dim: int = 256  # F
+
+
+@dataclass(kw_only=True)
+class MemoryConfig:
+    """The deterministic 2-D memory M [B, C_m, H_m, W_m] written from the episode (a point mass, no KL)."""
+
+    channels: int = 16  # C_m
+    height: int = 16  # H_m
+    width: int = 16  # W_m
+    # "key": each image writes a block at its own posterior key means (the inverse of the read), summed over the
+    # episode on a learned base map. "dense": each image writes a memory-sized map from its embedding, summed,
+    # then a conv stack. See docs/memory-experiments.md for what each does to the memory's use.
+    writer: Literal["key", "dense"] = "key"
+
+
+@dataclass(kw_only=True)
+class KeyConfig:
+    """Keys y in R^3 per image and read: (scale, shift_x, shift_y) of an affine read grid. Prior N(0, I)."""
+
+    num_reads: int = 4  # K
+    min_scale: float = 0.1  # the read covers between min_scale and max_scale of the memory side (choice)
+    max_scale: float = 0.5
+
+
+@dataclass(kw_only=True)
+class ReadConfig:
+    """Spatial-transformer read: each key reads a window x window block of M by bilinear sampling."""
+
+    window: int = 8  # w
+
+
+@dataclass(kw_only=True)
+class LatentConfig:
+    """Z: learned prior p(z | M_hat, y) from the read blocks, amortised posterior q(z | X) from E."""
+
+    dim: int = 32  # d_z
+    prior_width: int = 64  # channels of the conv net over the concatenated blocks
+
+
+@dataclass(kw_only=True)
+class DecoderConfig:
+    width: int = 32  # channels of the last transposed-conv stage (the first has 2x)
+    groups: int = 8
+
+
+@dataclass(kw_only=True)
+class LikelihoodConfig:
+    # "bernoulli" for binarized images (bit_depth 1); "logistic_mixture" (discretized, 256 bins) for 8-bit.
+    kind: Literal["bernoulli", "logistic_mixture"] = "bernoulli"
+    num_mixtures: int = 5  # logistic_mixture only
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    """Training-only shaping of the ELBO. The reported bounds never include warm-up or free bits."""
+
+    kl_warmup_steps: int = 0  # beta rises linearly from kl_warmup_start to 1 over these steps (0: beta = 1)
+    kl_warmup_start: float = 0.0
+    key_free_bits: float = 0.0  # nats per key read: KL_y below this is not penalised (batch mean, per key)
+
+
+@dataclass(kw_only=True)
+class KanervaConfig:
+    image_channels: int = 1
+    image_height: int = 28
+    image_width: int = 28
+    bit_depth: int = 1  # 1: binarized {0,1}; 8: 0..255
+    episode_length: int = 16  # T (the authors use 32)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    keys: KeyConfig = field(default_factory=KeyConfig)
+    read: ReadConfig = field(default_factory=ReadConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.image_channels, self.image_height, self.image_width)
+
+    @property
+    def unit(self) -> str:
+        """The unit the paper reports for this kind of data."""
+        return "nats/image" if self.bit_depth == 1 else "bits/dim"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "KanervaConfig":
+        """Build from a nested dict (e.g. parsed YAML/JSON). Unknown keys are errors, not silently dropped."""
+        return _from_dict(cls, data, prefix="")
+
+    def validate(self) -> "KanervaConfig":
+        _check_positive(self, ["image_channels", "image_height", "image_width", "episode_length"])
+        if self.bit_depth not in (1, 8):
+            raise ConfigError("bit_depth", f"must be 1 (binarized) or 8, got {self.bit_depth}")
+        if min(self.image_height, self.image_width) < 8:
+            raise ConfigError("image_height", "images must be at least 8x8 for the 3-stage encoder")
+        e = self.encoder
+        _check_positive(e, ["width", "blocks_per_stage", "groups", "embedding_dim"], "encoder")
+        if e.width % e.groups:
+            raise ConfigError("encoder.width", f"{e.width} is not divisible by encoder.groups={e.groups}")
+        if not 0.0 <= e.shift_fraction <= 0.5:
+            raise ConfigError("encoder.shift_fraction", f"must be in [0, 0.5], got {e.shift_fraction}")
+        m = self.memory
+        _check_positive(m, ["channels", "height", "width"], "memory")
+        if m.writer not in ("key", "dense"):
+            raise ConfigError("memory.writer", f"must be 'key' or 'dense', got {m.writer!r}")
+        k = self.keys
+        _check_positive(k, ["num_reads"], "keys")
+        if not 0.0 < k.min_scale <= k.max_scale <= 1.0:
+            raise ConfigError("keys.max_scale", f"need 0 < min_scale <= max_scale <= 1, got {k.min_scale}, {k.max_scale}")
+        w = self.read.window
+        if w <= 0:
+            raise ConfigError("read.window", f"must be positive, got {w}")
+        if w > m.height or w > m.width:
+            raise ConfigError("read.window", f"a {w}x{w} read window does not fit a {m.height}x{m.width} memory")
+        _check_positive(self.latent, ["dim", "prior_width"], "latent")
+        _check_positive(self.decoder, ["width", "groups"], "decoder")
+        if self.decoder.width % self.decoder.groups:
+            raise ConfigError("decoder.width", f"{self.decoder.width} is not divisible by decoder.groups")
+        lk = self.likelihood
+        if lk.kind == "bernoulli" and self.bit_depth != 1:
+            raise ConfigError("likelihood.kind", f"bernoulli needs binarized data (bit_depth 1), got bit_depth {self.bit_depth}")
+        if lk.kind == "logistic_mixture" and self.bit_depth != 8:
+            raise ConfigError("likelihood.kind", f"logistic_mixture models 8-bit data, got bit_depth {self.bit_depth}")
+        if lk.kind not in ("bernoulli", "logistic_mixture"):
+            raise ConfigError("likelihood.kind", f"unknown likelihood {lk.kind!r}")
+        _check_positive(lk, ["num_mixtures"], "likelihood")
+        o = self.objective
+        if o.kl_warmup_steps < 0 or not 0.0 <= o.kl_warmup_start <= 1.0:
+            raise ConfigError("objective.kl_warmup_steps", "need kl_warmup_steps >= 0 and 0 <= kl_warmup_start <= 1")
+        if o.key_free_bits < 0 or not math.isfinite(o.key_free_bits):
+            raise ConfigError("objective.key_free_bits", f"must be a finite number >= 0, got {o.key_free_bits}")
+        return self
+
+
+def for_bit_depth(bit_depth: int, **overrides: Any) -> KanervaConfig:
+    """A config whose likelihood matches the data: Bernoulli for binarized, logistic mixture for 8-bit."""
+    kind = "bernoulli" if bit_depth == 1 else "logistic_mixture"
+    cfg = KanervaConfig.from_dict({"bit_depth": bit_depth, "likelihood": {"kind": kind}, **overrides})
+    return cfg.validate()
+
+
+def _check_positive(obj: Any, names: list[str], prefix: str = "") -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            path = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(path, f"must be a positive integer, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise ConfigError(path, f"unknown field (known: {', '.join(sorted(fields))})")
+        default = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if default is not None and dataclasses.is_dataclass(default):
+            value = _from_dict(default, value, path)
+        kwargs[key] = value
+    return cls(**kwargs)

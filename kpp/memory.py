@@ -1,0 +1,112 @@
+"""The episodic memory: keys in R^3, the spatial-transformer read f_ST, and the deterministic writers f_mem.
+
+A key y = (y_s, y_x, y_y) is squashed into an affine read grid theta = [[s, 0, t_x], [0, s, t_y]] with
+s in [min_scale, max_scale] (a fraction of the memory side) and t in [-1, 1]: every read is a local block.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from kpp.config import KanervaConfig
+
+
+def key_to_affine(y: torch.Tensor, min_scale: float, max_scale: float) -> torch.Tensor:
+    """y [..., 3] -> theta [..., 2, 3] of the read grid (memory coords = s * window coords + t)."""
+    s = min_scale + (max_scale - min_scale) * torch.sigmoid(y[..., 0])
+    tx, ty = torch.tanh(y[..., 1]), torch.tanh(y[..., 2])
+    zero = torch.zeros_like(s)
+    row0 = torch.stack([s, zero, tx], dim=-1)
+    row1 = torch.stack([zero, s, ty], dim=-1)
+    return torch.stack([row0, row1], dim=-2)
+
+
+def invert_affine(theta: torch.Tensor) -> torch.Tensor:
+    """The inverse of a scale-and-shift grid: window coords = (memory coords - t) / s."""
+    s = theta[..., 0, 0]
+    t = theta[..., :, 2]
+    inv = torch.zeros_like(theta)
+    inv[..., 0, 0] = 1.0 / s
+    inv[..., 1, 1] = 1.0 / s
+    inv[..., :, 2] = -t / s.unsqueeze(-1)
+    return inv
+
+
+def read(memory: torch.Tensor, theta: torch.Tensor, window: int) -> torch.Tensor:
+    """f_ST. memory [B, C_m, H_m, W_m], theta [B, N, 2, 3] (N reads per episode) -> blocks [B, N, C_m, w, w]."""
+    b, n = theta.shape[:2]
+    c = memory.shape[1]
+    mem = memory.unsqueeze(1).expand(b, n, *memory.shape[1:]).reshape(b * n, *memory.shape[1:])
+    grid = F.affine_grid(theta.reshape(b * n, 2, 3), [b * n, c, window, window], align_corners=False)
+    blocks = F.grid_sample(mem, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return blocks.view(b, n, c, window, window)
+
+
+def place(blocks: torch.Tensor, theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of `read`: put each block where a read with theta would find it. blocks [B, N, C, w, w]
+    -> [B, N, C, H_m, W_m], zero outside the block's region."""
+    b, n, c = blocks.shape[:3]
+    inv = invert_affine(theta).reshape(b * n, 2, 3)
+    grid = F.affine_grid(inv, [b * n, c, height, width], align_corners=False)
+    placed = F.grid_sample(blocks.flatten(0, 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return placed.view(b, n, c, height, width)
+
+
+class KeyWriter(nn.Module):
+    """Each image writes K blocks (one per read key) at its own posterior key means, summed over the episode on a
+    learned base map. Deterministic in E; with no images written, M is the base map."""
+
+    def __init__(self, cfg: KanervaConfig):
+        super().__init__()
+        m, w, k = cfg.memory, cfg.read.window, cfg.keys.num_reads
+        self.cfg = cfg
+        self.base = nn.Parameter(torch.zeros(1, m.channels, m.height, m.width))
+        self.block = nn.Linear(cfg.encoder.embedding_dim, k * m.channels * w * w)
+
+    def contributions(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
+        """Each image's write, [B, T, C_m, H_m, W_m]; the memory is the base map plus their sum over T."""
+        b, t = embedding.shape[:2]
+        m, w, k = self.cfg.memory, self.cfg.read.window, self.cfg.keys.num_reads
+        blocks = self.block(embedding).view(b, t * k, m.channels, w, w)
+        theta = key_to_affine(key_mean, self.cfg.keys.min_scale, self.cfg.keys.max_scale).view(b, t * k, 2, 3)
+        return place(blocks, theta, m.height, m.width).view(b, t, k, m.channels, m.height, m.width).sum(2)
+
+    def forward(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
+        return self.base + self.contributions(embedding, key_mean).sum(1)
+
+    def empty(self, batch: int) -> torch.Tensor:
+        """The memory of an episode with no images: the base map."""
+        return self.base.expand(batch, -1, -1, -1)
+
+
+class DenseWriter(nn.Module):
+    """Each image writes a memory-sized map from its embedding (no pooling of the episode first), summed over the
+    episode, then a conv stack. Keys do not steer where an image is written."""
+
+    def __init__(self, cfg: KanervaConfig):
+        super().__init__()
+        m = cfg.memory
+        self.cfg = cfg
+        self.base = nn.Parameter(torch.zeros(1, m.channels, m.height, m.width))
+        self.map = nn.Linear(cfg.encoder.embedding_dim, m.channels * m.height * m.width)
+        self.mix = nn.Sequential(
+            nn.Conv2d(m.channels, m.channels, 3, 1, 1), nn.ReLU(), nn.Conv2d(m.channels, m.channels, 3, 1, 1)
+        )
+
+    def contributions(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
+        m = self.cfg.memory
+        b, t = embedding.shape[:2]
+        return self.map(embedding).view(b, t, m.channels, m.height, m.width)
+
+    def forward(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
+        summed = self.contributions(embedding, key_mean).sum(1)
+        return self.base + summed + self.mix(summed)
+
+    def empty(self, batch: int) -> torch.Tensor:
+        zero = torch.zeros_like(self.base)
+        return (self.base + self.mix(zero)).expand(batch, -1, -1, -1)
+
+
+def build_writer(cfg: KanervaConfig) -> nn.Module:
+    return {"key": KeyWriter, "dense": DenseWriter}[cfg.memory.writer](cfg)

@@ -1,0 +1,210 @@
+"""Kanerva++ (Ramapuram, Wu, Kalousis, ICLR 2021): a generative episodic memory, top to bottom.
+
+    X [B, T, C, H, W] --f_enc (TSM ResNet + MLP)--> E [B, T, F]
+    E --key head--> q(y_tk | X) = N(mu, sigma^2) in R^3, K keys per image          prior p(y) = N(0, I)
+    E, key means --f_mem (deterministic write)--> M [B, C_m, H_m, W_m]              a point mass: no KL
+    M, y --f_ST (affine_grid + grid_sample)--> M_hat [B, T, K, C_m, w, w]
+    M_hat, y --prior net--> p(z_t | M_hat_t, y_t);   E --dense head--> q(z_t | X)
+    z --decoder--> p(x_t | z_t)  (Bernoulli or discretized logistic mixture)
+
+Per image:  -ELBO = -log p(x_t | z_t) + KL[q(z_t|X) || p(z_t|M_hat_t, y_t)] + sum_k KL[q(y_tk|X) || N(0, I)].
+One reparameterised sample of y and z; analytic Gaussian KLs. See kpp/objective.py for warm-up and free bits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from kpp.config import KanervaConfig
+from kpp.encoder import EpisodeEncoder
+from kpp.likelihood import build_likelihood
+from kpp.memory import build_writer, key_to_affine, read
+from kpp.objective import gaussian_kl, gaussian_log_prob, training_loss
+
+KEY_DIM = 3  # (scale, shift_x, shift_y)
+LOGVAR_MIN, LOGVAR_MAX = -12.0, 8.0
+
+
+@dataclass
+class Encoding:
+    """What the encoder and its heads infer from an episode: E and the Gaussian posteriors over y and z."""
+
+    embedding: torch.Tensor  # [B, T, F]
+    key_mean: torch.Tensor  # [B, T, K, 3]
+    key_logvar: torch.Tensor  # [B, T, K, 3]
+    z_mean: torch.Tensor  # [B, T, d_z]
+    z_logvar: torch.Tensor  # [B, T, d_z]
+
+
+@dataclass
+class Noise:
+    """Standard-normal draws for the reparameterised y and z. Passing the same Noise to two evaluations pairs them,
+    so that sampling noise cancels in their difference (the memory-swap gap)."""
+
+    key: torch.Tensor  # [B, T, K, 3]
+    z: torch.Tensor  # [B, T, d_z]
+
+    @staticmethod
+    def draw(cfg: KanervaConfig, batch: int, length: int, generator: torch.Generator | None = None,
+             device=None) -> "Noise":
+        t, k, dz = length, cfg.keys.num_reads, cfg.latent.dim
+        # Drawn on the CPU from the (CPU) generator so a seed gives the same draws on any device.
+        return Noise(
+            key=torch.randn(batch, t, k, KEY_DIM, generator=generator).to(device),
+            z=torch.randn(batch, t, dz, generator=generator).to(device),
+        )
+
+
+class LatentPrior(nn.Module):
+    """p(z | M_hat, y): the K read blocks concatenated on channels, a small conv net, and the keys themselves."""
+
+    def __init__(self, cfg: KanervaConfig):
+        super().__init__()
+        k, c, w, width = cfg.keys.num_reads, cfg.memory.channels, cfg.read.window, cfg.latent.prior_width
+        self.convs = nn.Sequential(
+            nn.Conv2d(k * c, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 2, 1), nn.ReLU()
+        )
+        flat = width * math.ceil(w / 2) ** 2
+        self.out = nn.Sequential(nn.Linear(flat + k * KEY_DIM, 2 * width), nn.ReLU(), nn.Linear(2 * width, 2 * cfg.latent.dim))
+
+    def forward(self, blocks: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """blocks [N, K, C_m, w, w], keys [N, K, 3] -> mean, logvar [N, d_z]."""
+        h = self.convs(blocks.flatten(1, 2)).flatten(1)
+        mean, logvar = self.out(torch.cat([h, keys.flatten(1)], dim=1)).chunk(2, dim=1)
+        return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+
+class Decoder(nn.Module):
+    """z -> per-pixel likelihood parameters: a linear map to a quarter-size feature map, two stride-2 transposed
+    convs and an output conv, GroupNorm between them; cropped to the image size."""
+
+    def __init__(self, cfg: KanervaConfig, params_per_channel: int):
+        super().__init__()
+        w, g = cfg.decoder.width, cfg.decoder.groups
+        self.h, self.w = cfg.image_height, cfg.image_width
+        self.h0, self.w0 = math.ceil(self.h / 4), math.ceil(self.w / 4)
+        self.fc = nn.Linear(cfg.latent.dim, 2 * w * self.h0 * self.w0)
+        self.net = nn.Sequential(
+            nn.GroupNorm(g, 2 * w), nn.ReLU(),
+            nn.ConvTranspose2d(2 * w, 2 * w, 4, 2, 1), nn.GroupNorm(g, 2 * w), nn.ReLU(),
+            nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.GroupNorm(g, w), nn.ReLU(),
+            nn.Conv2d(w, cfg.image_channels * params_per_channel, 3, 1, 1),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(z.shape[0], -1, self.h0, self.w0)
+        return self.net(h)[:, :, : self.h, : self.w]
+
+
+class KanervaPlusPlus(nn.Module):
+    def __init__(self, cfg: KanervaConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        k, f, dz = cfg.keys.num_reads, cfg.encoder.embedding_dim, cfg.latent.dim
+        self.encoder = EpisodeEncoder(cfg.encoder, cfg.image_channels)
+        self.key_posterior = nn.Linear(f, 2 * k * KEY_DIM)
+        self.writer = build_writer(cfg)
+        self.z_posterior = nn.Linear(f, 2 * dz)
+        self.z_prior = LatentPrior(cfg)
+        self.likelihood = build_likelihood(cfg.likelihood, cfg.image_channels)
+        self.decoder = Decoder(cfg, self.likelihood.params_per_channel)
+
+    # -- inference ------------------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> Encoding:
+        self._check_input(x)
+        b, t = x.shape[:2]
+        e = self.encoder(x)
+        key_mean, key_logvar = self.key_posterior(e).view(b, t, self.cfg.keys.num_reads, 2, KEY_DIM).unbind(3)
+        z_mean, z_logvar = self.z_posterior(e).chunk(2, dim=-1)
+        return Encoding(e, key_mean, key_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX), z_mean, z_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
+
+    def write(self, enc: Encoding) -> torch.Tensor:
+        """f_mem: the memory M [B, C_m, H_m, W_m] of an episode, deterministic in E."""
+        return self.writer(enc.embedding, enc.key_mean)
+
+    def read_prior(self, memory: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read K blocks per image at keys [B, T, K, 3] and return the prior p(z | M_hat, y): mean, logvar [B, T, d_z].
+        memory is [B, C_m, H_m, W_m] (one per episode) or [B, T, C_m, H_m, W_m] (one per image)."""
+        b, t, k, _ = keys.shape
+        theta = key_to_affine(keys, self.cfg.keys.min_scale, self.cfg.keys.max_scale)
+        if memory.dim() == 5:  # per-image memories, e.g. leave-one-out
+            blocks = read(memory.flatten(0, 1), theta.view(b * t, k, 2, 3), self.cfg.read.window)
+        else:
+            blocks = read(memory, theta.view(b, t * k, 2, 3), self.cfg.read.window)
+        blocks = blocks.reshape(b * t, k, *blocks.shape[2:])
+        mean, logvar = self.z_prior(blocks, keys.reshape(b * t, k, KEY_DIM))
+        return mean.view(b, t, -1), logvar.view(b, t, -1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, T, d_z] -> likelihood parameters [B*T, C * params, H, W]."""
+        return self.decoder(z.flatten(0, 1))
+
+    # -- the objective --------------------------------------------------------------------------------------
+    def terms(self, x: torch.Tensor, memory: torch.Tensor | None = None, noise: Noise | None = None,
+              enc: Encoding | None = None) -> dict[str, torch.Tensor]:
+        """The per-image terms of the negative ELBO, each [B, T], in nats. `memory` overrides the episode's own
+        memory (another episode's for the swap gap, per-image leave-one-out memories); `noise` fixes the draws."""
+        b, t = x.shape[:2]
+        enc = enc if enc is not None else self.encode(x)
+        if memory is None:
+            memory = self.write(enc)
+        if noise is None:
+            noise = Noise.draw(self.cfg, b, t, device=x.device)
+        y = enc.key_mean + torch.exp(0.5 * enc.key_logvar) * noise.key
+        z = enc.z_mean + torch.exp(0.5 * enc.z_logvar) * noise.z
+        prior_mean, prior_logvar = self.read_prior(memory, y)
+        recon = self.likelihood.nll(self.decode(z), x.flatten(0, 1)).view(b, t)
+        kl_z = gaussian_kl(enc.z_mean, enc.z_logvar, prior_mean, prior_logvar).sum(-1)
+        kl_y_per_key = gaussian_kl(enc.key_mean, enc.key_logvar, torch.zeros_like(y), torch.zeros_like(y)).sum(-1)
+        kl_y = kl_y_per_key.sum(-1)
+        return {"recon": recon, "kl_z": kl_z, "kl_y": kl_y, "kl_y_per_key": kl_y_per_key, "total": recon + kl_z + kl_y}
+
+    def forward(self, x: torch.Tensor, beta: float = 1.0) -> dict[str, torch.Tensor]:
+        """Training step quantities: "loss" (scalar to minimise, with warm-up beta and key free bits) and the
+        per-image terms [B, T] ("recon", "kl_z", "kl_y", "total" = the negative ELBO without any shaping)."""
+        out = self.terms(x)
+        out["loss"] = training_loss(out, beta, self.cfg.objective.key_free_bits)
+        return out
+
+    def log_weights(self, x: torch.Tensor, num_samples: int, memory: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """Importance weights log p(x, z, y | M) - log q(z, y | X) for num_samples draws from q: [S, B, T].
+        log-mean-exp over S bounds log p(x_t | M) at least as tightly as the ELBO."""
+        b, t = x.shape[:2]
+        enc = self.encode(x)
+        if memory is None:
+            memory = self.write(enc)
+        flat_x = x.flatten(0, 1)
+        out = []
+        for _ in range(num_samples):
+            noise = Noise.draw(self.cfg, b, t, generator=generator, device=x.device)
+            y = enc.key_mean + torch.exp(0.5 * enc.key_logvar) * noise.key
+            z = enc.z_mean + torch.exp(0.5 * enc.z_logvar) * noise.z
+            prior_mean, prior_logvar = self.read_prior(memory, y)
+            log_px = -self.likelihood.nll(self.decode(z), flat_x).view(b, t)
+            log_pz = gaussian_log_prob(z, prior_mean, prior_logvar).sum(-1)
+            log_py = gaussian_log_prob(y, torch.zeros_like(y), torch.zeros_like(y)).sum((-1, -2))
+            log_qz = gaussian_log_prob(z, enc.z_mean, enc.z_logvar).sum(-1)
+            log_qy = gaussian_log_prob(y, enc.key_mean, enc.key_logvar).sum((-1, -2))
+            out.append(log_px + log_pz + log_py - log_qz - log_qy)
+        return torch.stack(out)
+
+    def leave_one_out_memories(self, x: torch.Tensor) -> torch.Tensor:
+        """For each image t, the memory written from the other T-1 images of its episode (re-encoded without t,
+        so nothing of x_t reaches it through the temporal shift either): [B, T, C_m, H_m, W_m]."""
+        t = x.shape[1]
+        memories = []
+        for i in range(t):
+            rest = torch.cat([x[:, :i], x[:, i + 1 :]], dim=1)
+            memories.append(self.write(self.encode(rest)))
+        return torch.stack(memories, dim=1)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 5 or tuple(x.shape[2:]) != self.cfg.image_shape:
+            raise ValueError(f"expected episodes [B, T, {', '.join(map(str, self.cfg.image_shape))}], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype} (see kpp.data.to_model_input)")
