@@ -1,0 +1,215 @@
+"""MLflow tracking of a training job: one run per job across restarts, logged from world rank 0.
+
+Who does what:
+- the driver opens the job's run *before* training (`open_job_run`): it finds the run tagged with the job name or
+  creates it, logs the resolved config once as params plus tags and the config file, so a tracking server that is
+  down fails the job before any cluster resources are requested (`check_reachable`);
+- rank 0 of the worker group logs metrics and artifacts into that run by id (`RankZeroLogger`); a worker group
+  restarted from an older checkpoint replays steps that were already logged, and those are dropped per metric so
+  each metric's step axis stays strictly increasing (Ray #48664: retried runs logged extra epochs);
+- the driver registers the final model (`register_model`) as a pyfunc "model from code" (pipeline/pyfunc_model.py)
+  whose artifacts are a state_dict file and the model config JSON: loading it never unpickles, and it does not
+  freeze the batch size as mlflow.pytorch's default torch.export format does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+JOB_TAG = "kpp.job"
+DEFAULT_URI_PATH = "outputs/mlflow.db"
+PYFUNC_CODE = pathlib.Path(__file__).with_name("pyfunc_model.py")
+KPP_DIR = pathlib.Path(__file__).resolve().parents[1] / "kpp"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; raised before training starts."""
+
+
+def resolve_uri(uri: str) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else a sqlite file under ./outputs, made absolute so Ray workers
+    (which run in another working directory) write to the same store as the driver."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        path = pathlib.Path(DEFAULT_URI_PATH).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast with a clear message when the tracking server is down or the local store is unusable."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+                if r.status == 200:
+                    return
+                raise TrackingError(f"tracking.uri: MLflow server at {uri} answered /health with {r.status}")
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingError(f"tracking.uri: MLflow server at {uri} is unreachable ({e})") from None
+    if uri.startswith("sqlite:///"):
+        parent = pathlib.Path(uri[len("sqlite:///"):]).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"tracking.uri: cannot create the sqlite store's folder {parent} ({e})") from None
+
+
+def run_tags(config_hash: str, manifest: str = "") -> dict[str, str]:
+    """Provenance tags: code version, config, data and library versions."""
+    import ray
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=pathlib.Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit, dirty = "unknown", ""
+    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower(), "config.hash": config_hash,
+            "data.manifest_hash": file_hash(manifest) if manifest else "none",
+            "version.torch": torch.__version__, "version.ray": ray.__version__,
+            "version.mlflow": mlflow.__version__, "version.python": platform.python_version()}
+
+
+def file_hash(url: str) -> str:
+    """sha256 of a (possibly remote) file, e.g. the shard manifest: ties a run to the exact data."""
+    import fsspec
+    h = hashlib.sha256()
+    with fsspec.open(url, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def open_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], tags: dict[str, str],
+                 config_yaml: str) -> tuple[str, bool]:
+    """The one run of this job: (run_id, resumed). Params are logged once; a re-run that changes a param (e.g. a
+    larger train.max_steps to extend a job) keeps the first value and records the change as a tag, since MLflow
+    refuses to change a logged param (#20473)."""
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=2)
+    if len(found) > 1:
+        raise TrackingError(f"name: {len(found)} MLflow runs carry {JOB_TAG}={job!r} in {experiment!r}")
+    if found:
+        run = found[0]
+        run_id, logged = run.info.run_id, run.data.params
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(exp_id, run_name=job, tags={JOB_TAG: job}).info.run_id
+        logged = {}
+    values = {k: _param_str(v) for k, v in params.items()}
+    new = [Param(k, v) for k, v in values.items() if k not in logged]
+    changed = {k: {"logged": logged[k], "now": v} for k, v in values.items() if k in logged and logged[k] != v}
+    tag_list = [RunTag(k, v) for k, v in tags.items()]
+    if changed:
+        tag_list.append(RunTag(f"kpp.rerun.{int(time.time())}.changed_params", json.dumps(changed)[:5000]))
+    for i in range(0, len(new), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run_id, params=new[i:i + 100], tags=tag_list if i == 0 else [])
+    if not new:
+        client.log_batch(run_id, tags=tag_list)
+    client.log_text(run_id, config_yaml, "config/resolved.yaml")
+    return run_id, bool(found)
+
+
+def _param_str(v: Any) -> str:
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+
+def finish_run(uri: str, run_id: str, ok: bool) -> None:
+    MlflowClient(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+class RankZeroLogger:
+    """Metrics and artifacts of one run, written only where `active` (world rank 0); a no-op elsewhere."""
+
+    def __init__(self, uri: str, run_id: str, active: bool):
+        self.active = active and bool(run_id)
+        self.run_id = run_id
+        self.client = MlflowClient(uri) if self.active else None
+        self._floor: dict[str, int] = {}  # per metric: the highest step already in the store
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._floor_of(k)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+            for m in batch:
+                self._floor[m.key] = step
+
+    def _floor_of(self, key: str) -> int:
+        if key not in self._floor:  # first use after a (re)start: ask the store what this run already holds
+            history = self.client.get_metric_history(self.run_id, key)
+            self._floor[key] = max((m.step for m in history), default=-1)
+        return self._floor[key]
+
+    def log_artifact(self, local_path: str | pathlib.Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_dict(self, d: dict[str, Any], artifact_file: str) -> None:
+        if self.active:
+            self.client.log_dict(self.run_id, d, artifact_file)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def register_model(uri: str, run_id: str, weights: str | pathlib.Path, model_config: dict[str, Any],
+                   name: str, alias: str) -> str:
+    """Log the model to the run as a pyfunc from code (pipeline/pyfunc_model.py + the kpp package), register it
+    under `name` and point `alias` at the new version. Returns the version."""
+    import numpy
+    import torch
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as d:
+        cfg_path = pathlib.Path(d) / "model_config.json"
+        cfg_path.write_text(json.dumps(model_config, indent=1, sort_keys=True))
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(PYFUNC_CODE), code_paths=[str(KPP_DIR)],
+                artifacts={"weights": str(weights), "config": str(cfg_path)}, signature=_signature(model_config),
+                # explicit requirements: inferring them takes 5-6 s and may pull the whole venv
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}",
+                                  f"mlflow=={mlflow.__version__}"],
+                registered_model_name=name)
+    version = str(info.registered_model_version)
+    MlflowClient(uri).set_registered_model_alias(name, alias, version)
+    return version
+
+
+def _signature(model_config: dict[str, Any]):
+    """Episodes [E, T, C, H, W] -> per-image negative ELBO [E, T], with a `seed` param (a params schema is what
+    lets pyfunc pass params through at all). E and T stay free."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+    from kpp.config import KanervaConfig
+    c, h, w = KanervaConfig.from_dict(model_config).image_shape
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, c, h, w))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
+                          params=ParamSchema([ParamSpec("seed", "long", 0)]))
+
+
+def config_yaml(d: dict[str, Any]) -> str:
+    return yaml.safe_dump(d, sort_keys=False)
