@@ -1,0 +1,86 @@
+"""Checkpoint folders: complete-only, exact round trip, corrupt or partial ones rejected by name."""
+import json
+
+import pytest
+import torch
+
+from pipeline import checkpointing as ck
+
+
+def _trained(seed=0, steps=3):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    for _ in range(steps):
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model, opt, sched
+
+
+def _continue(model, opt, sched, steps=3):
+    out = []
+    for _ in range(steps):
+        loss = model(torch.randn(16, 4)).pow(2).mean()  # draws from the global RNG: restored too
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        out.append(loss.item())
+    return out
+
+
+def test_round_trip_continues_identically(tmp_path):
+    model, opt, sched = _trained()
+    ck.save(tmp_path / ck.folder_name(3), model=model, optimizer=opt, scheduler=sched, step=3,
+            cursor={"epoch": 0, "batch": 3}, extra={"best_valid": 1.5})
+    straight = _continue(model, opt, sched)
+
+    model2, opt2, sched2 = _trained(seed=1, steps=1)  # different weights, moments, schedule and RNG
+    payload = ck.load(tmp_path / ck.folder_name(3))
+    ck.restore(payload, model=model2, optimizer=opt2, scheduler=sched2)
+    assert payload["step"] == 3 and payload["cursor"] == {"epoch": 0, "batch": 3}
+    assert payload["extra"] == {"best_valid": 1.5}
+    assert _continue(model2, opt2, sched2) == straight  # bit-identical
+
+
+def test_incomplete_and_corrupt_folders_are_named_and_skipped(tmp_path):
+    model, opt, sched = _trained()
+    for step in (10, 20, 30):
+        ck.save(tmp_path / ck.folder_name(step), model=model, optimizer=opt, scheduler=sched, step=step,
+                cursor={"epoch": 0, "batch": step})
+    # step 30: killed before the marker was written; step 20: state truncated after the marker
+    (tmp_path / ck.folder_name(30) / ck.MARKER).unlink()
+    state20 = tmp_path / ck.folder_name(20) / ck.STATE
+    state20.write_bytes(state20.read_bytes()[:-100])
+    with pytest.raises(ck.IncompleteCheckpoint, match=ck.folder_name(30) + ".*never finished"):
+        ck.load(tmp_path / ck.folder_name(30))
+    with pytest.raises(ck.IncompleteCheckpoint, match=ck.folder_name(20) + ".*bytes"):
+        ck.load(tmp_path / ck.folder_name(20))
+    assert ck.latest_complete(tmp_path) == tmp_path / ck.folder_name(10)
+    # same size, different bytes: caught by the checksum
+    state10 = tmp_path / ck.folder_name(10) / ck.STATE
+    data = bytearray(state10.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state10.write_bytes(bytes(data))
+    with pytest.raises(ck.IncompleteCheckpoint, match="sha256"):
+        ck.load(tmp_path / ck.folder_name(10))
+    assert ck.latest_complete(tmp_path) is None
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    model, opt, sched = _trained()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(ck.NonFiniteState, match="step 7"):
+        ck.save(tmp_path / "c", model=model, optimizer=opt, scheduler=sched, step=7, cursor={})
+    assert not (tmp_path / "c" / ck.MARKER).exists()
+
+
+def test_marker_records_the_step(tmp_path):
+    model, opt, sched = _trained()
+    folder = ck.save(tmp_path / "c", model=model, optimizer=opt, scheduler=sched, step=5, cursor={})
+    assert json.loads((folder / ck.MARKER).read_text())["step"] == 5
