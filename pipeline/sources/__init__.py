@@ -24,6 +24,7 @@ from pipeline.sources.image_set import ImageSet
 
 SPLITS = ("train", "valid", "test")
 DATASETS = ("mnist", "fashion_mnist", "binarized_mnist", "digits")
+DATASET_OPTIONS: dict[str, tuple[str, ...]] = {}
 
 __all__ = [
     "DATASETS",
@@ -36,12 +37,21 @@ __all__ = [
 ]
 
 
-def load_split(dataset: str, source: str | None, split: str, storage_options: dict[str, Any] | None = None) -> ImageSet:
-    """One split of one dataset, validated; see the module docstring for datasets, sources and splits."""
+def load_split(
+    dataset: str, source: str | None, split: str, storage_options: dict[str, Any] | None = None, **options: Any
+) -> ImageSet:
+    """One split of one dataset, validated; see the module docstring for datasets, sources and splits.
+
+    `options` are dataset-specific (e.g. resize=28 for omniglot); an option the dataset does not take is an error.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    allowed = DATASET_OPTIONS.get(dataset, ())
+    unknown = set(options) - set(allowed)
+    if unknown:
+        raise ValueError(f"dataset {dataset!r} takes options {list(allowed)}, got unknown {sorted(unknown)}")
     if dataset == "digits":
         if source is not None:
             raise ValueError(f"dataset 'digits' is bundled with scikit-learn and takes no source, got {source!r}")

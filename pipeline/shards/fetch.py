@@ -1,0 +1,57 @@
+"""Fetching one shard: retries with backoff on transient store errors, then an integrity check against the
+manifest (byte size always, sha256 when asked). Errors name the shard."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipeline.shards.manifest import ShardRecord
+from pipeline.shards.storage import filesystem, join, with_retries
+
+Verify = Literal["size", "sha256"]
+
+
+class ShardIntegrityError(ValueError):
+    """A shard whose bytes do not match its manifest row (truncated, replaced, corrupt)."""
+
+
+class ShardMissingError(FileNotFoundError):
+    """A shard listed in the manifest that the store does not have."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6      # per shard, counting the first
+    backoff_s: float = 0.5     # doubled after each failure ...
+    backoff_max_s: float = 8.0  # ... up to this
+
+
+def shard_url(root: str, record: ShardRecord) -> str:
+    return join(root.rstrip("/"), record.path)
+
+
+def fetch_shard(root: str, record: ShardRecord, verify: Verify, retry: RetryPolicy,
+                storage_options: dict[str, Any] | None = None) -> bytes:
+    url = shard_url(root, record)
+    fs, path = filesystem(url, storage_options)
+
+    def read() -> bytes:
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError as err:
+            raise ShardMissingError(f"shard {url}: listed in the manifest but not found in the store") from err
+
+    # One extra fetch on a mismatch: a transfer cut short can look like a short file; a second mismatch is real.
+    for attempt in (1, 2):
+        data = with_retries(f"shard {url}", read, retry.max_attempts, retry.backoff_s, retry.backoff_max_s)
+        problem = None
+        if len(data) != record.num_bytes:
+            problem = f"{len(data)} bytes, manifest says {record.num_bytes} (truncated or replaced)"
+        elif verify == "sha256":
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != record.sha256:
+                problem = f"sha256 {digest[:16]}..., manifest says {record.sha256[:16]}... (corrupt)"
+        if problem is None:
+            return data
+    raise ShardIntegrityError(f"shard {url}: {problem}")

@@ -1,0 +1,95 @@
+"""Which images each rank and DataLoader worker delivers, as pure functions of integers.
+
+Everything here depends only on (per-shard sample counts, seed, epoch, world_size, rank, episode_length,
+batch_size, remainder policy): no clocks, no Python hash(), no process state. Every process computes the same
+plan on its own, and a resume cursor needs only (epoch, batches_seen).
+
+The epoch's sample STREAM: shards in a seeded random order (numpy default_rng([seed, epoch])), each shard's
+images in its own seeded random order (default_rng([seed, epoch, shard_index])); with shuffle=False, storage
+order. Cut the stream into EPISODES of T consecutive images, give each rank a contiguous run of episodes, cut
+that into BATCHES of B episodes. Each rank thus reads only the shards under its run, and an episode draws its
+images from one shard (rarely two), which prepare filled with a random sample of the split.
+
+EQUAL BATCH COUNTS (no DDP hang), remainder policy:
+  "pad"  (default) every sample exactly once per epoch. The last episode of the epoch may be partial and runs
+         of episodes differ by at most one between ranks; every rank yields the same number of batches,
+         ceil(max episodes per rank / B), and fills the missing positions with padding (mask False, key -1).
+         A rank can get whole batches of padding when episodes < ranks; it still steps, so DDP never hangs.
+  "drop" only full batches: every rank yields floor((episodes // world_size) / B) batches of real images, the
+         rest of the epoch (fewer than world_size * B * T + T images, different ones every epoch) is not
+         delivered. No padding, no mask needed; not exactly-once.
+WORKERS: rank batch s goes to DataLoader worker (s - first) % num_workers, which is the order in which
+torch's DataLoader collects from its workers, so a rank's batch order does not depend on the worker count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Remainder = Literal["pad", "drop"]
+SHARD_ORDER_STREAM = 0
+ROW_ORDER_STREAM = 1
+
+
+def epoch_stream(counts: np.ndarray, seed: int, epoch: int, shuffle: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(shard index, row within shard) of every position of the epoch's stream; int64 [sum(counts)] each."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if not shuffle:
+        order = np.arange(counts.size)
+        rows = [np.arange(c) for c in counts]
+    else:
+        order = np.random.default_rng([SHARD_ORDER_STREAM, seed, epoch]).permutation(counts.size)
+        rows = [np.random.default_rng([ROW_ORDER_STREAM, seed, epoch, int(s)]).permutation(counts[s]) for s in order]
+    shard_of = np.repeat(order, counts[order])
+    row_of = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return shard_of.astype(np.int64), row_of.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    num_samples: int     # images in the split
+    episode_length: int  # T
+    batch_size: int      # B, episodes per batch
+    first_episode: int   # global index of this rank's first episode
+    num_episodes: int    # episodes this rank delivers (real ones; the rest of its batches is padding)
+    num_batches: int     # batches per epoch, the same on every rank
+
+    def batch_positions(self, batch_index: int) -> np.ndarray:
+        """Stream positions of one batch, int64 [B, T]; -1 marks padding."""
+        if not 0 <= batch_index < self.num_batches:
+            raise IndexError(f"batch {batch_index} outside 0..{self.num_batches - 1}")
+        local = batch_index * self.batch_size + np.arange(self.batch_size)
+        episodes = self.first_episode + local
+        positions = episodes[:, None] * self.episode_length + np.arange(self.episode_length)[None, :]
+        real = (local < self.num_episodes)[:, None] & (positions < self.num_samples)
+        return np.where(real, positions, -1)
+
+
+def rank_plan(
+    num_samples: int, episode_length: int, batch_size: int, world_size: int, rank: int, remainder: Remainder = "pad"
+) -> RankPlan:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    if episode_length < 1 or batch_size < 1:
+        raise ValueError(f"episode_length and batch_size must be >= 1, got {episode_length}, {batch_size}")
+    if remainder == "pad":
+        total = -(-num_samples // episode_length)
+        base, extra = divmod(total, world_size)
+        count = base + int(rank < extra)
+        first = rank * base + min(rank, extra)
+        num_batches = -(-(base + int(extra > 0)) // batch_size)
+    elif remainder == "drop":
+        base = (num_samples // episode_length) // world_size
+        num_batches = base // batch_size
+        count = num_batches * batch_size
+        first = rank * base
+    else:
+        raise ValueError(f"remainder must be 'pad' or 'drop', got {remainder!r}")
+    return RankPlan(num_samples, episode_length, batch_size, first, count, num_batches)
+
+
+def worker_batches(num_batches: int, first_batch: int, worker_id: int, num_workers: int) -> range:
+    """The batch indices one DataLoader worker produces, in order, starting from `first_batch` (the resume point)."""
+    return range(first_batch + worker_id, num_batches, max(num_workers, 1))

@@ -1,0 +1,209 @@
+"""Streaming reader of prepared episode shards: exactly once per epoch, equal batches per rank, exact resume.
+
+Typical use in a Ray Train worker (or any DDP rank):
+
+    config = StreamConfig(root="s3://bucket/binarized_mnist", split="train", episode_length=16, batch_size=8, seed=0)
+    cursor = Cursor(epoch=3, batches_seen=120)          # from the checkpoint; Cursor(epoch, 0) to start an epoch
+    loader = make_loader(config, rank=rank, world_size=world_size, cursor=cursor, num_workers=2)
+    for batch in loader:                                  # EpisodeBatch
+        loss = per_image_loss(batch.images)               # [B, T, C, H, W]
+        loss = (loss * batch.mask).sum() / batch.mask.sum().clamp(min=1)   # padding has mask False
+        cursor = batch.cursor_after()                     # save this with the model checkpoint
+
+Guarantees (tests/test_shards_*.py):
+  - every training image exactly once per epoch over all ranks x workers (remainder="pad"), whatever
+    PYTHONHASHSEED each process has: the order is a pure function of integers (pipeline.shards.plan);
+  - every rank yields the same number of batches (len(loader)), however few or uneven the shards are;
+  - a loader rebuilt from Cursor(epoch, batches_seen) yields exactly the batches an uninterrupted run would
+    have yielded next, with any number of workers;
+  - workers may be forked or spawned: each builds its own filesystem (pipeline.shards.storage);
+  - every shard is checked against the manifest (size, and sha256 unless verify="size"); a mismatch raises
+    ShardIntegrityError naming the shard, or with on_corrupt="skip" its images become padding, reported in
+    EpisodeBatch.skipped_shards and logged (never silent);
+  - transient store errors are retried with exponential backoff (RetryPolicy).
+Valid/test splits read with shuffle=False and the card's episode_length give exactly the fixed evaluation
+episodes (pipeline.episodes.fixed_episodes) that prepare stored.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.shards.fetch import RetryPolicy, ShardIntegrityError, Verify, fetch_shard, shard_url
+from pipeline.shards.format import ShardArrays, ShardFormatError, decode_shard
+from pipeline.shards.manifest import ManifestError, read_card, read_manifest
+from pipeline.shards.plan import Remainder, RankPlan, epoch_stream, rank_plan, worker_batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamConfig:
+    root: str                        # URL of the prepared dataset (holds manifest.parquet and dataset.json)
+    split: str = "train"
+    episode_length: int = 32         # T, images per episode
+    batch_size: int = 8              # B, episodes per batch
+    seed: int = 0                    # with the epoch, fixes the order of everything
+    shuffle: bool = True             # False for evaluation: storage order = the fixed evaluation episodes
+    remainder: Remainder = "pad"     # equal-batch policy, see pipeline.shards.plan
+    verify: Verify = "sha256"        # integrity check of every fetched shard: "size" or "sha256"
+    on_corrupt: Literal["raise", "skip"] = "raise"
+    retry: RetryPolicy = RetryPolicy()
+    as_float: bool = False           # float32 images in [0, 1] instead of uint8
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
+
+    def __post_init__(self) -> None:
+        for name in ("episode_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StreamConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.remainder not in ("pad", "drop"):
+            raise ValueError(f"StreamConfig.remainder must be 'pad' or 'drop', got {self.remainder!r}")
+        if self.verify not in ("size", "sha256"):
+            raise ValueError(f"StreamConfig.verify must be 'size' or 'sha256', got {self.verify!r}")
+        if self.on_corrupt not in ("raise", "skip"):
+            raise ValueError(f"StreamConfig.on_corrupt must be 'raise' or 'skip', got {self.on_corrupt!r}")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a rank is in the data: the epoch and how many of its batches it has consumed in it."""
+
+    epoch: int
+    batches_seen: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_seen": self.batches_seen}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, int]) -> "Cursor":
+        return cls(int(state["epoch"]), int(state["batches_seen"]))
+
+
+@dataclass
+class EpisodeBatch:
+    images: torch.Tensor            # uint8 [B, T, C, H, W] (float32 in [0, 1] with as_float); zeros at padding
+    keys: torch.Tensor              # int64 [B, T]: each image's index in its split; -1 at padding
+    labels: torch.Tensor | None     # int64 [B, T]; -1 at padding; None when the dataset has no labels
+    mask: torch.Tensor              # bool [B, T]: True for real images
+    epoch: int
+    index: int                      # this batch's index in the rank's epoch
+    skipped_shards: tuple[str, ...] = ()  # shards skipped (on_corrupt="skip") while building this batch
+
+    def cursor_after(self) -> Cursor:
+        return Cursor(self.epoch, self.index + 1)
+
+
+class EpisodeStream(IterableDataset):
+    """One rank's batches of one epoch; use with DataLoader(batch_size=None) (make_loader does)."""
+
+    def __init__(self, config: StreamConfig, *, rank: int, world_size: int, cursor: Cursor) -> None:
+        super().__init__()
+        self.config, self.rank, self.world_size, self.cursor = config, rank, world_size, cursor
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+        card = read_card(config.root, config.storage_options)
+        self.image_shape = tuple(card["image_shape"])
+        self.bit_depth = int(card["bit_depth"])
+        self.has_labels = bool(card["has_labels"])
+        self.shards = sorted((r for r in read_manifest(config.root, config.storage_options) if r.split == config.split),
+                             key=lambda r: r.shard_index)
+        if not self.shards:
+            raise ManifestError(f"{config.root}: no shards of split {config.split!r} in the manifest")
+        if [r.shard_index for r in self.shards] != list(range(len(self.shards))):
+            raise ManifestError(f"{config.root}: shard indices of split {config.split!r} are not 0..{len(self.shards) - 1}")
+        self.counts = np.array([r.num_samples for r in self.shards], dtype=np.int64)
+        self.plan: RankPlan = rank_plan(int(self.counts.sum()), config.episode_length, config.batch_size,
+                                        world_size, rank, config.remainder)
+        if not 0 <= cursor.batches_seen <= self.plan.num_batches:
+            raise ValueError(f"cursor {cursor} is outside this epoch's {self.plan.num_batches} batches")
+
+    def __len__(self) -> int:
+        return self.plan.num_batches - self.cursor.batches_seen
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard_of, row_of = epoch_stream(self.counts, self.config.seed, self.cursor.epoch, self.config.shuffle)
+        cache: dict[int, ShardArrays | None] = {}
+        for batch_index in worker_batches(self.plan.num_batches, self.cursor.batches_seen, worker_id, num_workers):
+            yield self._batch(batch_index, shard_of, row_of, cache)
+
+    def _load(self, shard: int, cache: dict[int, ShardArrays | None]) -> tuple[ShardArrays | None, bool]:
+        """The decoded shard (None if skipped as corrupt) and whether it was skipped just now."""
+        if shard in cache:
+            return cache[shard], False
+        record = self.shards[shard]
+        try:
+            data = fetch_shard(self.config.root, record, self.config.verify, self.config.retry, self.config.storage_options)
+            arrays = decode_shard(data, shard_url(self.config.root, record), self.image_shape)
+            if arrays.images.shape[0] != record.num_samples:
+                raise ShardFormatError(f"shard {shard_url(self.config.root, record)}: {arrays.images.shape[0]} images, "
+                                       f"manifest says {record.num_samples}")
+        except (ShardIntegrityError, ShardFormatError) as err:
+            if self.config.on_corrupt == "raise":
+                raise
+            log.error("skipping corrupt shard (on_corrupt='skip'): %s", err)
+            cache[shard] = None
+            return None, True
+        cache[shard] = arrays
+        return arrays, False
+
+    def _batch(self, batch_index: int, shard_of: np.ndarray, row_of: np.ndarray,
+               cache: dict[int, ShardArrays | None]) -> EpisodeBatch:
+        positions = self.plan.batch_positions(batch_index).ravel()
+        real = positions >= 0
+        shards_here = np.full(positions.shape, -1, np.int64)
+        shards_here[real] = shard_of[positions[real]]
+        rows = np.zeros(positions.shape, np.int64)
+        rows[real] = row_of[positions[real]]
+        images = np.zeros((positions.size, *self.image_shape), np.uint8)
+        keys = np.full(positions.size, -1, np.int64)
+        labels = np.full(positions.size, -1, np.int64)
+        needed = np.unique(shards_here[real])
+        # Shards already behind this batch are never needed again this epoch (the stream visits them in order).
+        for old in [s for s in cache if s not in needed and s < needed.min(initial=1 << 62)]:
+            del cache[old]
+        skipped = []
+        for shard in needed:
+            arrays, newly_skipped = self._load(int(shard), cache)
+            if newly_skipped:
+                skipped.append(shard_url(self.config.root, self.shards[int(shard)]))
+            if arrays is None:
+                continue
+            here = shards_here == shard
+            images[here] = arrays.images[rows[here]]
+            keys[here] = arrays.keys[rows[here]]
+            if arrays.labels is not None:
+                labels[here] = arrays.labels[rows[here]]
+        B, T = self.plan.batch_size, self.plan.episode_length
+        tensor = torch.from_numpy(images.reshape(B, T, *self.image_shape))
+        if self.config.as_float:
+            tensor = tensor.float() if self.bit_depth == 1 else tensor.float() / 255.0
+        return EpisodeBatch(
+            images=tensor,
+            keys=torch.from_numpy(keys.reshape(B, T)),
+            labels=torch.from_numpy(labels.reshape(B, T)) if self.has_labels else None,
+            mask=torch.from_numpy((keys >= 0).reshape(B, T)),
+            epoch=self.cursor.epoch,
+            index=batch_index,
+            skipped_shards=tuple(skipped),
+        )
+
+
+def make_loader(config: StreamConfig, *, rank: int, world_size: int, cursor: Cursor, num_workers: int = 0,
+                multiprocessing_context: str | None = None, prefetch_factor: int | None = None) -> DataLoader:
+    """A DataLoader over one rank's epoch from `cursor`; yields EpisodeBatch. len() is the same on every rank."""
+    stream = EpisodeStream(config, rank=rank, world_size=world_size, cursor=cursor)
+    return DataLoader(
+        stream,
+        batch_size=None,  # batches are built by the stream: B whole episodes, already packed
+        num_workers=num_workers,
+        multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=False,  # a new loader per epoch: the epoch is part of the stream's plan
+    )

@@ -1,0 +1,81 @@
+"""The shard format: packed blocks round-trip, bytes are deterministic, stock WebDataset reads the tars, and
+damaged bytes give errors naming the shard."""
+import io
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipeline.shards.format import ShardArrays, ShardFormatError, decode_shard, encode_shard
+from pipeline.shards.tar_index import TarIndexError, npy_from_view
+
+RNG = np.random.default_rng(0)
+
+
+def arrays(n=1234, channels=1, size=28, binary=False, labels=True):
+    images = RNG.integers(0, 2 if binary else 256, size=(n, channels, size, size), dtype=np.uint8)
+    return ShardArrays(images, RNG.permutation(10 * n)[:n].astype(np.int64),
+                       RNG.integers(0, 10, n).astype(np.int64) if labels else None)
+
+
+@pytest.mark.parametrize("binary, channels, labels", [(False, 1, True), (True, 1, False), (False, 3, True), (True, 3, True)])
+def test_round_trip(binary, channels, labels):
+    original = arrays(channels=channels, size=30 if binary else 28, binary=binary, labels=labels)
+    data = encode_shard("train", 3, original, block_size=100, bit_depth=1 if binary else 8)
+    decoded = decode_shard(data, "train-00003.tar", original.images.shape[1:])
+    np.testing.assert_array_equal(decoded.images, original.images)
+    np.testing.assert_array_equal(decoded.keys, original.keys)
+    assert (decoded.labels is None) == (not labels)
+    if labels:
+        np.testing.assert_array_equal(decoded.labels, original.labels)
+
+
+def test_binary_images_are_packed_eightfold():
+    binary = arrays(n=1000, binary=True, labels=False)
+    packed = len(encode_shard("t", 0, binary, 500, bit_depth=1))
+    unpacked = len(encode_shard("t", 0, binary, 500, bit_depth=8))
+    assert packed < unpacked / 5
+
+
+def test_same_content_gives_same_bytes():
+    content = arrays()
+    assert encode_shard("train", 0, content, 256, 8) == encode_shard("train", 0, content, 256, 8)
+
+
+def test_stock_webdataset_reads_a_shard(tmp_path):
+    content = arrays(n=250)
+    path = tmp_path / "train-00000.tar"
+    path.write_bytes(encode_shard("train", 0, content, block_size=100, bit_depth=8))
+    samples = list(wds.WebDataset(str(path), shardshuffle=False).decode())
+    assert [s["__key__"] for s in samples] == ["train_00000_0000", "train_00000_0001", "train_00000_0002"]
+    np.testing.assert_array_equal(np.concatenate([s["images.npy"] for s in samples]), content.images)
+    np.testing.assert_array_equal(np.concatenate([s["keys.npy"] for s in samples]), content.keys)
+
+
+def test_truncated_shard_names_it():
+    data = encode_shard("train", 0, arrays(n=300), 100, 8)
+    for cut in (len(data) // 2, 700):
+        with pytest.raises(ShardFormatError, match=r"train-00000.tar: .*truncated"):
+            decode_shard(data[:cut], "train-00000.tar", (1, 28, 28))
+
+
+def test_damaged_header_is_caught_by_its_checksum():
+    data = bytearray(encode_shard("train", 0, arrays(n=300), 100, 8))
+    data[10] ^= 0xFF  # inside the first member's name
+    with pytest.raises(ShardFormatError, match=r"train-00000.tar: tar header checksum mismatch at byte 0"):
+        decode_shard(bytes(data), "train-00000.tar", (1, 28, 28))
+
+
+def test_not_a_tar_and_wrong_image_shape():
+    with pytest.raises(ShardFormatError, match="x.tar"):
+        decode_shard(b"<Error><Code>NoSuchKey</Code></Error>" + bytes(600), "x.tar", (1, 28, 28))
+    data = encode_shard("train", 0, arrays(n=10), 100, 8)
+    with pytest.raises(ShardFormatError, match=r"x.tar: images of shape \(1, 28, 28\), dataset card says \(3, 28, 28\)"):
+        decode_shard(data, "x.tar", (3, 28, 28))
+
+
+def test_object_npy_member_is_refused():
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(TarIndexError, match="objects"):
+        npy_from_view(memoryview(buffer.getvalue()), "m.npy")

@@ -1,0 +1,78 @@
+"""The read plan as pure functions: exactly once over ranks x workers, equal batch counts, resume, and order
+fixed by integers only. Checked exhaustively over small shapes (fast: no data is read)."""
+import itertools
+
+import numpy as np
+import pytest
+
+from pipeline.shards.plan import epoch_stream, rank_plan, worker_batches
+
+
+def delivered(counts, seed, epoch, T, B, world, workers, remainder="pad", shuffle=True):
+    """Per rank: the (shard, row) pairs of every real position, in the order the DataLoader would yield them."""
+    shard_of, row_of = epoch_stream(np.array(counts), seed, epoch, shuffle)
+    per_rank, batch_counts = [], []
+    for rank in range(world):
+        plan = rank_plan(sum(counts), T, B, world, rank, remainder)
+        batch_counts.append(plan.num_batches)
+        # DataLoader round-robin over workers == batch order; collected per worker then merged by batch index.
+        by_worker = [list(worker_batches(plan.num_batches, 0, w, workers)) for w in range(workers)]
+        order = sorted(itertools.chain(*by_worker))
+        assert order == list(range(plan.num_batches))
+        pos = np.concatenate([plan.batch_positions(b).ravel() for b in order]) if order else np.zeros(0, int)
+        pos = pos[pos >= 0]
+        per_rank.append(list(zip(shard_of[pos].tolist(), row_of[pos].tolist())))
+    return per_rank, batch_counts
+
+
+@pytest.mark.parametrize("counts", [[200, 200, 100], [7, 3, 11], [5], [100, 1, 64, 33], [1, 1, 1]])
+@pytest.mark.parametrize("world, workers", [(1, 1), (2, 2), (3, 1), (4, 3), (8, 2)])
+@pytest.mark.parametrize("T, B", [(1, 1), (4, 2), (16, 8)])
+def test_pad_delivers_every_sample_exactly_once_with_equal_batch_counts(counts, world, workers, T, B):
+    per_rank, batch_counts = delivered(counts, 7, 1, T, B, world, workers)
+    everything = [pair for rank in per_rank for pair in rank]
+    assert len(everything) == len(set(everything)) == sum(counts)
+    assert set(everything) == {(s, r) for s, c in enumerate(counts) for r in range(c)}
+    assert len(set(batch_counts)) == 1 and batch_counts[0] >= 1
+
+
+def test_more_ranks_than_episodes_still_gives_every_rank_a_batch():
+    per_rank, batch_counts = delivered([3], 0, 0, T=2, B=4, world=4, workers=2)
+    assert batch_counts == [1, 1, 1, 1]
+    assert [len(r) for r in per_rank] == [2, 1, 0, 0]  # ranks 2 and 3 step on padding only
+
+
+@pytest.mark.parametrize("counts, T, B, world", [([50, 50, 23], 4, 3, 2), ([10, 9, 8], 2, 2, 3), ([1000], 32, 4, 4)])
+def test_drop_gives_only_full_batches_equal_per_rank_without_duplicates(counts, T, B, world):
+    per_rank, batch_counts = delivered(counts, 1, 0, T, B, world, 2, remainder="drop")
+    assert len(set(batch_counts)) == 1
+    assert all(len(r) == batch_counts[0] * B * T for r in per_rank)
+    everything = [p for r in per_rank for p in r]
+    assert len(everything) == len(set(everything)) > sum(counts) - world * B * T - T
+
+
+def test_each_epoch_is_a_new_order_but_the_same_one_everywhere():
+    first = epoch_stream(np.array([30, 40, 30]), seed=5, epoch=0, shuffle=True)
+    again = epoch_stream(np.array([30, 40, 30]), seed=5, epoch=0, shuffle=True)
+    second = epoch_stream(np.array([30, 40, 30]), seed=5, epoch=1, shuffle=True)
+    np.testing.assert_array_equal(first[0], again[0]); np.testing.assert_array_equal(first[1], again[1])
+    assert not np.array_equal(first[1], second[1])
+    unshuffled = epoch_stream(np.array([2, 3]), seed=5, epoch=9, shuffle=False)
+    assert unshuffled[0].tolist() == [0, 0, 1, 1, 1] and unshuffled[1].tolist() == [0, 1, 0, 1, 2]
+
+
+def test_resuming_from_any_batch_continues_the_same_order():
+    plan = rank_plan(1000, 8, 4, world_size=2, rank=1)
+    full = [b for w in range(3) for b in worker_batches(plan.num_batches, 0, w, 3)]
+    for seen in range(plan.num_batches + 1):
+        resumed = sorted(b for w in range(2) for b in worker_batches(plan.num_batches, seen, w, 2))
+        assert resumed == sorted(full)[seen:]
+
+
+def test_bad_plan_arguments():
+    with pytest.raises(ValueError, match="rank"):
+        rank_plan(10, 2, 2, world_size=2, rank=2)
+    with pytest.raises(ValueError, match="remainder"):
+        rank_plan(10, 2, 2, world_size=1, rank=0, remainder="wrap")
+    with pytest.raises(IndexError):
+        rank_plan(10, 2, 2, world_size=1, rank=0).batch_positions(3)
