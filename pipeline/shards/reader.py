@@ -106,12 +106,13 @@ class EpisodeStream(IterableDataset):
         self.config, self.rank, self.world_size, self.cursor = config, rank, world_size, cursor
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+        # The manifest first: it is the commit marker of a prepared dataset (the card is written just before it).
+        self.shards = sorted((r for r in read_manifest(config.root, config.storage_options) if r.split == config.split),
+                             key=lambda r: r.shard_index)
         card = read_card(config.root, config.storage_options)
         self.image_shape = tuple(card["image_shape"])
         self.bit_depth = int(card["bit_depth"])
         self.has_labels = bool(card["has_labels"])
-        self.shards = sorted((r for r in read_manifest(config.root, config.storage_options) if r.split == config.split),
-                             key=lambda r: r.shard_index)
         if not self.shards:
             raise ManifestError(f"{config.root}: no shards of split {config.split!r} in the manifest")
         if [r.shard_index for r in self.shards] != list(range(len(self.shards))):

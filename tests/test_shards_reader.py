@@ -1,0 +1,167 @@
+"""The streaming reader on local shards of real binarized MNIST: exactly once, images equal to the source,
+new order per epoch, exact mid-epoch resume, fixed evaluation episodes, integrity errors naming the shard."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.episodes import fixed_episodes
+from pipeline.shards.fetch import RetryPolicy, ShardIntegrityError, ShardMissingError
+from pipeline.shards.format import ShardFormatError
+from pipeline.shards.manifest import ManifestError
+from pipeline.shards.prepare import PrepareConfig, prepare
+from pipeline.shards.reader import Cursor, EpisodeStream, StreamConfig, make_loader
+from pipeline.sources import load_split
+
+FAST_RETRY = RetryPolicy(max_attempts=2, backoff_s=0.01, backoff_max_s=0.01)
+
+
+@pytest.fixture(scope="module")
+def prepared(shared_data, tmp_path_factory):
+    """Binarized MNIST in 3 uneven train shards (20k, 20k, 10k); eval episodes of T=32."""
+    out = tmp_path_factory.mktemp("bmnist")
+    prepare(PrepareConfig(dataset="binarized_mnist", source=str(shared_data / "binarized_mnist"), out=str(out),
+                          shard_size=20_000, episode_length=32, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def source_train(shared_data):
+    return load_split("binarized_mnist", shared_data / "binarized_mnist", "train")
+
+
+def epoch(root, rank=0, world=1, workers=0, cursor=Cursor(0), context=None, **options):
+    config = StreamConfig(root=str(root), **{"episode_length": 16, "batch_size": 8, **options})
+    return list(make_loader(config, rank=rank, world_size=world, cursor=cursor, num_workers=workers,
+                            multiprocessing_context=context))
+
+
+def test_one_epoch_delivers_each_image_once_and_as_in_the_source(prepared, source_train):
+    batches = epoch(prepared, workers=0)
+    assert [b.index for b in batches] == list(range(len(batches))) == list(range(391))
+    keys = torch.cat([b.keys[b.mask] for b in batches]).numpy()
+    assert sorted(keys) == list(range(50_000))
+    for batch in batches[::50] + batches[-1:]:
+        assert batch.images.shape == (8, 16, 1, 28, 28) and batch.images.dtype == torch.uint8
+        real = batch.mask.numpy()
+        np.testing.assert_array_equal(batch.images.numpy()[real], source_train.images[batch.keys.numpy()[real]])
+        assert (batch.images.numpy()[~real] == 0).all() and (batch.keys.numpy()[~real] == -1).all()
+    # 50,000 = 3125 episodes of 16: exactly 390.6 batches, so the last batch carries 5 real episodes.
+    assert batches[-1].mask.sum() == 5 * 16
+
+
+def test_order_is_new_each_epoch_and_repeatable(prepared):
+    def order(e):
+        return torch.cat([b.keys.ravel() for b in epoch(prepared, cursor=Cursor(e), batch_size=32)])
+
+    first = order(0)
+    assert torch.equal(first, order(0))
+    assert not torch.equal(first, order(1))
+
+
+def test_workers_do_not_change_the_order(prepared):
+    plain = [b.keys for b in epoch(prepared, workers=0)]
+    forked = [b.keys for b in epoch(prepared, workers=2, context="fork")]
+    assert len(plain) == len(forked) and all(torch.equal(a, b) for a, b in zip(plain, forked))
+
+
+@pytest.mark.parametrize("stop_after, resume_workers", [(7, 0), (200, 2), (390, 2)])
+def test_mid_epoch_resume_continues_the_same_order(prepared, stop_after, resume_workers):
+    full = [b.keys for b in epoch(prepared, cursor=Cursor(2))]
+    head, cursor = [], None
+    for batch in make_loader(StreamConfig(root=str(prepared), episode_length=16, batch_size=8), rank=0, world_size=1,
+                             cursor=Cursor(2), num_workers=2, multiprocessing_context="fork"):
+        head.append(batch.keys)
+        cursor = batch.cursor_after()
+        if len(head) == stop_after:
+            break  # the run is interrupted here; the cursor is what a checkpoint keeps
+    assert cursor == Cursor(2, stop_after) and Cursor.from_dict(cursor.to_dict()) == cursor
+    tail = [b.keys for b in epoch(prepared, cursor=cursor, workers=resume_workers,
+                                  context="fork" if resume_workers else None)]
+    assert len(head) + len(tail) == len(full)
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, full))
+
+
+def test_length_and_cursor_bounds(prepared):
+    config = StreamConfig(root=str(prepared), episode_length=16, batch_size=8)
+    assert len(EpisodeStream(config, rank=0, world_size=1, cursor=Cursor(0, 100))) == 291
+    with pytest.raises(ValueError, match="outside this epoch"):
+        EpisodeStream(config, rank=0, world_size=1, cursor=Cursor(0, 392))
+
+
+def test_evaluation_split_yields_the_fixed_episodes(prepared):
+    batches = epoch(prepared, split="test", shuffle=False, episode_length=32, batch_size=10)
+    episodes = torch.cat([b.keys for b in batches]).numpy()
+    expected = fixed_episodes(10_000, 32, seed=0)
+    np.testing.assert_array_equal(episodes[: len(expected)], expected)
+    # The 16 leftover images form one last, half-padded episode: still every test image exactly once.
+    assert sorted(episodes[episodes >= 0]) == list(range(10_000))
+    assert batches[0].labels is None
+
+
+def test_float_images(prepared):
+    batch = epoch(prepared, as_float=True, split="valid", batch_size=2)[0]
+    assert batch.images.dtype == torch.float32 and set(batch.images.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.fixture
+def damaged(prepared, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    return copy
+
+
+def test_truncated_shard_is_named(damaged):
+    shard = damaged / "train" / "train-00001.tar"
+    shard.write_bytes(shard.read_bytes()[:-5000])
+    with pytest.raises(ShardIntegrityError, match=r"shard .*train/train-00001.tar: \d+ bytes, manifest says \d+ \(truncated"):
+        epoch(damaged, retry=FAST_RETRY)
+
+
+def test_wrong_checksum_is_named(damaged):
+    shard = damaged / "train" / "train-00002.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one pixel bit inside a packed block: same size, different content
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardIntegrityError, match=r"shard .*train/train-00002.tar: sha256 .* \(corrupt\)"):
+        epoch(damaged, retry=FAST_RETRY)
+    # A size-only check cannot see a flipped pixel: that is what verify="sha256" (the default) is for.
+    assert len(epoch(damaged, verify="size")) == 391
+
+
+def test_skip_policy_counts_and_reports_the_skipped_shard(damaged):
+    shard = damaged / "train" / "train-00000.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    batches = epoch(damaged, on_corrupt="skip", retry=FAST_RETRY)
+    reported = [s for b in batches for s in b.skipped_shards]
+    assert len(reported) == 1 and reported[0].endswith("train/train-00000.tar")
+    keys = torch.cat([b.keys[b.mask] for b in batches]).numpy()
+    assert len(keys) == len(set(keys)) == 30_000  # the 20,000 images of shard 0 are missing, and only they
+    assert len(batches) == 391  # same batch count: the skipped images became padding
+
+
+def test_missing_shard_and_missing_manifest(damaged, tmp_path):
+    (damaged / "train" / "train-00002.tar").unlink()
+    with pytest.raises(ShardMissingError, match=r"train/train-00002.tar: listed in the manifest but not found"):
+        epoch(damaged, retry=FAST_RETRY)
+    with pytest.raises(ManifestError, match="no manifest"):
+        epoch(tmp_path / "nothing-here")
+
+
+def test_unknown_split_and_bad_config(prepared):
+    with pytest.raises(ManifestError, match="no shards of split 'extra'"):
+        epoch(prepared, split="extra")
+    with pytest.raises(ValueError, match="StreamConfig.batch_size"):
+        StreamConfig(root="x", batch_size=0)
+    with pytest.raises(ValueError, match="StreamConfig.on_corrupt"):
+        StreamConfig(root="x", on_corrupt="ignore")
+
+
+def test_a_header_damaged_shard_is_a_format_error_even_with_size_checks(damaged):
+    shard = damaged / "valid" / "valid-00000.tar"
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardFormatError, match=r"valid/valid-00000.tar: tar header checksum mismatch"):
+        epoch(damaged, split="valid", verify="size")
