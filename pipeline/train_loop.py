@@ -1,0 +1,289 @@
+"""The training loop every rank runs: data stream, model, optimiser, steps, validation, checkpoints, metrics.
+
+`train_worker` is the function Ray Train's TorchTrainer runs on each worker. The loop itself (`Loop`) talks to
+its surroundings only through a `Session` (rank, world size, the checkpoint to resume from, report), so it also
+runs without Ray (world size 1) for tests and baselines.
+
+Resume is exact: the lr is a function of the step, the batch order a function of (seed, epoch, world size), and
+the sampling noise of step s on rank r is drawn after seeding from (seed, r, s); the checkpoint holds model,
+optimiser, scheduler, RNG state, step and the data cursor (epoch, batch). A job of N steps and a job halted at
+N/2 and re-run to N therefore give the same weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import pathlib
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kpp.evaluate import evaluate
+from kpp.model import KanervaPlusPlus
+from kpp.objective import kl_beta
+from pipeline import checkpointing, optim
+from pipeline.config import JobConfig, model_config
+from pipeline.tracking import RankZeroLogger
+from pipeline.train_data import load_data
+
+LOSS_TERMS = ("loss", "recon", "kl_z", "kl_y", "total")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped on a NaN/inf loss or gradient (train.nonfinite=stop, or too many skips in a row)."""
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+
+    def restore_dir(self) -> contextlib.AbstractContextManager[str | None]: ...
+
+    def report(self, metrics: dict[str, Any], folder: str | None, name: str | None) -> None: ...
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+
+@dataclass
+class Cursor:
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of `epoch` already consumed
+
+
+class Loop:
+    def __init__(self, job: JobConfig, session: Session, tracking_uri: str = "", run_id: str = ""):
+        self.job, self.s = job, session
+        self.rank0 = session.rank == 0
+        self.mcfg = model_config(job)
+        self.stream, self.valid, self.test, _ = load_data(
+            job.data.dataset, job.data.source, self.mcfg.episode_length, job.data.batch_episodes,
+            job.data.valid_episodes, job.data.test_episodes, job.seed, session.rank, session.world_size)
+        torch.manual_seed(job.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        self.net = KanervaPlusPlus(self.mcfg)
+        self.model = session.prepare_model(self.net)
+        self.opt, self.sched = optim.build(self.model.parameters(), job.train)
+        self.log = RankZeroLogger(tracking_uri, run_id, self.rank0 and job.tracking.enabled)
+        self.cur = Cursor()
+        self.best_valid = math.inf
+        self.last_valid = math.inf
+        self.skipped = 0  # non-finite steps skipped, over the whole job
+        self.device = next(self.net.parameters()).device
+
+    # -- the whole job ----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        resumed_from = self._restore()
+        stop = self.job.train.halt_at_step or self.job.train.max_steps
+        if resumed_from is None and self.rank0:
+            self.last_valid = self._validate()  # step-0 baseline: the bound the run must lower
+        if resumed_from is not None:
+            self.log.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
+        window = _Window(time.perf_counter(), self.cur.step)
+        per_epoch = self.stream.batches_per_epoch()
+        last: dict[str, Any] = {}
+        while self.cur.step < stop:
+            for keys, x in self.stream.epoch(self.cur.epoch, self.cur.batch):
+                terms, grad_norm, ok = self._step(keys, x)
+                self.cur.step += 1
+                self.cur.batch += 1
+                epoch_end = self.cur.batch == per_epoch
+                if epoch_end:
+                    if self.rank0:
+                        self.last_valid = self._validate()
+                        self.best_valid = min(self.best_valid, self.last_valid)
+                        self._log_grid()
+                    self.cur.epoch, self.cur.batch = self.cur.epoch + 1, 0
+                done = self.cur.step >= stop
+                save = done or epoch_end or self.cur.step % self.job.checkpoint.every_steps == 0
+                if save or self.cur.step % self.job.train.log_every == 0:
+                    last = self._metrics(terms, grad_norm, window)
+                    if done and self.cur.step == self.job.train.max_steps:
+                        last.update(self._final())
+                    self._report(last, save)
+                if done:
+                    break
+        return last
+
+    # -- one optimiser step -----------------------------------------------------------------------------------
+    def _step(self, keys: np.ndarray, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+        t = self.job.train
+        # the noise of this step depends only on (seed, rank, step): identical after any resume
+        torch.manual_seed(hash_seed(self.job.seed, self.s.rank, self.cur.step))
+        x = x.to(self.device, non_blocking=True)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.precision == "bf16"
+                    else contextlib.nullcontext())
+        with autocast:
+            out = self.model(x, beta=kl_beta(self.cur.step, self.mcfg.objective))
+        self.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        # after DDP's all-reduce every rank holds the same gradients, so all ranks agree on skipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
+        ok = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(out["loss"]))
+        if ok:
+            self.opt.step()
+            self._run_of_skips = 0
+        else:
+            self.skipped += 1
+            self._run_of_skips = getattr(self, "_run_of_skips", 0) + 1
+            if t.nonfinite == "stop" or self._run_of_skips > t.max_nonfinite:
+                raise NonFiniteLoss(f"step {self.cur.step + 1}: non-finite loss {out['loss'].item()} / grad norm "
+                                    f"{grad_norm.item()} ({self._run_of_skips} in a row); epoch {self.cur.epoch}, "
+                                    f"batch image keys {keys.tolist()}")
+        self.sched.step()
+        terms = {k: out[k].detach().float().mean() for k in LOSS_TERMS}
+        return terms, grad_norm.detach(), ok
+
+    # -- metrics, evaluation, checkpoints ---------------------------------------------------------------------
+    def _metrics(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, window: "_Window") -> dict:
+        vec = torch.stack([terms[k] for k in LOSS_TERMS]).to(self.device)
+        if self.s.world_size > 1:  # collective: every rank calls _metrics at the same steps
+            dist.all_reduce(vec)
+            vec /= self.s.world_size
+        now = time.perf_counter()
+        steps = self.cur.step - window.step
+        episodes_per_s = steps * self.job.data.batch_episodes * self.s.world_size / max(now - window.t, 1e-9)
+        window.t, window.step = now, self.cur.step
+        m = {f"train/{k}": v for k, v in zip(LOSS_TERMS, vec.tolist())}
+        m.update({"train/lr": self.sched.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
+                  "train/beta": kl_beta(self.cur.step, self.mcfg.objective),
+                  "train/nonfinite_skipped": self.skipped, "perf/episodes_per_s": episodes_per_s,
+                  "perf/images_per_s": episodes_per_s * self.mcfg.episode_length, "epoch": self.cur.epoch})
+        self.log.log_metrics(m, step=self.cur.step)
+        m.update({"step": self.cur.step, "max_steps": self.job.train.max_steps,
+                  "valid_neg_elbo": self.last_valid})
+        return m
+
+    def _validate(self) -> float:
+        r = evaluate(self.net, self.valid, iwae_samples=1, seed=self.job.eval.seed, leave_one_out=False)
+        self.log.log_metrics({"valid/neg_elbo": r["neg_elbo"], "valid/swap_gap": r["swap_gap"],
+                              "valid/kl_y": r["kl_y"], "valid/kl_z": r["kl_z"]}, step=self.cur.step)
+        return r["neg_elbo"]
+
+    def _final(self) -> dict[str, float]:
+        """Test bounds on rank 0 (the others wait at the next report)."""
+        if not self.rank0:
+            return {}
+        r = evaluate(self.net, self.test, iwae_samples=self.job.eval.iwae_samples, seed=self.job.eval.seed)
+        out = {f"test/{k}": float(v) for k, v in r.items() if isinstance(v, (int, float))}
+        self.log.log_metrics(out, step=self.cur.step)
+        self.log.set_tags({"test.unit": r["unit"]})
+        self._log_grid(final=True)
+        return out
+
+    def _log_grid(self, final: bool = False) -> None:
+        if not (self.log.active and (final or self.job.tracking.images_every_epoch)):
+            return
+        from kpp.viz import save_sample_grid
+        with tempfile.TemporaryDirectory() as d:
+            name = "final.png" if final else f"epoch_{self.cur.epoch:04d}.png"
+            save_sample_grid(self.net, self.test[:1], pathlib.Path(d) / name, seed=self.job.eval.seed)
+            self.log.log_artifact(pathlib.Path(d) / name, "samples")
+
+    def _report(self, metrics: dict[str, Any], save: bool) -> None:
+        if not save:
+            self.s.report(metrics, None, None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            folder = None
+            if self.rank0:  # DDP replicas are identical: one copy of the state is enough
+                checkpointing.save(d, model=self.net, optimizer=self.opt, scheduler=self.sched,
+                                   step=self.cur.step, cursor={"epoch": self.cur.epoch, "batch": self.cur.batch},
+                                   extra={"best_valid": self.best_valid, "last_valid": self.last_valid,
+                                          "skipped": self.skipped})
+                folder = d
+            self.s.report(metrics, folder, checkpointing.folder_name(self.cur.step))
+
+    def _restore(self) -> int | None:
+        with self.s.restore_dir() as d:
+            if d is None:
+                return None
+            payload = checkpointing.load(d, map_location=self.device)
+        checkpointing.restore(payload, model=self.net, optimizer=self.opt, scheduler=self.sched)
+        c = payload["cursor"]
+        self.cur = Cursor(step=payload["step"], epoch=c["epoch"], batch=c["batch"])
+        e = payload["extra"]
+        self.best_valid, self.last_valid, self.skipped = e["best_valid"], e["last_valid"], e["skipped"]
+        return self.cur.step
+
+
+@dataclass
+class _Window:
+    t: float
+    step: int
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same in every process (never Python's salted hash())."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0]
+               >> np.uint64(1))
+
+
+# -- Ray Train -------------------------------------------------------------------------------------------------
+class RaySession:
+    def __init__(self):
+        import ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    @contextlib.contextmanager
+    def restore_dir(self):
+        import ray.train
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield d
+
+    def report(self, metrics, folder, name):
+        import ray.train
+        from ray.train import Checkpoint
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if folder else None,
+                         checkpoint_dir_name=name)
+
+    def prepare_model(self, model):
+        import ray.train.torch
+        return ray.train.torch.prepare_model(model)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker; loop_config = {"job": JobConfig dict, "tracking_uri", "run_id"}."""
+    job = JobConfig.from_dict(loop_config["job"])
+    # a worker's share of the node: more intra-op threads than its CPUs oversubscribes the cores
+    torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
+    Loop(job, RaySession(), loop_config.get("tracking_uri", ""), loop_config.get("run_id", "")).run()
+
+
+
+# -- without Ray (one process, or torchrun) --------------------------------------------------------------------
+class LocalSession:
+    """Checkpoints as folders under `root` (the newest complete one is resumed); DDP when a process group is up."""
+
+    def __init__(self, root: str | pathlib.Path):
+        self.root = pathlib.Path(root)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.reports: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def restore_dir(self):
+        found = checkpointing.latest_complete(self.root)
+        yield str(found) if found else None
+
+    def report(self, metrics, folder, name):
+        if folder and name:
+            import shutil
+            shutil.copytree(folder, self.root / name, dirs_exist_ok=True)
+        self.reports.append(dict(metrics))
+        if dist.is_initialized():
+            dist.barrier()  # the same synchronisation point as ray.train.report
+
+    def prepare_model(self, model):
+        if dist.is_initialized():
+            return torch.nn.parallel.DistributedDataParallel(model)
+        return model
