@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
+DATASET ?=
 PYTEST_ARGS ?=
 
 .PHONY: demo test venv clean
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m jobs.demo $(if $(DATA),--source $(DATA))
+	$(PY) -m jobs.demo $(if $(DATA),--source $(DATA)) $(if $(DATASET),--dataset $(DATASET))
 
 # pytest exits 5 when it collected nothing; make then fails, so an empty suite never passes.
 test: $(STAMP)

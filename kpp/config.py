@@ -39,8 +39,9 @@ class MemoryConfig:
     width: int = 16  # W_m
     # "key": each image writes a block at its own posterior key means (the inverse of the read), summed over the
     # episode on a learned base map. "dense": each image writes a memory-sized map from its embedding, summed,
-    # then a conv stack. See docs/memory-experiments.md for what each does to the memory's use.
-    writer: Literal["key", "dense"] = "key"
+    # then a conv stack. "none": an ablation, M is a learned map the episode does not write to (a VAE with a
+    # learned, key-conditioned prior). See docs/memory-experiments.md for what each does to the memory's use.
+    writer: Literal["key", "dense", "none"] = "key"
 
 
 @dataclass(kw_only=True)
@@ -50,6 +51,9 @@ class KeyConfig:
     num_reads: int = 4  # K
     min_scale: float = 0.1  # the read covers between min_scale and max_scale of the memory side (choice)
     max_scale: float = 0.5
+    # Initial log-variance of q(y | X). Below 0 the first reads land near the writes (which sit at the key means),
+    # so the memory can pay for its key KL before the keys collapse onto the prior (see docs/memory-experiments.md).
+    init_logvar: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -136,8 +140,8 @@ class KanervaConfig:
             raise ConfigError("encoder.shift_fraction", f"must be in [0, 0.5], got {e.shift_fraction}")
         m = self.memory
         _check_positive(m, ["channels", "height", "width"], "memory")
-        if m.writer not in ("key", "dense"):
-            raise ConfigError("memory.writer", f"must be 'key' or 'dense', got {m.writer!r}")
+        if m.writer not in ("key", "dense", "none"):
+            raise ConfigError("memory.writer", f"must be 'key', 'dense' or 'none', got {m.writer!r}")
         k = self.keys
         _check_positive(k, ["num_reads"], "keys")
         if not 0.0 < k.min_scale <= k.max_scale <= 1.0:

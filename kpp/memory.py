@@ -108,5 +108,24 @@ class DenseWriter(nn.Module):
         return (self.base + self.mix(zero)).expand(batch, -1, -1, -1)
 
 
+class NoWriter(nn.Module):
+    """Ablation: the episode writes nothing; M is a learned map shared by all episodes. The model is then a VAE
+    whose prior is learned and conditioned on the keys: the baseline a used memory must beat."""
+
+    def __init__(self, cfg: KanervaConfig):
+        super().__init__()
+        m = cfg.memory
+        self.base = nn.Parameter(torch.zeros(1, m.channels, m.height, m.width))
+
+    def contributions(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*embedding.shape[:2], *self.base.shape[1:], device=embedding.device)
+
+    def forward(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
+        return self.empty(embedding.shape[0])
+
+    def empty(self, batch: int) -> torch.Tensor:
+        return self.base.expand(batch, -1, -1, -1)
+
+
 def build_writer(cfg: KanervaConfig) -> nn.Module:
-    return {"key": KeyWriter, "dense": DenseWriter}[cfg.memory.writer](cfg)
+    return {"key": KeyWriter, "dense": DenseWriter, "none": NoWriter}[cfg.memory.writer](cfg)

@@ -107,6 +107,8 @@ class KanervaPlusPlus(nn.Module):
         k, f, dz = cfg.keys.num_reads, cfg.encoder.embedding_dim, cfg.latent.dim
         self.encoder = EpisodeEncoder(cfg.encoder, cfg.image_channels)
         self.key_posterior = nn.Linear(f, 2 * k * KEY_DIM)
+        with torch.no_grad():  # the bias layout is [K, (mean, logvar), 3]
+            self.key_posterior.bias.view(k, 2, KEY_DIM)[:, 1].fill_(cfg.keys.init_logvar)
         self.writer = build_writer(cfg)
         self.z_posterior = nn.Linear(f, 2 * dz)
         self.z_prior = LatentPrior(cfg)

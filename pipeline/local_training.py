@@ -1,0 +1,82 @@
+"""Single-process training of a Kanerva++ model on an in-memory split: the loop in plain sight.
+
+Used by the demo and the memory experiments; the distributed job (Ray Train over shards) runs the same step.
+Training episodes are re-drawn each epoch from a seeded shuffle (pipeline.episodes.epoch_episodes).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from kpp.model import KanervaPlusPlus
+from kpp.objective import kl_beta
+from pipeline.episodes import epoch_episodes
+
+
+@dataclass(kw_only=True)
+class LocalTrainConfig:
+    steps: int = 300
+    batch_size: int = 8  # episodes per step
+    lr: float = 1e-3
+    warmup_steps: int = 50  # linear lr warm-up, then cosine decay to lr_min_ratio * lr
+    lr_min_ratio: float = 0.1
+    grad_clip: float = 10.0
+    seed: int = 0
+    log_every: int = 50
+
+
+def episode_batches(images: torch.Tensor, episode_length: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless batches [B, T, C, H, W] of training episodes, a fresh shuffle every epoch."""
+    epoch = 0
+    while True:
+        episodes = torch.from_numpy(epoch_episodes(images.shape[0], episode_length, seed, epoch))
+        for i in range(0, episodes.shape[0] - batch_size + 1, batch_size):
+            yield images[episodes[i : i + batch_size]]
+        epoch += 1
+
+
+def lr_factor(step: int, cfg: LocalTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainConfig,
+                on_log: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train in place on images [N, C, H, W] (floats in [0, 1]); returns the logged history."""
+    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    batches = episode_batches(images, model.cfg.episode_length, cfg.batch_size, cfg.seed)
+    history: list[dict] = []
+    window: dict[str, float] = {}
+    start = time.perf_counter()
+    model.train()
+    for step in range(cfg.steps):
+        x = next(batches)
+        beta = kl_beta(step, model.cfg.objective)
+        out = model(x, beta=beta)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(f"non-finite loss at step {step}")
+        optimizer.step()
+        scheduler.step()
+        for name in ("loss", "total", "recon", "kl_z", "kl_y"):
+            window[name] = window.get(name, 0.0) + out[name].mean().item()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            n = (step % cfg.log_every) + 1
+            record = {"step": step + 1, "beta": beta, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "seconds": time.perf_counter() - start, **{k: v / n for k, v in window.items()}}
+            record["kl_y_per_key"] = out["kl_y_per_key"].mean((0, 1)).tolist()
+            history.append(record)
+            window.clear()
+            if on_log:
+                on_log(record)
+    return history
