@@ -1,0 +1,164 @@
+"""jobs.prepare on real data: the manifest and card describe exactly what was written, re-runs skip valid
+shards, parallel writing gives the same bytes, bad input commits nothing, and a prepare killed midway and
+re-run yields a complete, valid dataset."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.shards.prepare import PrepareConfig, prepare
+from pipeline.shards.reader import Cursor, StreamConfig, make_loader
+from pipeline.sources import SourceFormatError, SourceNotFoundError
+
+
+@pytest.fixture(scope="module")
+def mnist_out(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mnist")
+    report = prepare(PrepareConfig(dataset="mnist", source=str(shared_data / "mnist"), out=str(out),
+                                   shard_size=15_000, block_size=1000, episode_length=20, seed=3, progress=False))
+    return out, report
+
+
+def test_manifest_lists_every_shard_with_true_size_and_sha256(mnist_out):
+    out, report = mnist_out
+    table = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [(r["split"], r["shard_index"], r["num_samples"]) for r in table] == [
+        ("train", 0, 15_000), ("train", 1, 15_000), ("train", 2, 15_000), ("train", 3, 5_000),
+        ("valid", 0, 10_000), ("test", 0, 10_000)]
+    for row in table:
+        data = (out / row["path"]).read_bytes()
+        assert row["num_bytes"] == len(data) and row["sha256"] == hashlib.sha256(data).hexdigest()
+        assert row["url"] == str(out / row["path"])
+    assert report.written == 6 and report.skipped == 0
+    assert not list(out.rglob("*.partial-*"))
+
+
+def test_dataset_card_describes_the_data(mnist_out, shared_data):
+    card = json.loads((mnist_out[0] / "dataset.json").read_text())
+    assert card["image_shape"] == [1, 28, 28] and card["dtype"] == "uint8" and card["bit_depth"] == 8
+    assert {s: v["num_images"] for s, v in card["splits"].items()} == {"train": 50_000, "valid": 10_000, "test": 10_000}
+    assert card["source_checksums"]["train-images-idx3-ubyte.gz"] == (
+        "12bacf187eba4f770a04d97be5dbaad9289fe5d89a89729b6af3255c8bbfa9e1")  # the value in shared/data/README.md
+    assert card["episodes"]["seed"] == 3 and card["episodes"]["episode_length"] == 20
+    assert "none" in card["binarization"] and card["has_labels"] is True
+
+
+def test_rerun_skips_every_valid_shard_and_rewrites_a_damaged_one(mnist_out, shared_data):
+    out, _ = mnist_out
+    before = (out / "manifest.parquet").read_bytes()
+    damaged = out / "train" / "train-00002.tar"
+    good = damaged.read_bytes()
+    damaged.write_bytes(good[: len(good) // 2])
+    config = PrepareConfig(dataset="mnist", source=str(shared_data / "mnist"), out=str(out), shard_size=15_000,
+                           block_size=1000, episode_length=20, seed=3, progress=False)
+    report = prepare(config)
+    assert (report.written, report.skipped) == (1, 5)
+    assert damaged.read_bytes() == good and (out / "manifest.parquet").read_bytes() == before
+
+
+def test_labels_survive_and_train_is_stored_shuffled(mnist_out, shared_data):
+    out, _ = mnist_out
+    config = StreamConfig(root=str(out), split="train", episode_length=10, batch_size=5000, shuffle=False)
+    batch = next(iter(make_loader(config, rank=0, world_size=1, cursor=Cursor(0))))
+    from pipeline.sources import load_split
+
+    source = load_split("mnist", shared_data / "mnist", "train")
+    keys = batch.keys.ravel().numpy()
+    np.testing.assert_array_equal(batch.labels.ravel().numpy(), source.labels[keys])
+    assert not np.array_equal(keys[:100], np.arange(100))  # storage order is a seeded shuffle, not file order
+
+
+def test_parallel_writers_produce_identical_shards(shared_data, tmp_path):
+    common = dict(dataset="binarized_mnist", source=str(shared_data / "binarized_mnist"), shard_size=7_000,
+                  splits=("valid", "test"), progress=False)
+    serial = prepare(PrepareConfig(out=str(tmp_path / "serial"), workers=1, **common))
+    parallel = prepare(PrepareConfig(out=str(tmp_path / "parallel"), workers=2, **common))
+    assert [r.sha256 for r in serial.records] == [r.sha256 for r in parallel.records]
+    assert len(serial.records) == 4
+
+
+def test_missing_source_commits_nothing(tmp_path):
+    with pytest.raises(SourceNotFoundError, match="nowhere"):
+        prepare(PrepareConfig(dataset="fashion_mnist", source=str(tmp_path / "nowhere"), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_test_file_commits_no_shard_of_any_split(shared_data, tmp_path):
+    source = tmp_path / "mnist"
+    source.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (source / name).symlink_to(shared_data / "mnist" / name)
+    (source / "t10k-images-idx3-ubyte").write_bytes((0x803).to_bytes(4, "big") + (10_000).to_bytes(4, "big")
+                                                    + (28).to_bytes(4, "big") * 2 + bytes(1000))
+    with pytest.raises(SourceFormatError, match=r"t10k-images-idx3-ubyte: 1000 data bytes .*truncated"):
+        prepare(PrepareConfig(dataset="mnist", source=str(source), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_split_commits_nothing(tmp_path):
+    np.savez(tmp_path / "binarized_mnist.npz", x_train=np.zeros((5, 784), np.uint8),
+             x_valid=np.zeros((5, 784), np.uint8), x_test=np.zeros((0, 784), np.uint8))
+    with pytest.raises(SourceFormatError, match=r"binarized_mnist.npz\[x_test\].*N > 0"):
+        prepare(PrepareConfig(dataset="binarized_mnist", source=str(tmp_path), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_bad_input_by_name_and_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "jobs.prepare", "--dataset", "mnist", "--source",
+                             str(tmp_path / "missing"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2 and "missing: source directory not found" in result.stderr
+
+
+def s3_keys(s3, bucket: str, prefix: str) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url, aws_access_key_id=s3.key,
+                          aws_secret_access_key=s3.secret, region_name=s3.region)
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_prepare_killed_midway_then_rerun_gives_a_complete_valid_dataset(s3, shared_data):
+    import fsspec
+
+    root = s3.new_bucket("killed") + "/fashion"
+    bucket = root.removeprefix("s3://").split("/")[0]
+    command = [sys.executable, "-m", "jobs.prepare", "--dataset", "fashion_mnist", "--source",
+               str(shared_data / "fashion_mnist"), "--out", root, "--shard-size", "500", "--no-progress"]
+    env = {**os.environ, **s3.env}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len([k for k in s3_keys(s3, bucket, "fashion/train/") if k.endswith(".tar")]) < 5:
+        assert process.poll() is None and time.monotonic() < deadline, "prepare ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    committed = [k for k in s3_keys(s3, bucket, "fashion/") if k.endswith(".tar")]
+    assert "fashion/manifest.parquet" not in s3_keys(s3, bucket, "fashion/")
+    assert 5 <= len(committed) < 140, "the kill did not land midway"
+
+    # Make the leftovers worse: a half-written shard under its final name, and a stray partial upload.
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    half = f"{bucket}/{committed[0]}"
+    fs.pipe_file(half, fs.cat_file(half)[:1234])
+    fs.pipe_file(f"{bucket}/fashion/train/train-00099.tar.partial-0123456789abcdef", b"junk")
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["shards"] == 100 + 20 + 20 and summary["images"] == 70_000
+    assert summary["skipped"] >= len(committed) - 1 and summary["written"] == 140 - summary["skipped"]
+    assert not [k for k in s3_keys(s3, bucket, "fashion/") if ".partial-" in k]
+    for split, size in (("train", 50_000), ("valid", 10_000), ("test", 10_000)):
+        config = StreamConfig(root=root, split=split, episode_length=50, batch_size=100,
+                              storage_options=s3.storage_options)
+        keys = torch.cat([b.keys[b.mask] for b in make_loader(config, rank=0, world_size=1, cursor=Cursor(0))])
+        assert sorted(keys.tolist()) == list(range(size))  # every shard present and matching its sha256
