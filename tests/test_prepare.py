@@ -162,3 +162,18 @@ def test_prepare_killed_midway_then_rerun_gives_a_complete_valid_dataset(s3, sha
                               storage_options=s3.storage_options)
         keys = torch.cat([b.keys[b.mask] for b in make_loader(config, rank=0, world_size=1, cursor=Cursor(0))])
         assert sorted(keys.tolist()) == list(range(size))  # every shard present and matching its sha256
+
+
+def test_colour_dataset_round_trips_through_shards(tmp_path):
+    from tests.test_sources_more import write_cifar
+
+    written = write_cifar(tmp_path / "cifar")
+    prepare(PrepareConfig(dataset="cifar10", source=str(tmp_path / "cifar"), out=str(tmp_path / "out"), shard_size=30,
+                          episode_length=4, progress=False))
+    config = StreamConfig(root=str(tmp_path / "out"), split="valid", episode_length=4, batch_size=5, shuffle=False)
+    (batch,) = list(make_loader(config, rank=0, world_size=1, cursor=Cursor(0)))
+    assert batch.images.shape == (5, 4, 3, 32, 32) and bool(batch.mask.all())
+    labels, pixels = written["data_batch_5.bin"]
+    first = int(batch.keys[0, 0])
+    assert int(batch.labels[0, 0]) == labels[first]
+    np.testing.assert_array_equal(batch.images[0, 0].numpy().reshape(-1), pixels[first])

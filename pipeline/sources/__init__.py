@@ -8,6 +8,11 @@ dataset  "mnist", "fashion_mnist"  original IDX files (.gz or not) under `source
                                    50k/10k/10k, bit_depth 1, no labels.
          "digits"                  scikit-learn's bundled 8x8 digits, resized to 28x28 and binarized with a fixed
                                    seed; 1397/200/200; source must be None (the offline default).
+         "omniglot"                official images_background/images_evaluation PNG layout; bit_depth 1; option
+                                   resize=N (e.g. 28); see pipeline.sources.omniglot for the splits.
+         "cifar10"                 the binary release data_batch_N.bin/test_batch.bin; 40k/10k/10k by file.
+         "folder"                  <source>/<split>/<class>/<image>; options resize, channels.
+         "npz"                     a .npz of x_<split> (and y_<split>); option bit_depth.
 source   a local directory or any fsspec URL (file://, s3://); S3 settings from the AWS environment variables
          or `storage_options`.
 split    "train", "valid" or "test".
@@ -23,8 +28,9 @@ from pipeline.sources.errors import DataSourceError, SourceFormatError, SourceNo
 from pipeline.sources.image_set import ImageSet
 
 SPLITS = ("train", "valid", "test")
-DATASETS = ("mnist", "fashion_mnist", "binarized_mnist", "digits")
-DATASET_OPTIONS: dict[str, tuple[str, ...]] = {}
+DATASETS = ("mnist", "fashion_mnist", "binarized_mnist", "digits", "omniglot", "cifar10", "folder", "npz")
+DATASET_OPTIONS: dict[str, tuple[str, ...]] = {"omniglot": ("resize",), "folder": ("resize", "channels"),
+                                               "npz": ("bit_depth",)}
 
 __all__ = [
     "DATASETS",
@@ -65,6 +71,22 @@ def load_split(
         from pipeline.sources.binarized_mnist import load_binarized_mnist_split
 
         return load_binarized_mnist_split(source, split, storage_options)
+    if dataset == "omniglot":
+        from pipeline.sources.omniglot import load_omniglot_split
+
+        return load_omniglot_split(source, split, storage_options, **options)
+    if dataset == "cifar10":
+        from pipeline.sources.cifar10 import load_cifar10_split
+
+        return load_cifar10_split(source, split, storage_options)
+    if dataset == "folder":
+        from pipeline.sources.folder import load_folder_split
+
+        return load_folder_split(source, split, storage_options, **options)
+    if dataset == "npz":
+        from pipeline.sources.npz import load_npz_split
+
+        return load_npz_split(source, split, storage_options, **options)
     from pipeline.sources.idx import load_idx_split
 
     return load_idx_split(dataset, source, split, storage_options)
