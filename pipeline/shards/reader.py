@@ -93,13 +93,14 @@ class EpisodeBatch:
     epoch: int
     index: int                      # this batch's index in the rank's epoch
     skipped_shards: tuple[str, ...] = ()  # shards skipped (on_corrupt="skip") while building this batch
+    bytes_fetched: int = 0          # shard bytes read from the store while building this batch (for monitoring)
 
     def cursor_after(self) -> Cursor:
         return Cursor(self.epoch, self.index + 1)
 
 
 class EpisodeStream(IterableDataset):
-    """One rank's batches of one epoch; use with DataLoader(batch_size=None) (make_loader does)."""
+    """One rank's batches of one epoch as PackedBatch; make_loader wraps it in a DataLoader and converts."""
 
     def __init__(self, config: StreamConfig, *, rank: int, world_size: int, cursor: Cursor) -> None:
         super().__init__()
@@ -134,10 +135,10 @@ class EpisodeStream(IterableDataset):
         for batch_index in worker_batches(self.plan.num_batches, self.cursor.batches_seen, worker_id, num_workers):
             yield self._batch(batch_index, shard_of, row_of, cache)
 
-    def _load(self, shard: int, cache: dict[int, ShardArrays | None]) -> tuple[ShardArrays | None, bool]:
-        """The decoded shard (None if skipped as corrupt) and whether it was skipped just now."""
+    def _load(self, shard: int, cache: dict[int, ShardArrays | None]) -> tuple[ShardArrays | None, bool, int]:
+        """The decoded shard (None if skipped as corrupt), whether it was skipped just now, bytes fetched."""
         if shard in cache:
-            return cache[shard], False
+            return cache[shard], False, 0
         record = self.shards[shard]
         try:
             data = fetch_shard(self.config.root, record, self.config.verify, self.config.retry, self.config.storage_options)
@@ -150,12 +151,12 @@ class EpisodeStream(IterableDataset):
                 raise
             log.error("skipping corrupt shard (on_corrupt='skip'): %s", err)
             cache[shard] = None
-            return None, True
+            return None, True, 0
         cache[shard] = arrays
-        return arrays, False
+        return arrays, False, len(data)
 
     def _batch(self, batch_index: int, shard_of: np.ndarray, row_of: np.ndarray,
-               cache: dict[int, ShardArrays | None]) -> EpisodeBatch:
+               cache: dict[int, ShardArrays | None]) -> "PackedBatch":
         positions = self.plan.batch_positions(batch_index).ravel()
         real = positions >= 0
         shards_here = np.full(positions.shape, -1, np.int64)
@@ -169,9 +170,10 @@ class EpisodeStream(IterableDataset):
         # Shards already behind this batch are never needed again this epoch (the stream visits them in order).
         for old in [s for s in cache if s not in needed and s < needed.min(initial=1 << 62)]:
             del cache[old]
-        skipped = []
+        skipped, fetched = [], 0
         for shard in needed:
-            arrays, newly_skipped = self._load(int(shard), cache)
+            arrays, newly_skipped, num_bytes = self._load(int(shard), cache)
+            fetched += num_bytes
             if newly_skipped:
                 skipped.append(shard_url(self.config.root, self.shards[int(shard)]))
             if arrays is None:
@@ -182,25 +184,71 @@ class EpisodeStream(IterableDataset):
             if arrays.labels is not None:
                 labels[here] = arrays.labels[rows[here]]
         B, T = self.plan.batch_size, self.plan.episode_length
-        tensor = torch.from_numpy(images.reshape(B, T, *self.image_shape))
-        if self.config.as_float:
-            tensor = tensor.float() if self.bit_depth == 1 else tensor.float() / 255.0
-        return EpisodeBatch(
-            images=tensor,
-            keys=torch.from_numpy(keys.reshape(B, T)),
-            labels=torch.from_numpy(labels.reshape(B, T)) if self.has_labels else None,
-            mask=torch.from_numpy((keys >= 0).reshape(B, T)),
+        return PackedBatch(
+            images=images.reshape(B, T, *self.image_shape),
+            keys=keys.reshape(B, T),
+            labels=labels.reshape(B, T) if self.has_labels else None,
             epoch=self.cursor.epoch,
             index=batch_index,
             skipped_shards=tuple(skipped),
+            bytes_fetched=fetched,
         )
 
 
+@dataclass
+class PackedBatch:
+    """What a worker sends: numpy arrays, pickled by value. Measured: 0.3 ms per batch of 256 MNIST images
+    through a DataLoader queue, against 1-4 ms for the same data as torch tensors (a shared-memory segment and
+    a file descriptor per tensor). The consuming process wraps them as tensors without copying."""
+
+    images: np.ndarray
+    keys: np.ndarray
+    labels: np.ndarray | None
+    epoch: int
+    index: int
+    skipped_shards: tuple[str, ...]
+    bytes_fetched: int
+
+    def to_batch(self, as_float: bool, bit_depth: int) -> EpisodeBatch:
+        images = torch.from_numpy(self.images)
+        if as_float:
+            images = images.float() if bit_depth == 1 else images.float() / 255.0
+        keys = torch.from_numpy(self.keys)
+        return EpisodeBatch(
+            images=images,
+            keys=keys,
+            labels=None if self.labels is None else torch.from_numpy(self.labels),
+            mask=keys >= 0,
+            epoch=self.epoch,
+            index=self.index,
+            skipped_shards=self.skipped_shards,
+            bytes_fetched=self.bytes_fetched,
+        )
+
+
+class EpisodeLoader:
+    """One rank's epoch as EpisodeBatch objects; len() is the number of batches, the same on every rank.
+
+    Wraps a torch DataLoader (`.dataloader`) whose workers produce PackedBatch objects."""
+
+    def __init__(self, stream: EpisodeStream, dataloader: DataLoader) -> None:
+        self.stream, self.dataloader = stream, dataloader
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self):
+        as_float, bit_depth = self.stream.config.as_float, self.stream.bit_depth
+        for packed in self.dataloader:
+            yield packed.to_batch(as_float, bit_depth)
+
+
 def make_loader(config: StreamConfig, *, rank: int, world_size: int, cursor: Cursor, num_workers: int = 0,
-                multiprocessing_context: str | None = None, prefetch_factor: int | None = None) -> DataLoader:
-    """A DataLoader over one rank's epoch from `cursor`; yields EpisodeBatch. len() is the same on every rank."""
+                multiprocessing_context: str | None = None, prefetch_factor: int | None = None) -> EpisodeLoader:
+    """One rank's epoch from `cursor`, read by `num_workers` DataLoader workers (0: in this process); yields
+    EpisodeBatch. len() is the same on every rank."""
     stream = EpisodeStream(config, rank=rank, world_size=world_size, cursor=cursor)
-    return DataLoader(
+    dataloader = DataLoader(
         stream,
         batch_size=None,  # batches are built by the stream: B whole episodes, already packed
         num_workers=num_workers,
@@ -208,3 +256,4 @@ def make_loader(config: StreamConfig, *, rank: int, world_size: int, cursor: Cur
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,  # a new loader per epoch: the epoch is part of the stream's plan
     )
+    return EpisodeLoader(stream, dataloader)
