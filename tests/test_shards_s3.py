@@ -15,6 +15,9 @@ from pipeline.shards.prepare import PrepareConfig, prepare
 from pipeline.shards.reader import Cursor, StreamConfig, make_loader
 from pipeline.shards.storage import with_retries
 
+QUICK = RetryPolicy(max_attempts=3, backoff_s=0.01, backoff_max_s=0.01)
+QUICKER = RetryPolicy(max_attempts=2, backoff_s=0.01, backoff_max_s=0.01)
+
 RANK_TIMEOUT_S = 120  # a forked s3fs hang would sit here forever; the timeout turns it into a failure
 
 
@@ -88,8 +91,9 @@ def test_fork_and_spawn_workers_finish_against_s3(s3, s3_dataset, tmp_path, cont
     assert sorted(keys[keys >= 0]) == list(range(10_000))
 
 
-def test_an_outage_mid_epoch_is_survived_exactly_once(s3, s3_proxy, s3_dataset, shared_data):
-    """All connections cut and new ones refused for 2 s after 20 batches; the reader retries with backoff."""
+def test_an_outage_mid_epoch_is_survived_exactly_once(s3, s3_proxy, s3_dataset, shared_data, caplog):
+    """All connections cut and new ones refused for 6 s after 20 batches: longer than s3fs's own retries last,
+    so the reader's retry with backoff has to carry the epoch through."""
     # Smaller shards so that several are fetched after the cut, through the proxy.
     root = s3_dataset.rsplit("/", 1)[0] + "/small_shards"
     prepare(PrepareConfig(dataset="binarized_mnist", source=str(shared_data / "binarized_mnist"), out=root,
@@ -101,8 +105,9 @@ def test_an_outage_mid_epoch_is_survived_exactly_once(s3, s3_proxy, s3_dataset, 
     for batch in make_loader(config, rank=0, world_size=1, cursor=Cursor(0)):
         keys.append(batch.keys[batch.mask])
         if batch.index == 20:
-            s3_proxy.cut(seconds=2.0)
+            s3_proxy.cut(seconds=6.0)
     assert s3_proxy.refused > 0, "the outage never hit a request: the test did not test anything"
+    assert any("retrying in" in r.getMessage() for r in caplog.records), "the reader's own retry never ran"
     keys = torch.cat(keys).numpy()
     assert len(keys) == len(np.unique(keys)) == 10_000
 
@@ -125,10 +130,10 @@ def test_retries_transient_errors_with_backoff_but_not_missing_objects():
             raise ConnectionResetError("peer reset")
         return "ok"
 
-    assert with_retries("shard x", flaky, max_attempts=3, backoff_s=0.01, backoff_max_s=0.01) == "ok" and len(calls) == 3
+    assert with_retries("shard x", flaky, QUICK) == "ok" and len(calls) == 3
     calls.clear()
     with pytest.raises(OSError, match=r"shard x: failed after 2 attempts: ConnectionResetError"):
-        with_retries("shard x", flaky, max_attempts=2, backoff_s=0.01, backoff_max_s=0.01)
+        with_retries("shard x", flaky, QUICKER)
 
     def missing():
         calls.append(1)
@@ -136,5 +141,5 @@ def test_retries_transient_errors_with_backoff_but_not_missing_objects():
 
     calls.clear()
     with pytest.raises(FileNotFoundError):
-        with_retries("shard y", missing, max_attempts=5, backoff_s=0.01, backoff_max_s=0.01)
+        with_retries("shard y", missing, QUICK)
     assert len(calls) == 1

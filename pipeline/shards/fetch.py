@@ -3,11 +3,12 @@ manifest (byte size always, sha256 when asked). Errors name the shard."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline.shards.manifest import ShardRecord
-from pipeline.shards.storage import filesystem, join, with_retries
+from pipeline.shards.storage import RetryPolicy, filesystem, join, with_retries
+
+__all__ = ["RetryPolicy", "ShardIntegrityError", "ShardMissingError", "fetch_shard", "shard_url"]
 
 Verify = Literal["size", "sha256"]
 
@@ -18,13 +19,6 @@ class ShardIntegrityError(ValueError):
 
 class ShardMissingError(FileNotFoundError):
     """A shard listed in the manifest that the store does not have."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 6      # per shard, counting the first
-    backoff_s: float = 0.5     # doubled after each failure ...
-    backoff_max_s: float = 8.0  # ... up to this
 
 
 def shard_url(root: str, record: ShardRecord) -> str:
@@ -44,7 +38,7 @@ def fetch_shard(root: str, record: ShardRecord, verify: Verify, retry: RetryPoli
 
     # One extra fetch on a mismatch: a transfer cut short can look like a short file; a second mismatch is real.
     for attempt in (1, 2):
-        data = with_retries(f"shard {url}", read, retry.max_attempts, retry.backoff_s, retry.backoff_max_s)
+        data = with_retries(f"shard {url}", read, retry)
         problem = None
         if len(data) != record.num_bytes:
             problem = f"{len(data)} bytes, manifest says {record.num_bytes} (truncated or replaced)"

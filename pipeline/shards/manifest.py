@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.shards.storage import filesystem, join
+from pipeline.shards.storage import filesystem, join, with_retries
 
 MANIFEST_NAME = "manifest.parquet"
 CARD_NAME = "dataset.json"
@@ -54,9 +54,13 @@ class ShardRecord:
 
 def _atomic_write(url: str, data: bytes, storage_options: dict | None) -> None:
     fs, path = filesystem(url, storage_options)
-    temporary = f"{path}.partial-{uuid.uuid4().hex}"
-    fs.pipe_file(temporary, data)
-    fs.mv(temporary, path)
+
+    def write() -> None:
+        temporary = f"{path}.partial-{uuid.uuid4().hex}"
+        fs.pipe_file(temporary, data)
+        fs.mv(temporary, path)
+
+    with_retries(f"write {url}", write)
 
 
 def write_manifest(root: str, records: list[ShardRecord], storage_options: dict | None = None) -> None:
@@ -70,7 +74,7 @@ def read_manifest(root: str, storage_options: dict | None = None) -> list[ShardR
     fs, base = filesystem(root, storage_options)
     path = join(base, MANIFEST_NAME)
     try:
-        data = fs.cat_file(path)
+        data = with_retries(f"read {join(root, MANIFEST_NAME)}", lambda: fs.cat_file(path))
     except FileNotFoundError as err:
         raise ManifestError(f"{join(root, MANIFEST_NAME)}: no manifest; the dataset was not (completely) prepared") from err
     try:
@@ -90,6 +94,6 @@ def write_card(root: str, card: dict[str, Any], storage_options: dict | None = N
 def read_card(root: str, storage_options: dict | None = None) -> dict[str, Any]:
     fs, base = filesystem(root, storage_options)
     try:
-        return json.loads(fs.cat_file(join(base, CARD_NAME)))
+        return json.loads(with_retries(f"read {join(root, CARD_NAME)}", lambda: fs.cat_file(join(base, CARD_NAME))))
     except FileNotFoundError as err:
         raise ManifestError(f"{join(root, CARD_NAME)}: no dataset card") from err

@@ -32,7 +32,7 @@ from pipeline.shards.format import ShardArrays, encode_shard
 from pipeline.shards.manifest import ManifestError, ShardRecord, read_card, read_manifest, write_card, write_manifest
 from pipeline.shards.progress import Progress
 from pipeline.shards.source_checksums import source_checksums
-from pipeline.shards.storage import filesystem, join, unstrip_protocol
+from pipeline.shards.storage import filesystem, join, unstrip_protocol, with_retries
 from pipeline.sources import SPLITS, ImageSet, SourceFormatError, load_split
 
 FORMAT_VERSION = 1
@@ -104,16 +104,21 @@ def write_shard(task: ShardTask) -> tuple[ShardRecord, bool]:
     path = join(root, relative)
     record = ShardRecord(task.split, task.shard_index, relative, unstrip_protocol(task.out, path),
                          int(task.arrays.images.shape[0]), len(data), digest)
-    if fs.exists(path) and fs.size(path) == len(data):
-        known = task.known
-        if known is not None and (known.num_bytes, known.sha256) == (len(data), digest):
-            return record, True
-        if hashlib.sha256(fs.cat_file(path)).hexdigest() == digest:
-            return record, True
-    temporary = f"{path}.partial-{digest[:16]}"
-    fs.pipe_file(temporary, data)
-    fs.mv(temporary, path)
-    return record, False
+
+    def store() -> bool:
+        """Writes the shard unless an identical one is committed; True if skipped. Idempotent, so retryable."""
+        if fs.exists(path) and fs.size(path) == len(data):
+            known = task.known
+            if known is not None and (known.num_bytes, known.sha256) == (len(data), digest):
+                return True
+            if hashlib.sha256(fs.cat_file(path)).hexdigest() == digest:
+                return True
+        temporary = f"{path}.partial-{digest[:16]}"
+        fs.pipe_file(temporary, data)
+        fs.mv(temporary, path)
+        return False
+
+    return record, with_retries(f"write shard {record.url}", store)
 
 
 def _remove_partials(out: str, storage_options: dict) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
@@ -21,8 +22,13 @@ import fsspec
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Bounded timeouts so a dead connection fails (and is retried by us) instead of hanging for botocore's 60 s.
-S3_DEFAULTS: dict[str, Any] = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 20}}
+# Bounded timeouts so a dead connection fails instead of hanging for botocore's 60 s, and few silent retries
+# below us (botocore 2 attempts, s3fs 2 tries per call instead of 5 x 5): riding out an outage is the job of
+# RetryPolicy, which is visible (logged), configurable and the same for every store.
+S3_DEFAULTS: dict[str, Any] = {
+    "config_kwargs": {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 2, "mode": "standard"}}
+}
+S3FS_CALL_RETRIES = 2
 
 _FILESYSTEMS: dict[tuple, fsspec.AbstractFileSystem] = {}
 
@@ -56,6 +62,8 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     fs = _FILESYSTEMS.get(cache_key)
     if fs is None:
         fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        if protocol in ("s3", "s3a"):
+            fs.retries = S3FS_CALL_RETRIES
         _FILESYSTEMS[cache_key] = fs
     return fs, path
 
@@ -77,13 +85,21 @@ class NotTransient(Exception):
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def with_retries(what: str, action: Callable[[], T], max_attempts: int, backoff_s: float, backoff_max_s: float) -> T:
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6       # per store operation, counting the first
+    backoff_s: float = 0.5      # doubled after each failure ...
+    backoff_max_s: float = 8.0  # ... up to this (defaults: 0.5+1+2+4+8 = 15.5 s of outage survived)
+
+
+def with_retries(what: str, action: Callable[[], T], policy: RetryPolicy = RetryPolicy()) -> T:
     """action() retried on transient errors with exponential backoff; permanent ones are raised at once.
 
     Transient is everything except a missing object, a permission error, or an error the action raises
     wrapped in NotTransient: the object stores' connection, timeout and 5xx errors come from several client
     libraries (aiohttp, botocore, OSError) and none of them is worth failing an epoch for at the first try.
     """
+    max_attempts = policy.max_attempts
     for attempt in range(1, max_attempts + 1):
         try:
             return action()
@@ -94,7 +110,7 @@ def with_retries(what: str, action: Callable[[], T], max_attempts: int, backoff_
         except Exception as err:  # noqa: BLE001 - see docstring: transient errors come in many types
             if attempt == max_attempts:
                 raise OSError(f"{what}: failed after {max_attempts} attempts: {type(err).__name__}: {err}") from err
-            delay = min(backoff_max_s, backoff_s * 2 ** (attempt - 1))
+            delay = min(policy.backoff_max_s, policy.backoff_s * 2 ** (attempt - 1))
             log.warning("%s: attempt %d/%d failed (%s: %s); retrying in %.1fs",
                         what, attempt, max_attempts, type(err).__name__, err, delay)
             time.sleep(delay)
