@@ -119,11 +119,34 @@ def folder_name(step: int) -> str:
 def latest_complete(root: str | os.PathLike) -> pathlib.Path | None:
     """The newest complete `checkpoint_*` folder under root (incomplete ones skipped), or None."""
     root = pathlib.Path(root)
-    for folder in sorted(root.glob("checkpoint_*"), reverse=True):
+    for folder in sorted(root.glob("checkpoint_[0-9]*"), reverse=True):
         try:
             verify(folder)
             return folder
         except (IncompleteCheckpoint, OSError, KeyError):
+            continue
+    return None
+
+
+def fetch_latest_complete(fs, root: str, dst: str | os.PathLike) -> pathlib.Path | None:
+    """Copy the newest complete `checkpoint_*` folder under `root` on a pyarrow filesystem (local or S3) into `dst`
+    and return its local path; folders that fail `verify` (partial uploads) are skipped. None if there is none."""
+    import pyarrow.fs
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name[11:].isdigit()), reverse=True)
+    for name in names:
+        local = pathlib.Path(dst) / name
+        try:
+            local.mkdir(parents=True, exist_ok=True)  # copy_files does not create the destination
+            pyarrow.fs.copy_files(f"{root}/{name}", str(local), source_filesystem=fs,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+            verify(local)
+            return local
+        except (IncompleteCheckpoint, OSError, KeyError, ValueError):
             continue
     return None
 

@@ -40,8 +40,8 @@ def _f(default: Any, help: str) -> Any:
 class DataConfig:
     dataset: str = _f("digits", "dataset name understood by pipeline.sources (digits, mnist, binarized_mnist, ...)")
     source: str = _f("", "path or fsspec URL of the raw dataset; '' = the dataset's bundled default")
-    manifest: str = _f("", "URL of a prepared shard manifest (jobs.prepare); when set, training streams shards "
-                           "from it instead of reading `source`")
+    shards: str = _f("", "URL of a prepared dataset (the --out of jobs.prepare: manifest.parquet + shards); when "
+                         "set, every worker streams its share of the shards instead of reading `source`")
     batch_episodes: int = _f(8, "episodes per batch on each worker (global batch = this x scaling.num_workers)")
     valid_episodes: int = _f(32, "fixed (seeded) validation episodes, evaluated at every epoch end")
     test_episodes: int = _f(64, "fixed (seeded) test episodes for the final bound")

@@ -64,9 +64,64 @@ def eval_episodes(images: np.ndarray, bit_depth: int, episode_length: int, count
     return to_model_input(images[idx], bit_depth)
 
 
+@dataclass
+class ShardStream:
+    """Training batches streamed from prepared shards (pipeline.shards.reader) on any fsspec URL.
+
+    remainder="drop": the tail that does not fill a batch on every rank is left out of the epoch, so every batch
+    is full and the model's mean loss needs no padding mask; it is a different tail each epoch (seeded order)."""
+    root: str
+    episode_length: int
+    batch_episodes: int
+    seed: int
+    rank: int
+    world_size: int
+    loader_workers: int = 0
+
+    def _config(self):
+        from pipeline.shards.reader import StreamConfig
+        return StreamConfig(root=self.root, split="train", episode_length=self.episode_length,
+                            batch_size=self.batch_episodes, seed=self.seed, remainder="drop", as_float=True)
+
+    def __post_init__(self) -> None:
+        from pipeline.shards.reader import Cursor, EpisodeStream
+        self._batches = len(EpisodeStream(self._config(), rank=self.rank, world_size=self.world_size,
+                                          cursor=Cursor(0)))
+        if self._batches < 1:
+            raise ValueError(f"data.batch_episodes: {self.root} has too few training images for one batch of "
+                             f"{self.batch_episodes} episodes x {self.world_size} workers")
+
+    def batches_per_epoch(self) -> int:
+        return self._batches
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        from pipeline.shards.reader import Cursor, make_loader
+        # spawn, not fork: a forked worker inherits fsspec's event loop and can hang on s3 (s3fs #914)
+        loader = make_loader(self._config(), rank=self.rank, world_size=self.world_size,
+                             cursor=Cursor(epoch, start_batch), num_workers=self.loader_workers,
+                             multiprocessing_context="spawn" if self.loader_workers else None)
+        for batch in loader:
+            yield batch.keys.numpy(), batch.images
+
+
+def shard_eval_episodes(root: str, split: str, episode_length: int, count: int) -> torch.Tensor:
+    """The first `count` fixed episodes of a prepared split (stored in fixed-episode order by jobs.prepare)."""
+    from pipeline.shards.reader import Cursor, StreamConfig, make_loader
+    cfg = StreamConfig(root=root, split=split, episode_length=episode_length, batch_size=count, shuffle=False,
+                       remainder="pad", as_float=True)
+    batch = next(iter(make_loader(cfg, rank=0, world_size=1, cursor=Cursor(0))))
+    return batch.images[batch.mask.all(dim=1)]
+
+
 def load_data(dataset: str, source: str, episode_length: int, batch_episodes: int, valid_episodes: int,
-              test_episodes: int, seed: int, rank: int, world_size: int):
-    """(train stream, valid episodes, test episodes, bit depth) from a raw dataset split (pipeline.sources)."""
+              test_episodes: int, seed: int, rank: int, world_size: int, shards: str = "", loader_workers: int = 0):
+    """(train stream, valid episodes, test episodes, bit depth): from prepared shards when `shards` is set, else
+    from a raw dataset split held in memory (pipeline.sources)."""
+    if shards:
+        from pipeline.shards.manifest import read_card
+        stream = ShardStream(shards, episode_length, batch_episodes, seed, rank, world_size, loader_workers)
+        return (stream, shard_eval_episodes(shards, "valid", episode_length, valid_episodes),
+                shard_eval_episodes(shards, "test", episode_length, test_episodes), int(read_card(shards)["bit_depth"]))
     from pipeline.sources import load_split
     src = source or None
     train, valid, test = (load_split(dataset, src, s) for s in ("train", "valid", "test"))

@@ -57,13 +57,16 @@ class Cursor:
 
 
 class Loop:
-    def __init__(self, job: JobConfig, session: Session, tracking_uri: str = "", run_id: str = ""):
+    def __init__(self, job: JobConfig, session: Session, tracking_uri: str = "", run_id: str = "", data=None):
+        """data: (train stream, valid episodes, test episodes), built from job.data when None."""
         self.job, self.s = job, session
         self.rank0 = session.rank == 0
         self.mcfg = model_config(job)
-        self.stream, self.valid, self.test, _ = load_data(
-            job.data.dataset, job.data.source, self.mcfg.episode_length, job.data.batch_episodes,
-            job.data.valid_episodes, job.data.test_episodes, job.seed, session.rank, session.world_size)
+        if data is None:
+            data = load_data(job.data.dataset, job.data.source, self.mcfg.episode_length, job.data.batch_episodes,
+                             job.data.valid_episodes, job.data.test_episodes, job.seed, session.rank,
+                             session.world_size, shards=job.data.shards, loader_workers=job.data.loader_workers)[:3]
+        self.stream, self.valid, self.test = data
         torch.manual_seed(job.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.net = KanervaPlusPlus(self.mcfg)
         self.model = session.prepare_model(self.net)
@@ -82,6 +85,9 @@ class Loop:
         if resumed_from is None and self.rank0:
             self.last_valid = self._validate()  # step-0 baseline: the bound the run must lower
         if resumed_from is not None:
+            if self.rank0:
+                print(f"[train] resumed from the checkpoint of step {resumed_from} (epoch {self.cur.epoch}, "
+                      f"batch {self.cur.batch})", flush=True)
             self.log.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
         window = _Window(time.perf_counter(), self.cur.step)
         per_epoch = self.stream.batches_per_epoch()
@@ -92,13 +98,15 @@ class Loop:
                 self.cur.step += 1
                 self.cur.batch += 1
                 epoch_end = self.cur.batch == per_epoch
-                if epoch_end:
+                done = self.cur.step >= stop
+                if epoch_end or done:
                     if self.rank0:
                         self.last_valid = self._validate()
                         self.best_valid = min(self.best_valid, self.last_valid)
-                        self._log_grid()
+                        if epoch_end:
+                            self._log_grid()
+                if epoch_end:
                     self.cur.epoch, self.cur.batch = self.cur.epoch + 1, 0
-                done = self.cur.step >= stop
                 save = done or epoch_end or self.cur.step % self.job.checkpoint.every_steps == 0
                 if save or self.cur.step % self.job.train.log_every == 0:
                     last = self._metrics(terms, grad_norm, window)
@@ -225,20 +233,41 @@ def hash_seed(*parts: int) -> int:
 
 # -- Ray Train -------------------------------------------------------------------------------------------------
 class RaySession:
-    def __init__(self):
+    """Ray Train's view of the run. `storage` = (pyarrow filesystem, path of this run's folder) lets a restarted
+    worker group find checkpoints that are complete on storage but that the Train controller never registered:
+    it drains reports every health-check interval, so a crash right after an upload otherwise loses it (measured:
+    restarted from step 0 with checkpoint_10 complete on disk)."""
+
+    def __init__(self, storage=None):
         import ray.train
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.storage = storage
 
     @contextlib.contextmanager
     def restore_dir(self):
         import ray.train
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as d:
-            yield d
+        with tempfile.TemporaryDirectory() as tmp:
+            found = checkpointing.fetch_latest_complete(*self.storage, tmp) if self.storage else None
+            # every rank must resume from the same step: rank 0's choice is broadcast
+            step = torch.tensor([int(found.name[11:]) if found is not None else -1])
+            if dist.is_initialized():
+                dist.broadcast(step, src=0)
+            if step.item() >= 0:
+                if found is None or int(found.name[11:]) != step.item():
+                    fs, root = self.storage
+                    found = pathlib.Path(tmp) / checkpointing.folder_name(step.item())
+                    import pyarrow.fs
+                    found.mkdir(parents=True, exist_ok=True)
+                    pyarrow.fs.copy_files(f"{root}/{found.name}", str(found), source_filesystem=fs,
+                                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+                yield str(found)
+            elif ckpt is not None:
+                with ckpt.as_directory() as d:
+                    yield d
+            else:
+                yield None
 
     def report(self, metrics, folder, name):
         import ray.train
@@ -252,11 +281,13 @@ class RaySession:
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker; loop_config = {"job": JobConfig dict, "tracking_uri", "run_id"}."""
+    """Entry point of every Ray Train worker; loop_config = {"job": JobConfig dict, "tracking_uri", "run_id",
+    "storage": (pyarrow filesystem, run folder)}."""
     job = JobConfig.from_dict(loop_config["job"])
     # a worker's share of the node: more intra-op threads than its CPUs oversubscribes the cores
     torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
-    Loop(job, RaySession(), loop_config.get("tracking_uri", ""), loop_config.get("run_id", "")).run()
+    session = RaySession(loop_config.get("storage"))
+    Loop(job, session, loop_config.get("tracking_uri", ""), loop_config.get("run_id", "")).run()
 
 
 

@@ -69,17 +69,25 @@ def preflight(cfg: JobConfig) -> None:
             raise ConfigError(f"checkpoint.storage_path: s3://{bucket} is unreachable ({e})") from None
         if info.type == pyarrow.fs.FileType.NotFound:
             raise ConfigError(f"checkpoint.storage_path: bucket s3://{bucket} does not exist")
-    if cfg.data.manifest:
-        import fsspec
+    if cfg.data.shards:
+        from pipeline.shards.manifest import read_card, read_manifest
         try:
-            exists = fsspec.core.url_to_fs(cfg.data.manifest)[0].exists(cfg.data.manifest)
-        except Exception as e:  # noqa: BLE001 - any failure to reach it is the same answer for the user
-            raise ConfigError(f"data.manifest: cannot reach {cfg.data.manifest} ({e})") from None
-        if not exists:
-            raise ConfigError(f"data.manifest: {cfg.data.manifest} does not exist")
-        # TODO(train): stream shards through pipeline/shards once its reader lands; until then say so up front.
-        raise ConfigError("data.manifest: training from prepared shards is not wired in yet; "
-                          "use data.dataset/data.source")
+            records = read_manifest(cfg.data.shards)
+            card = read_card(cfg.data.shards)
+        except Exception as e:  # noqa: BLE001 - missing, unreachable or unreadable: the same answer for the user
+            raise ConfigError(f"data.shards: no usable prepared dataset at {cfg.data.shards} ({e})") from None
+        missing = {"train", "valid", "test"} - {r.split for r in records}
+        if missing:
+            raise ConfigError(f"data.shards: {cfg.data.shards} has no shards of split(s) {sorted(missing)}")
+        mcfg = model_config(cfg)
+        if tuple(card["image_shape"]) != mcfg.image_shape or int(card["bit_depth"]) != mcfg.bit_depth:
+            raise ConfigError(f"model.image_*/bit_depth: the model expects {mcfg.image_shape} at bit depth "
+                              f"{mcfg.bit_depth}, {cfg.data.shards} holds {tuple(card['image_shape'])} at "
+                              f"{card['bit_depth']}")
+        if int(card["episodes"]["episode_length"]) != mcfg.episode_length:
+            raise ConfigError(f"model.episode_length: {mcfg.episode_length}, but {cfg.data.shards} stores its fixed "
+                              f"evaluation episodes with episode_length {card['episodes']['episode_length']} "
+                              f"(jobs.prepare --episode-length)")
 
 
 # -- the cluster -----------------------------------------------------------------------------------------------
@@ -145,16 +153,22 @@ def run(cfg: JobConfig) -> Outcome:
     cfg.validate()
     preflight(cfg)
     uri = tracking.resolve_uri(cfg.tracking.uri) if cfg.tracking.enabled else ""
+    if uri:
+        tracking.check_reachable(uri)
+    connect(cfg)
+    check_resources(cfg)
     run_id, resumed = "", False
     if cfg.tracking.enabled:
-        tags = tracking.run_tags(cfg.hash(), cfg.data.manifest)
+        tags = tracking.run_tags(cfg.hash(), cfg.data.shards.rstrip("/") + "/manifest.parquet" if cfg.data.shards else "")
         run_id, resumed = tracking.open_job_run(uri, cfg.tracking.experiment, cfg.name, cfg.flat(), tags,
                                                 tracking.config_yaml(cfg.to_dict()))
     ok = False
     try:
-        connect(cfg)
-        check_resources(cfg)
-        result = build_trainer(cfg, {"job": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id}).fit()
+        path, fs = storage(cfg)
+        import pyarrow.fs
+        run_folder = (fs or pyarrow.fs.LocalFileSystem(), f"{path}/{cfg.name}")
+        result = build_trainer(cfg, {"job": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
+                                     "storage": run_folder}).fit()
         if result.error is not None:
             raise result.error
         metrics = dict(result.metrics or {})
