@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     storage_options = {"endpoint_url": endpoint, "key": "bench", "secret": "bench",
                        "client_kwargs": {"region_name": "us-east-1"}}
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
-    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+    # Load average: on a shared 2-core machine other jobs change these figures; it says how busy it was.
+    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                          "load_average_1m_at_start": os.getloadavg()[0]},
               "episode_length": args.episode_length, "batch_size": args.batch_size, "images_per_batch":
               args.episode_length * args.batch_size, "runs": []}
     try:
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                               file=sys.stderr)
     finally:
         server.kill()
+    report["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps({r["dataset"] + "/" + r["store"] + f"/w{r['workers']}": r["best_epoch_images_per_s"]

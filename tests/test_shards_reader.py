@@ -165,3 +165,11 @@ def test_a_header_damaged_shard_is_a_format_error_even_with_size_checks(damaged)
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardFormatError, match=r"valid/valid-00000.tar: tar header checksum mismatch"):
         epoch(damaged, split="valid", verify="size")
+
+
+def test_drop_policy_gives_full_batches_equal_on_every_rank(prepared):
+    ranks = [epoch(prepared, rank=r, world=3, remainder="drop", batch_size=16, cursor=Cursor(5)) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == 65  # 3125 episodes // 3 ranks // 16
+    assert all(bool(b.mask.all()) for r in ranks for b in r)
+    keys = torch.cat([b.keys.ravel() for r in ranks for b in r]).numpy()
+    assert len(keys) == len(np.unique(keys)) == 3 * 65 * 16 * 16
