@@ -177,3 +177,22 @@ def test_colour_dataset_round_trips_through_shards(tmp_path):
     first = int(batch.keys[0, 0])
     assert int(batch.labels[0, 0]) == labels[first]
     np.testing.assert_array_equal(batch.images[0, 0].numpy().reshape(-1), pixels[first])
+
+
+def test_cli_prepares_the_offline_digits_to_a_file_url(tmp_path):
+    out = (tmp_path / "digits").as_uri()
+    result = subprocess.run([sys.executable, "-m", "jobs.prepare", "--dataset", "digits", "--out", out,
+                             "--shard-size", "400", "--episode-length", "8", "--no-progress"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"out": out, "shards": 4 + 1 + 1, "written": 6, "skipped": 0, "images": 1797}
+    config = StreamConfig(root=out, split="test", episode_length=8, batch_size=25, shuffle=False, as_float=True)
+    (batch,) = list(make_loader(config, rank=0, world_size=1, cursor=Cursor(0)))
+    assert batch.images.shape == (25, 8, 1, 28, 28) and batch.labels is not None and bool(batch.mask.all())
+
+
+def test_configs_never_show_storage_credentials():
+    secret = {"key": "AKIAEXAMPLE", "secret": "wJalrXUtnFEMI-very-secret"}
+    text = repr(PrepareConfig(dataset="digits", source=None, out="s3://b/x", storage_options=secret))
+    text += repr(StreamConfig(root="s3://b/x", storage_options=secret))
+    assert "very-secret" not in text and "AKIAEXAMPLE" not in text
