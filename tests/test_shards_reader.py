@@ -76,11 +76,20 @@ def test_mid_epoch_resume_continues_the_same_order(prepared, stop_after, resume_
         cursor = batch.cursor_after()
         if len(head) == stop_after:
             break  # the run is interrupted here; the cursor is what a checkpoint keeps
-    assert cursor == Cursor(2, stop_after) and Cursor.from_dict(cursor.to_dict()) == cursor
+    assert (cursor.epoch, cursor.batches_seen) == (2, stop_after) and Cursor.from_dict(cursor.to_dict()) == cursor
     tail = [b.keys for b in epoch(prepared, cursor=cursor, workers=resume_workers,
                                   context="fork" if resume_workers else None)]
     assert len(head) + len(tail) == len(full)
     assert all(torch.equal(a, b) for a, b in zip(head + tail, full))
+
+
+def test_a_cursor_from_another_plan_is_refused(prepared):
+    cursor = epoch(prepared, batch_size=8)[10].cursor_after()
+    assert cursor.plan is not None and len(epoch(prepared, batch_size=8, cursor=cursor)) == 391 - 11
+    with pytest.raises(ValueError, match="another data plan"):
+        epoch(prepared, batch_size=16, cursor=cursor)
+    with pytest.raises(ValueError, match="another data plan"):
+        epoch(prepared, world=2, cursor=cursor)
 
 
 def test_length_and_cursor_bounds(prepared):

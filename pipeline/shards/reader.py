@@ -15,7 +15,8 @@ Guarantees (tests/test_shards_*.py):
     PYTHONHASHSEED each process has: the order is a pure function of integers (pipeline.shards.plan);
   - every rank yields the same number of batches (len(loader)), however few or uneven the shards are;
   - a loader rebuilt from Cursor(epoch, batches_seen) yields exactly the batches an uninterrupted run would
-    have yielded next, with any number of workers;
+    have yielded next, with any number of workers; a cursor from another plan (world size, batch size, ...)
+    is refused rather than silently repeating or skipping images;
   - workers may be forked or spawned: each builds its own filesystem (pipeline.shards.storage);
   - every shard is checked against the manifest (size, and sha256 unless verify="size"); a mismatch raises
     ShardIntegrityError naming the shard, or with on_corrupt="skip" its images become padding, reported in
@@ -26,6 +27,8 @@ episodes (pipeline.episodes.fixed_episodes) that prepare stored.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -71,17 +74,22 @@ class StreamConfig:
 
 @dataclass(frozen=True)
 class Cursor:
-    """Where a rank is in the data: the epoch and how many of its batches it has consumed in it."""
+    """Where a rank is in the data: the epoch and how many of its batches it has consumed in it.
+
+    `plan` (set by EpisodeBatch.cursor_after) fingerprints what the order depends on besides the epoch: shard
+    counts, split, T, B, seed, shuffle, remainder and world size. Resuming under a different plan would silently
+    repeat or skip images, so it is refused; a hand-made Cursor(epoch, n) without a plan is taken as is."""
 
     epoch: int
     batches_seen: int = 0
+    plan: str | None = None
 
-    def to_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_seen": self.batches_seen}
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_seen": self.batches_seen, "plan": self.plan}
 
     @classmethod
-    def from_dict(cls, state: dict[str, int]) -> "Cursor":
-        return cls(int(state["epoch"]), int(state["batches_seen"]))
+    def from_dict(cls, state: dict) -> "Cursor":
+        return cls(int(state["epoch"]), int(state["batches_seen"]), state.get("plan"))
 
 
 @dataclass
@@ -95,8 +103,10 @@ class EpisodeBatch:
     skipped_shards: tuple[str, ...] = ()  # shards skipped (on_corrupt="skip") while building this batch
     bytes_fetched: int = 0          # shard bytes read from the store while building this batch (for monitoring)
 
+    plan: str | None = None         # the stream's plan fingerprint, carried into the cursor
+
     def cursor_after(self) -> Cursor:
-        return Cursor(self.epoch, self.index + 1)
+        return Cursor(self.epoch, self.index + 1, self.plan)
 
 
 class EpisodeStream(IterableDataset):
@@ -121,6 +131,11 @@ class EpisodeStream(IterableDataset):
         self.counts = np.array([r.num_samples for r in self.shards], dtype=np.int64)
         self.plan: RankPlan = rank_plan(int(self.counts.sum()), config.episode_length, config.batch_size,
                                         world_size, rank, config.remainder)
+        self.fingerprint = plan_fingerprint(config, world_size, self.counts)
+        if cursor.plan is not None and cursor.plan != self.fingerprint:
+            raise ValueError(f"cursor {cursor} was made under another data plan (this one is {self.fingerprint}): "
+                             "same dataset, split, episode_length, batch_size, seed, shuffle, remainder and "
+                             "world_size are needed to resume exactly")
         if not 0 <= cursor.batches_seen <= self.plan.num_batches:
             raise ValueError(f"cursor {cursor} is outside this epoch's {self.plan.num_batches} batches")
 
@@ -192,7 +207,15 @@ class EpisodeStream(IterableDataset):
             index=batch_index,
             skipped_shards=tuple(skipped),
             bytes_fetched=fetched,
+            plan=self.fingerprint,
         )
+
+
+def plan_fingerprint(config: StreamConfig, world_size: int, counts: np.ndarray) -> str:
+    """16 hex digits naming everything besides the epoch that the read order depends on."""
+    fields = [config.split, config.episode_length, config.batch_size, config.seed, config.shuffle, config.remainder,
+              world_size, [int(c) for c in counts]]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -208,6 +231,7 @@ class PackedBatch:
     index: int
     skipped_shards: tuple[str, ...]
     bytes_fetched: int
+    plan: str
 
     def to_batch(self, as_float: bool, bit_depth: int) -> EpisodeBatch:
         images = torch.from_numpy(self.images)
@@ -223,6 +247,7 @@ class PackedBatch:
             index=self.index,
             skipped_shards=self.skipped_shards,
             bytes_fetched=self.bytes_fetched,
+            plan=self.plan,
         )
 
 
