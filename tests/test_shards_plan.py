@@ -76,3 +76,20 @@ def test_bad_plan_arguments():
         rank_plan(10, 2, 2, world_size=1, rank=0, remainder="wrap")
     with pytest.raises(IndexError):
         rank_plan(10, 2, 2, world_size=1, rank=0).batch_positions(3)
+
+
+@pytest.mark.parametrize("world, workers", [(1, 1), (2, 2), (3, 4)])
+def test_each_shard_is_needed_by_one_unbroken_run_of_a_workers_batches(world, workers):
+    """What lets a reader worker drop a cached shard as soon as a batch does not need it."""
+    counts = np.array([500, 130, 270, 64, 400])
+    shard_of, _ = epoch_stream(counts, seed=2, epoch=3, shuffle=True)
+    for rank in range(world):
+        plan = rank_plan(int(counts.sum()), 7, 3, world, rank)
+        for worker in range(workers):
+            runs: dict[int, list[int]] = {}
+            for step, batch in enumerate(worker_batches(plan.num_batches, 0, worker, workers)):
+                positions = plan.batch_positions(batch).ravel()
+                for shard in set(shard_of[positions[positions >= 0]].tolist()):
+                    runs.setdefault(shard, []).append(step)
+            for steps in runs.values():
+                assert steps == list(range(steps[0], steps[-1] + 1))

@@ -182,9 +182,10 @@ class EpisodeStream(IterableDataset):
         keys = np.full(positions.size, -1, np.int64)
         labels = np.full(positions.size, -1, np.int64)
         needed = np.unique(shards_here[real])
-        # Shards already behind this batch are never needed again this epoch (the stream visits them in order).
-        for old in [s for s in cache if s not in needed and s < needed.min(initial=1 << 62)]:
-            del cache[old]
+        # A shard is one contiguous run of the stream, and a worker's batches advance along it, so a cached shard
+        # this batch does not need is finished for the epoch (tests/test_shards_plan.py checks the invariant).
+        for finished in [s for s in cache if s not in needed]:
+            del cache[finished]
         skipped, fetched = [], 0
         for shard in needed:
             arrays, newly_skipped, num_bytes = self._load(int(shard), cache)
