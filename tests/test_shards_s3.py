@@ -143,3 +143,25 @@ def test_retries_transient_errors_with_backoff_but_not_missing_objects():
     with pytest.raises(FileNotFoundError):
         with_retries("shard y", missing, QUICK)
     assert len(calls) == 1
+
+
+def test_truncated_or_grown_shard_on_s3_is_named(s3, s3_dataset):
+    import fsspec
+
+    from pipeline.shards.fetch import ShardIntegrityError
+
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    source = s3_dataset.removeprefix("s3://")
+    copy = source.rsplit("/", 1)[0] + "/damaged"
+    for name in ("manifest.parquet", "dataset.json", "valid/valid-00000.tar"):
+        fs.copy(f"{source}/{name}", f"{copy}/{name}")
+    shard = f"{copy}/valid/valid-00000.tar"
+    good = fs.cat_file(shard)
+    config = StreamConfig(root=f"s3://{copy}", split="valid", verify="size", storage_options=s3.storage_options,
+                          retry=RetryPolicy(max_attempts=1))
+    fs.pipe_file(shard, good[:-512])
+    with pytest.raises(ShardIntegrityError, match=r"damaged/valid/valid-00000.tar: \d+ bytes, .* \(truncated\)"):
+        list(make_loader(config, rank=0, world_size=1, cursor=Cursor(0)))
+    fs.pipe_file(shard, good + bytes(512))
+    with pytest.raises(ShardIntegrityError, match=r"damaged/valid/valid-00000.tar: \d+\+ bytes, .* \(replaced\)"):
+        list(make_loader(config, rank=0, world_size=1, cursor=Cursor(0)))

@@ -31,8 +31,10 @@ def fetch_shard(root: str, record: ShardRecord, verify: Verify, retry: RetryPoli
     fs, path = filesystem(url, storage_options)
 
     def read() -> bytes:
+        # A ranged read of the manifest's size plus one byte: no HEAD request first (s3fs would send one to learn
+        # the size), and a shard that grew is still noticed, by the extra byte.
         try:
-            return fs.cat_file(path)
+            return fs.cat_file(path, start=0, end=record.num_bytes + 1)
         except FileNotFoundError as err:
             raise ShardMissingError(f"shard {url}: listed in the manifest but not found in the store") from err
 
@@ -41,7 +43,8 @@ def fetch_shard(root: str, record: ShardRecord, verify: Verify, retry: RetryPoli
         data = with_retries(f"shard {url}", read, retry)
         problem = None
         if len(data) != record.num_bytes:
-            problem = f"{len(data)} bytes, manifest says {record.num_bytes} (truncated or replaced)"
+            problem = (f"{len(data)}{'+' if len(data) > record.num_bytes else ''} bytes, manifest says "
+                       f"{record.num_bytes} ({'truncated' if len(data) < record.num_bytes else 'replaced'})")
         elif verify == "sha256":
             digest = hashlib.sha256(data).hexdigest()
             if digest != record.sha256:
