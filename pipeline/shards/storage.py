@@ -22,13 +22,14 @@ import fsspec
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Bounded timeouts so a dead connection fails instead of hanging for botocore's 60 s, and few silent retries
-# below us (botocore 2 attempts, s3fs 2 tries per call instead of 5 x 5): riding out an outage is the job of
-# RetryPolicy, which is visible (logged), configurable and the same for every store.
+# Bounded timeouts so a dead connection fails instead of hanging for botocore's 60 s, and no silent retries
+# below us: botocore's attempts times s3fs's two nested retry loops made how long an outage was ridden out
+# depend on timing inside three libraries. RetryPolicy is the one retry layer: logged, configurable, and the
+# same for every store.
 S3_DEFAULTS: dict[str, Any] = {
-    "config_kwargs": {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 2, "mode": "standard"}}
+    "config_kwargs": {"connect_timeout": 5, "read_timeout": 20, "retries": {"total_max_attempts": 1}}
 }
-S3FS_CALL_RETRIES = 2
+S3FS_CALL_RETRIES = 1
 
 _FILESYSTEMS: dict[tuple, fsspec.AbstractFileSystem] = {}
 
