@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="episodes per batch (default 8)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per configuration; best is reported (default 3)")
     parser.add_argument("--workers", default="0,1,2", help="DataLoader worker counts (default 0,1,2)")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"which of {list(DATASETS)} (default all)")
+    parser.add_argument("--stores", default="local,s3", help="local and/or s3 (default both)")
     parser.add_argument("--context", default="fork", choices=("fork", "spawn", "forkserver"),
                         help="how DataLoader workers start (default fork; spawn adds ~2 s of imports per worker)")
     args = parser.parse_args(argv)
@@ -98,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
         with tempfile.TemporaryDirectory() as tmp:
-            for dataset, folder in DATASETS.items():
+            for dataset in args.datasets.split(","):
+                folder = DATASETS[dataset]
                 roots = {"local": f"{tmp}/{dataset}", "s3": f"s3://bench/{dataset}"}
-                for store, root in roots.items():
+                for store in args.stores.split(","):
+                    root = roots[store]
                     prepare(PrepareConfig(dataset=dataset, source=str(SHARED_DATA / folder), out=root, splits=("train",),
                                           storage_options=storage_options if store == "s3" else {}, progress=False))
                     config = StreamConfig(root=root, episode_length=args.episode_length, batch_size=args.batch_size,
