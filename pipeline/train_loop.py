@@ -90,11 +90,13 @@ class Loop:
                       f"batch {self.cur.batch})", flush=True)
             self.log.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
         window = _Window(time.perf_counter(), self.cur.step)
+        self._loop_t0 = window.t  # wall time of the step loop of this process: benchmarks compare it
         per_epoch = self.stream.batches_per_epoch()
         last: dict[str, Any] = {}
         while self.cur.step < stop:
             for keys, x in self.stream.epoch(self.cur.epoch, self.cur.batch):
                 terms, grad_norm, ok = self._step(keys, x)
+                self._loop_s = time.perf_counter() - self._loop_t0  # excludes the eval/checkpoint after it
                 self.cur.step += 1
                 self.cur.batch += 1
                 epoch_end = self.cur.batch == per_epoch
@@ -160,7 +162,8 @@ class Loop:
         m.update({"train/lr": self.sched.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
                   "train/beta": kl_beta(self.cur.step, self.mcfg.objective),
                   "train/nonfinite_skipped": self.skipped, "perf/episodes_per_s": episodes_per_s,
-                  "perf/images_per_s": episodes_per_s * self.mcfg.episode_length, "epoch": self.cur.epoch})
+                  "perf/images_per_s": episodes_per_s * self.mcfg.episode_length, "epoch": self.cur.epoch,
+                  "perf/loop_s": self._loop_s, "perf/peak_rss_mb": peak_rss_mb()})
         self.log.log_metrics(m, step=self.cur.step)
         m.update({"step": self.cur.step, "max_steps": self.job.train.max_steps,
                   "valid_neg_elbo": self.last_valid})
@@ -223,6 +226,12 @@ class Loop:
 class _Window:
     t: float
     step: int
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def hash_seed(*parts: int) -> int:

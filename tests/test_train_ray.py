@@ -132,13 +132,20 @@ def test_killed_worker_restores_from_last_complete_checkpoint(ray_cluster, mlflo
               f"checkpoint.storage_path={tmp_path}", "checkpoint.max_failures=1", f"tracking.uri={mlflow_uri}",
               "tracking.experiment=t-kill", "tracking.registered_model=")
     result = {}
-    thread = threading.Thread(target=lambda: result.update(out=trainer.run(cfg)), daemon=True)
+
+    def target():
+        try:
+            result["out"] = trainer.run(cfg)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
     thread.start()
     _wait_for(lambda: checkpointing.latest_complete(tmp_path / "kill"), 120, "the first checkpoint")
     pids = _wait_for(_worker_pids, 10, "training worker processes")
     os.kill(pids[-1], signal.SIGKILL)
     thread.join(timeout=300)
-    assert not thread.is_alive() and "out" in result
+    assert not thread.is_alive() and "out" in result, repr(result.get("error"))
     out = result["out"]
     assert out.finished and out.step == 150
 
@@ -193,3 +200,44 @@ def test_stopped_job_rerun_with_the_same_command_resumes(ray_cluster, mlflow_uri
     resumed = client.get_metric_history(run.info.run_id, "resume/from_step")
     assert [m.value for m in resumed] and resumed[-1].value >= stopped_at > 0
     assert_monotone(client, run.info.run_id, "train/loss")
+
+
+# -- bad input: a clear error before training starts --------------------------------------------------------------
+def test_bad_storage_data_and_tracking_fail_before_training(s3_env, mnist_shards, tmp_path):
+    from pipeline.tracking import TrackingError
+    from tests.fixtures.mlflow_server import free_port
+    dead = f"http://127.0.0.1:{free_port()}"
+    cases = [
+        (["checkpoint.storage_path=s3://kpp-nowhere/ray", f"checkpoint.s3_endpoint_url={dead}"],
+         config.ConfigError, "checkpoint.storage_path: s3://kpp-nowhere is unreachable"),
+        (["checkpoint.storage_path=s3://kpp-no-such-bucket/ray", f"checkpoint.s3_endpoint_url={s3_env.endpoint_url}"],
+         config.ConfigError, "checkpoint.storage_path: bucket s3://kpp-no-such-bucket does not exist"),
+        ([f"data.shards={tmp_path}/not-prepared"], config.ConfigError, "data.shards: no usable prepared dataset"),
+        ([f"data.shards={mnist_shards}", "model.episode_length=8"], config.ConfigError, "model.episode_length: 8"),
+        ([f"tracking.uri={dead}"], TrackingError, "tracking.uri: MLflow server at .* is unreachable"),
+    ]
+    for overrides, error, message in cases:
+        cfg = job("name=bad", f"checkpoint.storage_path={tmp_path}/ray", *overrides)
+        t0 = time.monotonic()
+        with pytest.raises(error, match=message):
+            trainer.run(cfg)
+        assert time.monotonic() - t0 < 60, overrides
+
+
+def test_more_gpus_than_the_cluster_has(ray_cluster, mlflow_uri, tmp_path):
+    cfg = job("name=gpus", "data.dataset=digits", "scaling.use_gpu=true", f"checkpoint.storage_path={tmp_path}",
+              f"tracking.uri={mlflow_uri}", "tracking.experiment=t-gpus")
+    with pytest.raises(config.ConfigError, match="scaling.num_workers: 2 workers with scaling.use_gpu=true need 2 GPUs, "
+                                                 "the cluster has 0"):
+        trainer.run(cfg)
+    assert runs_of(mlflow_uri, "t-gpus", "gpus") == []  # nothing was started, not even the MLflow run
+
+
+def test_cli_rejects_bad_input_without_starting_ray(tmp_path):
+    for args, field in [(["train.lr=0"], "train.lr"), ([f"data.shards={tmp_path}/none"], "data.shards")]:
+        p = subprocess.run([sys.executable, "-m", "jobs.train", *args, f"checkpoint.storage_path={tmp_path}/ray",
+                            "tracking.enabled=false"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+        assert p.returncode == 2 and f"jobs.train: invalid config: {field}" in p.stderr or \
+            (p.returncode == 2 and f"jobs.train: {field}" in p.stderr), p.stderr[-2000:]
+        assert "Started a local Ray instance" not in p.stderr + p.stdout

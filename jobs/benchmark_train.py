@@ -1,0 +1,145 @@
+"""Benchmark (not a test): this Ray Train job against a plain torchrun DDP loop doing identical work.
+
+    python -m jobs.benchmark_train [--steps 200] [--out outputs/benchmarks/train.json]
+
+Both sides: the same model, data (binarized MNIST held in memory, the same per-rank batches), optimiser,
+2 processes with gloo and 1 intra-op thread each, N steps. The Ray side is `pipeline.trainer.run` with tracking
+off and one checkpoint at the end; the baseline is `plain_worker` below under torchrun, no checkpoints.
+Reported as JSON: the step-loop wall time of each and their ratio (goal <= 1.05), the fixed start-up + tear-down
+seconds (end-to-end wall minus loop), episodes/s per worker and peak RSS per worker (rank 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "binarized_mnist"
+MODEL = {"episode_length": 8, "encoder": {"width": 16, "groups": 4, "embedding_dim": 64},
+         "memory": {"channels": 8, "height": 16, "width": 16}, "keys": {"num_reads": 2}, "read": {"window": 8},
+         "latent": {"dim": 16, "prior_width": 32}, "decoder": {"width": 16, "groups": 4}}
+
+
+def job_overrides(steps: int, storage: str, source: str) -> list[str]:
+    return [f"model={json.dumps(MODEL)}", "name=bench", "data.dataset=binarized_mnist", f"data.source={source}",
+            "data.batch_episodes=8", "data.valid_episodes=2", "data.test_episodes=2", "eval.iwae_samples=1",
+            f"train.max_steps={steps}", "train.warmup_steps=10", "train.log_every=50",
+            f"checkpoint.every_steps={steps}", f"checkpoint.storage_path={storage}", "tracking.enabled=false",
+            "scaling.num_workers=2", "scaling.cpus_per_worker=0.49"]
+
+
+def plain_worker(args) -> None:
+    """The torchrun baseline: nothing but DDP steps over the same batches."""
+    import torch
+    import torch.distributed as dist
+
+    from kpp.model import KanervaPlusPlus
+    from kpp.objective import kl_beta
+    from pipeline import config, optim
+    from pipeline.train_data import load_data
+    from pipeline.train_loop import hash_seed, peak_rss_mb
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = config.load(None, job_overrides(args.steps, "/tmp", args.source))
+    mcfg = config.model_config(cfg)
+    stream = load_data(cfg.data.dataset, cfg.data.source, mcfg.episode_length, cfg.data.batch_episodes, 2, 2,
+                       cfg.seed, rank, world)[0]
+    torch.manual_seed(cfg.seed)
+    model = torch.nn.parallel.DistributedDataParallel(KanervaPlusPlus(mcfg))
+    opt, sched = optim.build(model.parameters(), cfg.train)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for step, (_, x) in enumerate(stream.epoch(0)):
+        if step == args.steps:
+            break
+        torch.manual_seed(hash_seed(cfg.seed, rank, step))
+        out = model(x, beta=kl_beta(step, mcfg.objective))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+    loop_s = time.perf_counter() - t0
+    dist.barrier()  # gloo: destroying the group right after the last collective can abort a rank
+    if rank == 0:
+        pathlib.Path(args.result).write_text(json.dumps({"loop_s": loop_s, "peak_rss_mb": peak_rss_mb(),
+                                                         "loss": out["loss"].item()}))
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(steps: int, source: str) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        result = pathlib.Path(d) / "r.json"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                        f"--master_port={free_port()}", "-m", "jobs.benchmark_train", "--worker", "--steps",
+                        str(steps), "--source", source, "--result", str(result)],
+                       cwd=REPO, check=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        wall = time.perf_counter() - t0
+        r = json.loads(result.read_text())
+    return {"wall_s": wall, "loop_s": r["loop_s"], "fixed_s": wall - r["loop_s"], "peak_rss_mb_rank0": r["peak_rss_mb"],
+            "final_loss": r["loss"]}
+
+
+def run_ray(steps: int, source: str) -> dict:
+    code = ("import json,sys,time; t0=time.perf_counter(); from pipeline import config, trainer; "
+            "out=trainer.run(config.load(None, json.loads(sys.argv[1]))); "
+            "print('RESULT', json.dumps({'wall_s': time.perf_counter()-t0, **out.metrics}))")
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", code, json.dumps(job_overrides(steps, d, source))], cwd=REPO,
+                           capture_output=True, text=True, timeout=900,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""})
+        wall = time.perf_counter() - t0  # includes the interpreter and imports, as torchrun's does
+    if p.returncode != 0:
+        raise SystemExit(p.stderr[-4000:])
+    m = json.loads(p.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    return {"wall_s": wall, "loop_s": m["perf/loop_s"], "fixed_s": wall - m["perf/loop_s"],
+            "peak_rss_mb_rank0": m["perf/peak_rss_mb"], "final_loss": m["train/loss"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=200, help="optimiser steps of each run")
+    ap.add_argument("--source", default=str(SHARED), help="binarized MNIST directory")
+    ap.add_argument("--out", default="outputs/benchmarks/train.json", help="where the JSON goes")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        plain_worker(args)
+        return {}
+    torchrun = run_torchrun(args.steps, args.source)
+    ray = run_ray(args.steps, args.source)
+    episodes = args.steps * 8  # per worker
+    report = {
+        "steps": args.steps, "workers": 2, "episodes_per_step_per_worker": 8, "model": MODEL,
+        "torchrun": {**torchrun, "episodes_per_s_per_worker": episodes / torchrun["loop_s"]},
+        "ray_train": {**ray, "episodes_per_s_per_worker": episodes / ray["loop_s"]},
+        "loop_time_ratio_ray_over_torchrun": ray["loop_s"] / torchrun["loop_s"],
+        "goal_loop_time_ratio": 1.05,
+        "fixed_overhead_s": {"ray_train": ray["fixed_s"], "torchrun": torchrun["fixed_s"]},
+    }
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
