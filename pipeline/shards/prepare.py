@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import json
 import platform
+import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -113,7 +114,7 @@ def write_shard(task: ShardTask) -> tuple[ShardRecord, bool]:
                 return True
             if hashlib.sha256(fs.cat_file(path)).hexdigest() == digest:
                 return True
-        temporary = f"{path}.partial-{digest[:16]}"
+        temporary = f"{path}.partial-{uuid.uuid4().hex}"  # unique: two runs must never share a half-written file
         fs.pipe_file(temporary, data)
         fs.mv(temporary, path)
         return False
