@@ -32,7 +32,8 @@ def read_epoch_main() -> None:
     for batch in loader:
         keys.append(batch.keys.numpy())
         indices.append(batch.index)
-    np.savez(args["out"], keys=np.stack(keys), indices=np.array(indices), length=len(loader))
+    np.savez(args["out"], keys=np.stack(keys), indices=np.array(indices), length=len(loader),
+             string_hash=hash("kanerva"))  # shows which hash seed this process really ran with
 
 
 def run_ranks(jobs: list[dict], env_extra: dict[str, str]) -> list[dict]:
@@ -73,6 +74,7 @@ def test_two_ranks_two_workers_read_every_image_once(s3, s3_dataset, tmp_path):
     jobs = [{**common, "rank": 0, "context": "fork", "hash_seed": 1, "out": str(tmp_path / "r0.npz")},
             {**common, "rank": 1, "context": "spawn", "hash_seed": 987654, "out": str(tmp_path / "r1.npz")}]
     ranks = run_ranks(jobs, s3.env)
+    assert int(ranks[0]["string_hash"]) != int(ranks[1]["string_hash"])  # the ranks really hash differently
     counts = [len(r["indices"]) for r in ranks]
     assert counts[0] == counts[1] == int(ranks[0]["length"]) == int(ranks[1]["length"]) == 196
     assert all(r["indices"].tolist() == list(range(196)) for r in ranks)
