@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import platform
 import uuid
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +29,7 @@ import numpy as np
 
 from pipeline.episodes import fixed_episodes
 from pipeline.shards.format import ShardArrays, encode_shard
-from pipeline.shards.manifest import ManifestError, ShardRecord, read_card, read_manifest, write_card, write_manifest
+from pipeline.shards.manifest import ManifestError, ShardRecord, read_manifest, write_card, write_manifest
 from pipeline.shards.progress import Progress
 from pipeline.shards.source_checksums import source_checksums
 from pipeline.shards.storage import filesystem, join, unstrip_protocol, with_retries
@@ -220,6 +219,3 @@ def prepare(config: PrepareConfig) -> PrepareReport:
     skipped = sum(skip for _, skip in results)
     return PrepareReport(records, written=len(results) - skipped, skipped=skipped)
 
-
-def card_summary(out: str, storage_options: dict | None = None) -> str:
-    return json.dumps(read_card(out, storage_options)["splits"])

@@ -79,11 +79,10 @@ def unstrip_protocol(url: str, path: str) -> str:
     return path if protocol == "file" else f"{protocol}://{path}"
 
 
-class NotTransient(Exception):
-    """Wraps an error that retrying cannot fix, so the retry loop re-raises it at once."""
-
-
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Retrying cannot fix these: a missing or forbidden object, or a programming error (raised at once, not after
+# a quarter minute of backoff).
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TypeError, AttributeError,
+             NotImplementedError)
 
 
 @dataclass(frozen=True)
@@ -96,16 +95,14 @@ class RetryPolicy:
 def with_retries(what: str, action: Callable[[], T], policy: RetryPolicy = RetryPolicy()) -> T:
     """action() retried on transient errors with exponential backoff; permanent ones are raised at once.
 
-    Transient is everything except a missing object, a permission error, or an error the action raises
-    wrapped in NotTransient: the object stores' connection, timeout and 5xx errors come from several client
-    libraries (aiohttp, botocore, OSError) and none of them is worth failing an epoch for at the first try.
+    Transient is everything except a missing object or a permission error: the object stores' connection,
+    timeout and 5xx errors come from several client libraries (aiohttp, botocore, OSError) and none of them is
+    worth failing an epoch for at the first try.
     """
     max_attempts = policy.max_attempts
     for attempt in range(1, max_attempts + 1):
         try:
             return action()
-        except NotTransient as err:
-            raise err.__cause__ or err
         except PERMANENT:
             raise
         except Exception as err:  # noqa: BLE001 - see docstring: transient errors come in many types
