@@ -3,7 +3,8 @@ with 0, 1 and 2 DataLoader workers; writes JSON.
 
     python -m jobs.benchmark_data --out outputs/benchmark_data.json
 
-Real data: binarized MNIST (bit-packed shards) and MNIST (8-bit) from ../shared/data, prepared into a temporary
+Real data: binarized MNIST (bit-packed shards) and MNIST (8-bit; plain and with gzipped blocks, prepare --compress)
+from ../shared/data, prepared into a temporary
 directory and onto a moto S3 server started here as its own process on 127.0.0.1 (a free port). Per
 configuration it reports the whole epoch including worker start-up (epoch_images_per_s) and the steady rate
 after the first batch (steady_images_per_s); MB/s counts shard bytes fetched from the store (each worker
@@ -26,7 +27,9 @@ from pipeline.shards.prepare import PrepareConfig, prepare
 from pipeline.shards.reader import Cursor, StreamConfig, make_loader
 
 SHARED_DATA = pathlib.Path(os.environ.get("KPP_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
-DATASETS = {"binarized_mnist": "binarized_mnist", "mnist": "mnist"}
+# name -> (dataset, source folder, gzip the image blocks)
+DATASETS = {"binarized_mnist": ("binarized_mnist", "binarized_mnist", False), "mnist": ("mnist", "mnist", False),
+            "mnist_gzip": ("mnist", "mnist", True)}
 
 
 def free_port() -> int:
@@ -100,19 +103,20 @@ def main(argv: list[str] | None = None) -> int:
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
         with tempfile.TemporaryDirectory() as tmp:
-            for dataset in args.datasets.split(","):
-                folder = DATASETS[dataset]
-                roots = {"local": f"{tmp}/{dataset}", "s3": f"s3://bench/{dataset}"}
+            for name in args.datasets.split(","):
+                dataset, folder, compress = DATASETS[name]
+                roots = {"local": f"{tmp}/{name}", "s3": f"s3://bench/{name}"}
                 for store in args.stores.split(","):
                     root = roots[store]
                     prepare(PrepareConfig(dataset=dataset, source=str(SHARED_DATA / folder), out=root, splits=("train",),
-                                          storage_options=storage_options if store == "s3" else {}, progress=False))
+                                          compress=compress, progress=False,
+                                          storage_options=storage_options if store == "s3" else {}))
                     config = StreamConfig(root=root, episode_length=args.episode_length, batch_size=args.batch_size,
                                           storage_options=storage_options if store == "s3" else {})
                     for workers in (int(w) for w in args.workers.split(",")):
-                        run = {"dataset": dataset, "store": store, **measure(config, workers, args.epochs, args.context)}
+                        run = {"dataset": name, "store": store, **measure(config, workers, args.epochs, args.context)}
                         report["runs"].append(run)
-                        print(f"{dataset:16s} {store:5s} workers={workers}: {run['best_epoch_images_per_s']:>9,} images/s "
+                        print(f"{name:16s} {store:5s} workers={workers}: {run['best_epoch_images_per_s']:>9,} images/s "
                               f"(steady {run['best_steady_images_per_s']:,}), {run['best_epoch_MB_per_s']} MB/s",
                               file=sys.stderr)
     finally:

@@ -30,6 +30,34 @@ def test_round_trip(binary, channels, labels):
         np.testing.assert_array_equal(decoded.labels, original.labels)
 
 
+@pytest.mark.parametrize("bit_depth", [1, 8])
+def test_compressed_shards_round_trip_and_stock_webdataset_decodes_them(tmp_path, bit_depth):
+    # Mostly background, like real digits (random noise everywhere would not compress).
+    original = arrays(n=300, binary=bit_depth == 1)
+    original.images[:, :, 6:] = 0
+    plain = encode_shard("train", 0, original, 100, bit_depth)
+    packed = encode_shard("train", 0, original, 100, bit_depth, compress=True)
+    # (binary: the uncompressed int64 keys and labels are most of what is left)
+    assert len(packed) < len(plain) * (0.5 if bit_depth == 8 else 0.8)
+    assert packed == encode_shard("train", 0, original, 100, bit_depth, compress=True)
+    decoded = decode_shard(packed, "train-00000.tar", original.images.shape[1:])
+    np.testing.assert_array_equal(decoded.images, original.images)
+    if bit_depth == 8:
+        path = tmp_path / "train-00000.tar"
+        path.write_bytes(packed)
+        samples = list(wds.WebDataset(str(path), shardshuffle=False).decode())
+        assert "images.npy.gz" in samples[0]
+        np.testing.assert_array_equal(np.concatenate([s["images.npy.gz"] for s in samples]), original.images)
+
+
+def test_corrupt_gzip_member_is_named():
+    data = bytearray(encode_shard("train", 0, arrays(n=100), 100, 8, compress=True))
+    start = data.index(b"\x1f\x8b")
+    data[start + 40 : start + 60] = bytes(20)  # inside the deflate stream; tar headers stay intact
+    with pytest.raises(ShardFormatError, match=r"train-00000.tar:train_00000_0000.images.npy.gz: corrupt gzip"):
+        decode_shard(bytes(data), "train-00000.tar", (1, 28, 28))
+
+
 def test_binary_images_are_packed_eightfold():
     binary = arrays(n=1000, binary=True, labels=False)
     packed = len(encode_shard("t", 0, binary, 500, bit_depth=1))

@@ -12,14 +12,18 @@ Each block is a WebDataset sample keyed "<split>_<shard:05d>_<block:04d>" with m
                                                              unpack with np.unpackbits(a, axis=-1, count=W)
     keys.npy         int64 [n]   the images' indices in the split (the sample keys the reader reports)
     labels.npy       int64 [n]   only when the dataset has labels
+With prepare's compress option the image member is gzipped (images.npy.gz / images.bits.npy.gz): about 4x fewer
+bytes for 8-bit MNIST-like data, for ~200k images/s of decompression per process; worth it on a slow store.
 Any WebDataset reader can open these tars (`wds.WebDataset(url).decode()` yields the arrays per block).
 Tar headers are fixed (mtime 0, uid 0, mode 0444) so the same content always gives the same bytes and sha256;
 that is what lets a re-run of prepare recognise a shard it already wrote.
 """
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,21 +58,38 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def encode_shard(split: str, shard_index: int, arrays: ShardArrays, block_size: int, bit_depth: int) -> bytes:
-    """The tar bytes of one shard, deterministic for given content; binary images are bit-packed."""
+def _gzip(data: bytes) -> bytes:
+    # Level 1: most of the size gain of level 6 on image data at twice the speed; mtime 0 keeps bytes reproducible.
+    return gzip.compress(data, compresslevel=1, mtime=0)
+
+
+def encode_shard(split: str, shard_index: int, arrays: ShardArrays, block_size: int, bit_depth: int,
+                 compress: bool = False) -> bytes:
+    """The tar bytes of one shard, deterministic for given content; binary images are bit-packed, and with
+    `compress` the image members are gzipped ("images.npy.gz", which stock WebDataset also decodes)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for block_index, start in enumerate(range(0, arrays.images.shape[0], block_size)):
             key = block_key(split, shard_index, block_index)
             rows = slice(start, start + block_size)
             if bit_depth == 1:
-                _add_member(tar, f"{key}.images.bits.npy", _npy_bytes(np.packbits(arrays.images[rows], axis=-1)))
+                name, payload = "images.bits.npy", _npy_bytes(np.packbits(arrays.images[rows], axis=-1))
             else:
-                _add_member(tar, f"{key}.images.npy", _npy_bytes(arrays.images[rows]))
+                name, payload = "images.npy", _npy_bytes(arrays.images[rows])
+            if compress:
+                name, payload = name + ".gz", _gzip(payload)
+            _add_member(tar, f"{key}.{name}", payload)
             _add_member(tar, f"{key}.keys.npy", _npy_bytes(arrays.keys[rows].astype(np.int64)))
             if arrays.labels is not None:
                 _add_member(tar, f"{key}.labels.npy", _npy_bytes(arrays.labels[rows].astype(np.int64)))
     return buffer.getvalue()
+
+
+def _gunzip(view: memoryview, where: str) -> bytes:
+    try:
+        return zlib.decompress(view, wbits=31)  # 31: gzip container
+    except zlib.error as err:
+        raise ShardFormatError(f"{where}: corrupt gzip member ({err})") from err
 
 
 def decode_shard(data: bytes, name: str, image_shape: tuple[int, int, int]) -> ShardArrays:
@@ -77,6 +98,8 @@ def decode_shard(data: bytes, name: str, image_shape: tuple[int, int, int]) -> S
     try:
         for member, view in tar_members(data, name):
             base, _, ext = member.partition(".")
+            if ext.endswith(".gz"):
+                ext, view = ext[: -len(".gz")], memoryview(_gunzip(view, f"{name}:{member}"))
             blocks.setdefault(base, {})[ext] = npy_from_view(view, f"{name}:{member}")
     except TarIndexError as err:
         raise ShardFormatError(str(err)) from err

@@ -49,6 +49,7 @@ class PrepareConfig:
     episode_length: int = 32       # T of the fixed evaluation episodes stored in the valid/test order
     seed: int = 0                  # storage order and fixed evaluation episodes
     workers: int = 1               # processes writing shards; 1 writes in this process
+    compress: bool = False         # gzip the image members (see pipeline.shards.format)
     splits: tuple[str, ...] = SPLITS
     source_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"resize": 28} for omniglot
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
@@ -78,6 +79,7 @@ class ShardTask:
     arrays: ShardArrays
     block_size: int
     bit_depth: int
+    compress: bool
     known: ShardRecord | None  # this shard's row in a previous manifest, if any
     storage_options: dict[str, Any]
 
@@ -97,7 +99,7 @@ def shard_path(split: str, shard_index: int) -> str:
 
 def write_shard(task: ShardTask) -> tuple[ShardRecord, bool]:
     """Writes one shard unless an identical one is already committed; returns its record and whether skipped."""
-    data = encode_shard(task.split, task.shard_index, task.arrays, task.block_size, task.bit_depth)
+    data = encode_shard(task.split, task.shard_index, task.arrays, task.block_size, task.bit_depth, task.compress)
     digest = hashlib.sha256(data).hexdigest()
     fs, root = filesystem(task.out, task.storage_options)
     relative = shard_path(task.split, task.shard_index)
@@ -148,7 +150,8 @@ def _card(config: PrepareConfig, sets: dict[str, ImageSet], records: list[ShardR
     }.get(config.dataset, "none: 8-bit grey levels" if first.bit_depth == 8 else "as stored in the source (0/1)")
     return {
         "format_version": FORMAT_VERSION,
-        "packing": "bit-packed along W (images.bits.npy)" if first.bit_depth == 1 else "uint8 (images.npy)",
+        "packing": ("bit-packed along W (images.bits.npy)" if first.bit_depth == 1 else "uint8 (images.npy)")
+                   + (", gzipped (.gz)" if config.compress else ""),
         "dataset": config.dataset,
         "source": config.source,
         "source_checksums": source_checksums(config.dataset, config.source, config.storage_options),
@@ -200,7 +203,7 @@ def prepare(config: PrepareConfig) -> PrepareReport:
             arrays = ShardArrays(image_set.images[rows], rows.astype(np.int64),
                                  None if image_set.labels is None else image_set.labels[rows])
             tasks.append(ShardTask(config.out, split, shard_index, arrays, config.block_size, image_set.bit_depth,
-                                   known.get((split, shard_index)), config.storage_options))
+                                   config.compress, known.get((split, shard_index)), config.storage_options))
 
     progress = Progress(f"prepare {config.dataset} -> {config.out}", len(tasks), config.progress)
     results = []
