@@ -97,10 +97,13 @@ def file_hash(url: str) -> str:
 
 
 def open_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], tags: dict[str, str],
-                 config_yaml: str) -> tuple[str, bool]:
+                 config_yaml: str, fresh: bool = False) -> tuple[str, bool]:
     """The one run of this job: (run_id, resumed). Params are logged once; a re-run that changes a param (e.g. a
     larger train.max_steps to extend a job) keeps the first value and records the change as a tag, since MLflow
-    refuses to change a logged param (#20473)."""
+    refuses to change a logged param (#20473).
+    fresh=True (the job has no checkpoint, so training starts at step 0): an existing run of the same job name is
+    retired (its job tag moved to `kpp.job.retired`) and a new run is created; continuing it would mix two
+    trainings on one step axis."""
     check_reachable(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -108,6 +111,13 @@ def open_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], ta
     found = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=2)
     if len(found) > 1:
         raise TrackingError(f"name: {len(found)} MLflow runs carry {JOB_TAG}={job!r} in {experiment!r}")
+    if found and fresh:
+        old = found[0].info.run_id
+        client.set_tag(old, f"{JOB_TAG}.retired", job)
+        client.delete_tag(old, JOB_TAG)
+        if found[0].info.status == "RUNNING":
+            client.set_terminated(old, "KILLED")
+        found = []
     if found:
         run = found[0]
         run_id, logged = run.info.run_id, run.data.params

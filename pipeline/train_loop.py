@@ -81,6 +81,7 @@ class Loop:
     # -- the whole job ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         resumed_from = self._restore()
+        self._resumed_from = -1 if resumed_from is None else resumed_from
         stop = self.job.train.halt_at_step or self.job.train.max_steps
         if resumed_from is None and self.rank0:
             self.last_valid = self._validate()  # step-0 baseline: the bound the run must lower
@@ -166,6 +167,7 @@ class Loop:
                   "perf/loop_s": self._loop_s, "perf/peak_rss_mb": peak_rss_mb()})
         self.log.log_metrics(m, step=self.cur.step)
         m.update({"step": self.cur.step, "max_steps": self.job.train.max_steps,
+                  "resumed_from_step": self._resumed_from,  # -1: this worker group started fresh
                   "valid_neg_elbo": self.last_valid})
         return m
 

@@ -9,6 +9,7 @@ the run's latest checkpoint, which each worker reads through ray.train.get_check
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import tempfile
@@ -90,6 +91,15 @@ def preflight(cfg: JobConfig) -> None:
                               f"(jobs.prepare --episode-length)")
 
 
+def has_checkpoint(cfg: JobConfig) -> bool:
+    """Whether the job's storage folder holds any checkpoint folder (complete or not), i.e. a re-run resumes."""
+    import pyarrow.fs
+    path, fs = storage(cfg)
+    fs = fs or pyarrow.fs.LocalFileSystem()
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{cfg.name}", allow_not_found=True))
+    return any(i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)
+
+
 # -- the cluster -----------------------------------------------------------------------------------------------
 # Environment of the job's Ray processes. The Train controller drains each worker's one-slot report queue once per
 # health-check interval (2 s by default), so at the default every ray.train.report after the first blocks the
@@ -149,19 +159,28 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any]):
 
 
 # -- the job ---------------------------------------------------------------------------------------------------
+def absolute_paths(cfg: JobConfig) -> JobConfig:
+    """Local paths made absolute: Ray workers run in another working directory than the driver."""
+    def fix(p: str) -> str:
+        return p if not p or "://" in p else str(pathlib.Path(p).expanduser().resolve())
+    data = dataclasses.replace(cfg.data, shards=fix(cfg.data.shards), source=fix(cfg.data.source))
+    ck = dataclasses.replace(cfg.checkpoint, storage_path=fix(cfg.checkpoint.storage_path))
+    return dataclasses.replace(cfg, data=data, checkpoint=ck)
+
+
 def run(cfg: JobConfig) -> Outcome:
-    cfg.validate()
+    cfg = absolute_paths(cfg.validate())
     preflight(cfg)
     uri = tracking.resolve_uri(cfg.tracking.uri) if cfg.tracking.enabled else ""
     if uri:
         tracking.check_reachable(uri)
     connect(cfg)
     check_resources(cfg)
-    run_id, resumed = "", False
+    run_id = ""
     if cfg.tracking.enabled:
         tags = tracking.run_tags(cfg.hash(), cfg.data.shards.rstrip("/") + "/manifest.parquet" if cfg.data.shards else "")
-        run_id, resumed = tracking.open_job_run(uri, cfg.tracking.experiment, cfg.name, cfg.flat(), tags,
-                                                tracking.config_yaml(cfg.to_dict()))
+        run_id, _ = tracking.open_job_run(uri, cfg.tracking.experiment, cfg.name, cfg.flat(), tags,
+                                          tracking.config_yaml(cfg.to_dict()), fresh=not has_checkpoint(cfg))
     ok = False
     try:
         path, fs = storage(cfg)
@@ -172,8 +191,8 @@ def run(cfg: JobConfig) -> Outcome:
         if result.error is not None:
             raise result.error
         metrics = dict(result.metrics or {})
-        out = Outcome(run_id=run_id, resumed=resumed, step=int(metrics.get("step", 0)),
-                      finished="test/neg_elbo" in metrics, metrics=metrics,
+        out = Outcome(run_id=run_id, resumed=metrics.get("resumed_from_step", -1) >= 0,
+                      step=int(metrics.get("step", 0)), finished="test/neg_elbo" in metrics, metrics=metrics,
                       checkpoint=result.checkpoint.path if result.checkpoint else "")
         if out.finished and cfg.tracking.enabled:
             out.grid = _download_grid(uri, run_id)

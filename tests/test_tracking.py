@@ -38,6 +38,19 @@ def test_one_run_per_job_across_reopen(mlflow_uri):
     assert run.data.tags[tracking.JOB_TAG] == "job-a" and run.info.status == "RUNNING"
 
 
+def test_a_job_without_checkpoints_gets_a_fresh_run(mlflow_uri):
+    old, _ = _open(mlflow_uri, "job-wiped", {"train.lr": 0.1})
+    # the job's storage was wiped: training restarts at step 0, so it must not continue the old step axis
+    new, resumed = tracking.open_job_run(mlflow_uri, "t-open", "job-wiped", {"train.lr": 0.2}, {}, "", fresh=True)
+    assert new != old and not resumed
+    client = MlflowClient(mlflow_uri)
+    retired = client.get_run(old)
+    assert tracking.JOB_TAG not in retired.data.tags and retired.data.tags[f"{tracking.JOB_TAG}.retired"] == "job-wiped"
+    assert retired.info.status == "KILLED"
+    again, resumed = _open(mlflow_uri, "job-wiped", {"train.lr": 0.2})
+    assert again == new and resumed
+
+
 def test_replayed_steps_are_dropped_per_metric(mlflow_uri):
     run_id, _ = _open(mlflow_uri, "job-replay", {})
     first = tracking.RankZeroLogger(mlflow_uri, run_id, active=True)
