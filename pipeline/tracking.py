@@ -172,6 +172,16 @@ class RankZeroLogger:
             self._floor[key] = max((m.step for m in history), default=-1)
         return self._floor[key]
 
+    def log_curves(self, keys: list[str], artifact_file: str = "curves/loss.png") -> None:
+        """Plot these metrics' full history in this run (all restarts included) and log the PNG."""
+        if not self.active:
+            return
+        from pipeline.curves import plot_curves
+        histories = {k: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)] for k in keys}
+        with tempfile.TemporaryDirectory() as d:
+            path = plot_curves(histories, pathlib.Path(d) / pathlib.Path(artifact_file).name)
+            self.client.log_artifact(self.run_id, str(path), str(pathlib.Path(artifact_file).parent))
+
     def log_artifact(self, local_path: str | pathlib.Path, artifact_path: str | None = None) -> None:
         if self.active:
             self.client.log_artifact(self.run_id, str(local_path), artifact_path)

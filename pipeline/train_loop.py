@@ -186,6 +186,8 @@ class Loop:
         self.log.log_metrics(out, step=self.cur.step)
         self.log.set_tags({"test.unit": r["unit"]})
         self._log_grid(final=True)
+        self.log.log_curves(["train/loss", "train/recon", "train/kl_z", "train/kl_y", "valid/neg_elbo",
+                             "valid/swap_gap", "train/lr"])
         return out
 
     def _log_grid(self, final: bool = False) -> None:

@@ -89,3 +89,13 @@ def test_help_documents_every_field():
     from kpp.config import KanervaConfig
     for path, _ in _leaf_paths(KanervaConfig, "model."):
         assert path in lines, path
+
+
+def test_cli_help_lists_every_field(capsys):
+    from jobs.train import parse
+    with pytest.raises(SystemExit) as e:
+        parse(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for path, _ in _leaf_paths(C.JobConfig):
+        assert f"  {path} (" in out, path

@@ -97,12 +97,26 @@ def test_short_run_learns_checkpoints_on_s3_and_registers(ray_cluster, mlflow_ur
     assert tags["config.hash"] == cfg.hash() and len(tags["git.commit"]) == 40
     assert tags["data.manifest_hash"] != "none" and tags["version.torch"] == torch.__version__
     assert run.data.params["train.max_steps"] == "30"
-    arts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")} | \
-           {a.path for a in client.list_artifacts(run.info.run_id, "config")}
-    assert {"samples/final.png", "config/resolved.yaml"} <= arts
+    arts = {a.path for folder in ("samples", "config", "curves") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"samples/final.png", "config/resolved.yaml", "curves/loss.png"} <= arts
     assert pathlib.Path(out.grid).is_file()
     mv = client.get_model_version_by_alias("kpp-t", "candidate")
     assert mv.version == out.model_version and mv.run_id == run.info.run_id
+
+
+def _descends_from_me(pid):
+    """True when this test process is an ancestor of pid (Ray's raylet, and so its workers, are our children):
+    the machine may run other sessions' Ray workers, which must never be touched."""
+    me = os.getpid()
+    while pid > 1:
+        try:
+            stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state is the parent pid
+        if pid == me:
+            return True
+    return False
 
 
 def _worker_pids():
@@ -110,7 +124,7 @@ def _worker_pids():
     for p in pathlib.Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if b"RayTrainWorker" in (p / "cmdline").read_bytes():
+                if b"RayTrainWorker" in (p / "cmdline").read_bytes() and _descends_from_me(int(p.name)):
                     pids.append(int(p.name))
             except OSError:
                 pass
@@ -143,6 +157,7 @@ def test_killed_worker_restores_from_last_complete_checkpoint(ray_cluster, mlflo
     thread.start()
     _wait_for(lambda: checkpointing.latest_complete(tmp_path / "kill"), 120, "the first checkpoint")
     pids = _wait_for(_worker_pids, 10, "training worker processes")
+    assert len(pids) == 2, pids  # exactly this job's two workers
     os.kill(pids[-1], signal.SIGKILL)
     thread.join(timeout=300)
     assert not thread.is_alive() and "out" in result, repr(result.get("error"))
