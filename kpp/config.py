@@ -28,6 +28,10 @@ class EncoderConfig:
     groups: int = 8  # GroupNorm groups (the authors use GroupNorm, not BatchNorm)
     shift_fraction: float = 0.125  # fraction of channels shifted each way along the episode (TSM: 1/8)
     embedding_dim: int = 256  # F
+    # How the last feature map becomes one vector per image. "mean" is ResNet's global average pooling (the
+    # authors'); on 28x28 images "flatten" keeps where the strokes are and trained much faster here
+    # (deterministic autoencoder after 150 steps: 145 vs 200 nats/image).
+    pooling: Literal["flatten", "mean"] = "flatten"
 
 
 @dataclass(kw_only=True)
@@ -54,6 +58,10 @@ class KeyConfig:
     # Initial log-variance of q(y | X). Below 0 the first reads land near the writes (which sit at the key means),
     # so the memory can pay for its key KL before the keys collapse onto the prior (see docs/memory-experiments.md).
     init_logvar: float = 0.0
+    # Scales the initial weights of the key means. At the default init every image's key mean is ~0, so all images
+    # write to (and read from) the same place and each read returns a superposition of the whole episode; a larger
+    # gain spreads the first writes over the memory.
+    init_mean_gain: float = 1.0
 
 
 @dataclass(kw_only=True)
@@ -69,6 +77,9 @@ class LatentConfig:
 
     dim: int = 32  # d_z
     prior_width: int = 64  # channels of the conv net over the concatenated blocks
+    # The paper's prior is a function of the read blocks M_hat only. Feeding the keys in as well lets them act as
+    # extra latent variables that bypass the memory (measured: KL_y 19 nats, swap gap ~0), so it is off by default.
+    prior_sees_keys: bool = False
 
 
 @dataclass(kw_only=True)
@@ -136,6 +147,8 @@ class KanervaConfig:
         _check_positive(e, ["width", "blocks_per_stage", "groups", "embedding_dim"], "encoder")
         if e.width % e.groups:
             raise ConfigError("encoder.width", f"{e.width} is not divisible by encoder.groups={e.groups}")
+        if e.pooling not in ("flatten", "mean"):
+            raise ConfigError("encoder.pooling", f"must be 'flatten' or 'mean', got {e.pooling!r}")
         if not 0.0 <= e.shift_fraction <= 0.5:
             raise ConfigError("encoder.shift_fraction", f"must be in [0, 0.5], got {e.shift_fraction}")
         m = self.memory

@@ -6,6 +6,8 @@ shift runs along T only, with T segments (one segment, as in the authors' DKM co
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -47,8 +49,9 @@ class ShiftResBlock(nn.Module):
 class EpisodeEncoder(nn.Module):
     """[B, T, C, H, W] -> E [B, T, F]. Three stages (width, 2*width, 4*width), the last two downsampling by 2."""
 
-    def __init__(self, cfg: EncoderConfig, image_channels: int):
+    def __init__(self, cfg: EncoderConfig, image_channels: int, image_size: tuple[int, int]):
         super().__init__()
+        self.pooling = cfg.pooling
         w = cfg.width
         self.stem = nn.Conv2d(image_channels, w, 3, 1, 1, bias=False)
         blocks = []
@@ -60,12 +63,15 @@ class EpisodeEncoder(nn.Module):
                 in_ch = out_ch
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.GroupNorm(cfg.groups, in_ch)
-        self.head = nn.Sequential(nn.Linear(in_ch, cfg.embedding_dim), nn.ReLU(), nn.Linear(cfg.embedding_dim, cfg.embedding_dim))
+        h, w = (math.ceil(math.ceil(side / 2) / 2) for side in image_size)  # after the two stride-2 stages
+        features = in_ch * h * w if cfg.pooling == "flatten" else in_ch
+        self.head = nn.Sequential(nn.Linear(features, cfg.embedding_dim), nn.ReLU(), nn.Linear(cfg.embedding_dim, cfg.embedding_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t = x.shape[:2]
         h = self.stem(x.flatten(0, 1))
         for block in self.blocks:
             h = block(h, t)
-        h = F.relu(self.norm(h)).mean(dim=(2, 3))
+        h = F.relu(self.norm(h))
+        h = h.flatten(1) if self.pooling == "flatten" else h.mean(dim=(2, 3))
         return self.head(h).view(b, t, -1)

@@ -33,6 +33,19 @@ def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def batch_swap_gap(model: KanervaPlusPlus, x: torch.Tensor, seed: int = 0) -> float:
+    """The paired memory-swap gap on one batch of episodes (nats/image): cheap enough to log during training."""
+    if x.shape[0] < 2:
+        return float("nan")
+    enc = model.encode(x)
+    memory = model.write(enc)
+    noise = Noise.draw(model.cfg, x.shape[0], x.shape[1], generator=torch.Generator().manual_seed(seed), device=x.device)
+    own = model.terms(x, memory=memory, noise=noise, enc=enc)["total"]
+    swapped = model.terms(x, memory=memory.roll(-1, dims=0), noise=noise, enc=enc)["total"]
+    return (swapped - own).mean().item()
+
+
+@torch.no_grad()
 def evaluate(model: KanervaPlusPlus, episodes: torch.Tensor, *, iwae_samples: int = 16, seed: int = 0,
              batch_size: int = 16, leave_one_out: bool = True) -> dict[str, float]:
     """All bounds on fixed episodes [E, T, C, H, W] (floats in [0, 1]), averaged over images, in the data's unit.

@@ -60,7 +60,8 @@ class Noise:
 
 
 class LatentPrior(nn.Module):
-    """p(z | M_hat, y): the K read blocks concatenated on channels, a small conv net, and the keys themselves."""
+    """p(z | M_hat, y): the K read blocks concatenated on channels through a small conv net (y enters through where
+    the blocks were read; with latent.prior_sees_keys also as an input)."""
 
     def __init__(self, cfg: KanervaConfig):
         super().__init__()
@@ -68,13 +69,16 @@ class LatentPrior(nn.Module):
         self.convs = nn.Sequential(
             nn.Conv2d(k * c, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 2, 1), nn.ReLU()
         )
-        flat = width * math.ceil(w / 2) ** 2
-        self.out = nn.Sequential(nn.Linear(flat + k * KEY_DIM, 2 * width), nn.ReLU(), nn.Linear(2 * width, 2 * cfg.latent.dim))
+        self.sees_keys = cfg.latent.prior_sees_keys
+        flat = width * math.ceil(w / 2) ** 2 + (k * KEY_DIM if self.sees_keys else 0)
+        self.out = nn.Sequential(nn.Linear(flat, 2 * width), nn.ReLU(), nn.Linear(2 * width, 2 * cfg.latent.dim))
 
     def forward(self, blocks: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """blocks [N, K, C_m, w, w], keys [N, K, 3] -> mean, logvar [N, d_z]."""
         h = self.convs(blocks.flatten(1, 2)).flatten(1)
-        mean, logvar = self.out(torch.cat([h, keys.flatten(1)], dim=1)).chunk(2, dim=1)
+        if self.sees_keys:
+            h = torch.cat([h, keys.flatten(1)], dim=1)
+        mean, logvar = self.out(h).chunk(2, dim=1)
         return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
 
@@ -105,10 +109,11 @@ class KanervaPlusPlus(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         k, f, dz = cfg.keys.num_reads, cfg.encoder.embedding_dim, cfg.latent.dim
-        self.encoder = EpisodeEncoder(cfg.encoder, cfg.image_channels)
+        self.encoder = EpisodeEncoder(cfg.encoder, cfg.image_channels, (cfg.image_height, cfg.image_width))
         self.key_posterior = nn.Linear(f, 2 * k * KEY_DIM)
-        with torch.no_grad():  # the bias layout is [K, (mean, logvar), 3]
+        with torch.no_grad():  # output layout is [K, (mean, logvar), 3]
             self.key_posterior.bias.view(k, 2, KEY_DIM)[:, 1].fill_(cfg.keys.init_logvar)
+            self.key_posterior.weight.view(k, 2, KEY_DIM, f)[:, 0].mul_(cfg.keys.init_mean_gain)
         self.writer = build_writer(cfg)
         self.z_posterior = nn.Linear(f, 2 * dz)
         self.z_prior = LatentPrior(cfg)

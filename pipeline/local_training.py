@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from kpp.evaluate import batch_swap_gap
 from kpp.model import KanervaPlusPlus
 from kpp.objective import kl_beta
 from pipeline.episodes import epoch_episodes
@@ -75,6 +76,7 @@ def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainCon
             record = {"step": step + 1, "beta": beta, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "seconds": time.perf_counter() - start, **{k: v / n for k, v in window.items()}}
             record["kl_y_per_key"] = out["kl_y_per_key"].mean((0, 1)).tolist()
+            record["swap_gap"] = batch_swap_gap(model, x)
             history.append(record)
             window.clear()
             if on_log:

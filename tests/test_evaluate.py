@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kpp import KanervaPlusPlus
-from kpp.evaluate import describe, evaluate, iwae_bound
+from kpp.evaluate import batch_swap_gap, describe, evaluate, iwae_bound
 from kpp.model import Noise
 from tests.model_helpers import tiny_config
 from tests.test_model import binary_batch
@@ -58,6 +58,8 @@ def test_swap_gap_is_exactly_the_paired_difference(model):
         swapped = model.terms(x, memory=memories.roll(-1, 0), noise=noise)["total"].mean()
     assert result["swap_gap"] == pytest.approx((swapped - own).item(), abs=1e-4)
     assert result["neg_elbo"] == pytest.approx(own.item(), abs=1e-4)
+    # The training-time version on one batch is the same quantity.
+    assert batch_swap_gap(model, x, seed=9) == pytest.approx(result["swap_gap"], abs=1e-4)
 
 
 def test_swap_gap_is_zero_when_the_memory_cannot_differ():
@@ -71,8 +73,7 @@ def test_swap_gap_is_zero_when_the_memory_cannot_differ():
 
 
 def test_swap_gap_sees_a_memory_that_matters():
-    # An untrained model has no reason to prefer its own memory, so only the size of the gap is checked here; its
-    # sign is checked on a trained model (tests/test_training_real_data.py).
+    # An untrained model has no reason to prefer its own memory, so only the size of the gap is checked here.
     torch.manual_seed(0)
     model = KanervaPlusPlus(tiny_config()).eval()
     with torch.no_grad():  # make the prior depend strongly on the memory content
