@@ -12,7 +12,7 @@ BIN=$(dirname "$PY")
 DIR=outputs/stack
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
 S3_PORT=${S3_PORT:-9000}
-RAY_PORT=${RAY_PORT:-6379}
+RAY_PORT=${RAY_PORT:-6379}  # outside Ray's worker port range (10002-19999)
 
 up() {
   mkdir -p "$DIR/artifacts"
@@ -29,10 +29,17 @@ export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
 export RAY_ADDRESS=127.0.0.1:$RAY_PORT
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2
+# token auth keeps one token in ~/.ray/auth_token, shared by every cluster this user starts on the machine:
+# a second cluster rewrites it and locks the first one's drivers out. A loopback-only dev stack needs none.
+export RAY_AUTH_MODE=disabled
 ENV
   # shellcheck disable=SC1090
   source "$DIR/env"
-  "$BIN/ray" start --head --port "$RAY_PORT" --num-cpus "$(nproc)" --include-dashboard=false >"$DIR/ray.log" 2>&1
+  # --block keeps `ray start` in the foreground holding the node; ending that one PID stops what it started,
+  # where `ray stop` would stop every Ray process on the machine, other users' included
+  nohup "$BIN/ray" start --head --block --port "$RAY_PORT" --num-cpus "$(nproc)" --include-dashboard=false \
+    >"$DIR/ray.log" 2>&1 &
+  echo $! >"$DIR/ray.pid"
   for _ in $(seq 60); do curl -sf "$MLFLOW_TRACKING_URI/health" >/dev/null && break; sleep 0.5; done
   "$PY" - <<'PYEOF'
 import boto3
@@ -40,13 +47,13 @@ s3 = boto3.client("s3")
 for bucket in ("kpp-data", "kpp-runs"):
     s3.create_bucket(Bucket=bucket)
 PYEOF
+  for _ in $(seq 60); do "$BIN/ray" status --address "$RAY_ADDRESS" >/dev/null 2>&1 && break; sleep 0.5; done
   echo "up: MLflow $MLFLOW_TRACKING_URI, S3 $AWS_ENDPOINT_URL (buckets kpp-data, kpp-runs), Ray $RAY_ADDRESS"
   echo "run: source $DIR/env"
 }
 
 down() {
-  "$BIN/ray" stop >/dev/null 2>&1 || true
-  for svc in mlflow s3; do
+  for svc in ray mlflow s3; do
     if [[ -f "$DIR/$svc.pid" ]]; then kill "$(cat "$DIR/$svc.pid")" 2>/dev/null || true; rm -f "$DIR/$svc.pid"; fi
   done
   echo "down"

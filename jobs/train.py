@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run {out.run_id or '-'}: {'finished' if out.finished else 'halted'} at step {out.step}"
           f"{' (resumed)' if out.resumed else ''}; checkpoint {out.checkpoint}")
     if out.finished:
-        print(f"test bound ({config.model_config(cfg).unit} per image, memory-conditional): negative ELBO "
+        print(f"test bound ({config.model_config(cfg).unit}, memory-conditional): negative ELBO "
               f"{m['test/neg_elbo']:.3f}, IWAE({int(m['test/iwae_samples'])}) {m['test/iwae']:.3f}; "
               f"leave-one-out negative ELBO {m.get('test/loo_neg_elbo', float('nan')):.3f}; "
               f"memory swap gap {m['test/swap_gap']:+.3f}")

@@ -193,7 +193,7 @@ def run(cfg: JobConfig) -> Outcome:
         metrics = dict(result.metrics or {})
         out = Outcome(run_id=run_id, resumed=metrics.get("resumed_from_step", -1) >= 0,
                       step=int(metrics.get("step", 0)), finished="test/neg_elbo" in metrics, metrics=metrics,
-                      checkpoint=result.checkpoint.path if result.checkpoint else "")
+                      checkpoint=_url(cfg, result.checkpoint.path) if result.checkpoint else "")
         if out.finished and cfg.tracking.enabled:
             out.grid = _download_grid(uri, run_id)
             if cfg.tracking.registered_model and result.checkpoint is not None:
@@ -206,6 +206,10 @@ def run(cfg: JobConfig) -> Outcome:
                 tracking.MlflowClient(uri).set_terminated(run_id, "KILLED")  # halted: a re-run resumes it
             else:
                 tracking.finish_run(uri, run_id, ok)
+
+
+def _url(cfg: JobConfig, path: str) -> str:
+    return f"s3://{path}" if cfg.checkpoint.storage_path.startswith("s3://") else path
 
 
 def _register(cfg: JobConfig, uri: str, run_id: str, checkpoint) -> str:

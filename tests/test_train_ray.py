@@ -18,6 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import checkpointing, config, trainer
+from tests.fixtures.ray_cluster import AUTH_OFF
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model.episode_length=4", "model.encoder={width: 8, embedding_dim: 32, groups: 4}",
@@ -199,7 +200,7 @@ def test_stopped_job_rerun_with_the_same_command_resumes(ray_cluster, mlflow_uri
     cmd = [sys.executable, "-m", "jobs.train", *TINY_MODEL, *SMALL_RUN, "name=rerun", "data.dataset=digits",
            "train.max_steps=200", "checkpoint.every_steps=10", f"checkpoint.storage_path={tmp_path}",
            f"tracking.uri={mlflow_uri}", "tracking.experiment=t-rerun", "tracking.registered_model="]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, **AUTH_OFF}
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: checkpointing.latest_complete(tmp_path / "rerun"), 120, "the first checkpoint")
