@@ -53,7 +53,13 @@ PYEOF
 }
 
 down() {
-  for svc in ray mlflow s3; do
+  # `ray start --block` stops its node's processes on SIGTERM, which takes a few seconds
+  if [[ -f "$DIR/ray.pid" ]]; then
+    pid=$(cat "$DIR/ray.pid"); kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    rm -f "$DIR/ray.pid"
+  fi
+  for svc in mlflow s3; do
     if [[ -f "$DIR/$svc.pid" ]]; then kill "$(cat "$DIR/$svc.pid")" 2>/dev/null || true; rm -f "$DIR/$svc.pid"; fi
   done
   echo "down"

@@ -119,7 +119,9 @@ def connect(cfg: JobConfig) -> None:
     for k, v in RAY_ENV.items():  # the local raylet and every process it starts inherit the driver's env
         os.environ.setdefault(k, v)
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False, runtime_env=env)
+    # address="local": a new cluster, never one that happens to run on this machine already
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
+             runtime_env=env)
 
 
 def check_resources(cfg: JobConfig) -> None:
