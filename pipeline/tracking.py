@@ -196,11 +196,18 @@ class RankZeroLogger:
 
 
 def register_model(uri: str, run_id: str, weights: str | pathlib.Path, model_config: dict[str, Any],
-                   name: str, alias: str) -> str:
+                   name: str, alias: str, force_new: bool = False) -> str:
     """Log the model to the run as a pyfunc from code (pipeline/pyfunc_model.py + the kpp package), register it
-    under `name` and point `alias` at the new version. Returns the version."""
+    under `name` and point `alias` at the new version. Returns the version. Idempotent per run: re-running a
+    finished job returns the version this run already registered instead of adding another."""
     import numpy
     import torch
+    client = MlflowClient(uri)
+    existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+    if existing and not force_new:
+        version = max(existing, key=lambda v: int(v.version)).version
+        client.set_registered_model_alias(name, alias, version)
+        return str(version)
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as d:
         cfg_path = pathlib.Path(d) / "model_config.json"

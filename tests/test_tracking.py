@@ -90,7 +90,10 @@ def test_registered_model_loads_by_alias_in_a_clean_process(mlflow_uri, tmp_path
     run_id, _ = _open(mlflow_uri, "job-reg", {}, exp="t-reg")
     name = "kpp-test-reg"
     v1 = tracking.register_model(mlflow_uri, run_id, weights, cfg.to_dict(), name, "candidate")
-    v2 = tracking.register_model(mlflow_uri, run_id, weights, cfg.to_dict(), name, "candidate")
+    # a re-run of a finished job does not register the same run twice...
+    assert tracking.register_model(mlflow_uri, run_id, weights, cfg.to_dict(), name, "candidate") == v1
+    # ...unless asked to
+    v2 = tracking.register_model(mlflow_uri, run_id, weights, cfg.to_dict(), name, "candidate", force_new=True)
     assert int(v2) == int(v1) + 1
     mv = MlflowClient(mlflow_uri).get_model_version_by_alias(name, "candidate")
     assert mv.version == v2 and mv.run_id == run_id
