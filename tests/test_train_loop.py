@@ -15,6 +15,15 @@ TINY = ["model.episode_length=4", "model.encoder={width: 8, embedding_dim: 32, g
         "train.warmup_steps=2", "train.log_every=1", "checkpoint.every_steps=2", "tracking.enabled=false"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As in a training worker (1 intra-op thread): tiny steps are slower with 2 threads on 2 busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class PoisonedStream(InMemoryStream):
     """The real digits stream with one NaN pixel in the batches listed in `poison` (a corrupt input)."""
 
