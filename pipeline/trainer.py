@@ -180,7 +180,8 @@ def run(cfg: JobConfig) -> Outcome:
     check_resources(cfg)
     run_id = ""
     if cfg.tracking.enabled:
-        tags = tracking.run_tags(cfg.hash(), cfg.data.shards.rstrip("/") + "/manifest.parquet" if cfg.data.shards else "")
+        manifest = cfg.data.shards.rstrip("/") + "/manifest.parquet" if cfg.data.shards else ""
+        tags = tracking.run_tags(cfg.hash(), manifest)
         run_id, _ = tracking.open_job_run(uri, cfg.tracking.experiment, cfg.name, cfg.flat(), tags,
                                           tracking.config_yaml(cfg.to_dict()), fresh=not has_checkpoint(cfg))
     ok = False

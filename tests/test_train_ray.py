@@ -98,7 +98,8 @@ def test_short_run_learns_checkpoints_on_s3_and_registers(ray_cluster, mlflow_ur
     assert tags["config.hash"] == cfg.hash() and len(tags["git.commit"]) == 40
     assert tags["data.manifest_hash"] != "none" and tags["version.torch"] == torch.__version__
     assert run.data.params["train.max_steps"] == "30"
-    arts = {a.path for folder in ("samples", "config", "curves") for a in client.list_artifacts(run.info.run_id, folder)}
+    arts = {a.path for folder in ("samples", "config", "curves")
+            for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"samples/final.png", "config/resolved.yaml", "curves/loss.png"} <= arts
     assert pathlib.Path(out.grid).is_file()
     mv = client.get_model_version_by_alias("kpp-t", "candidate")
@@ -243,8 +244,8 @@ def test_bad_storage_data_and_tracking_fail_before_training(s3_env, mnist_shards
 def test_more_gpus_than_the_cluster_has(ray_cluster, mlflow_uri, tmp_path):
     cfg = job("name=gpus", "data.dataset=digits", "scaling.use_gpu=true", f"checkpoint.storage_path={tmp_path}",
               f"tracking.uri={mlflow_uri}", "tracking.experiment=t-gpus")
-    with pytest.raises(config.ConfigError, match="scaling.num_workers: 2 workers with scaling.use_gpu=true need 2 GPUs, "
-                                                 "the cluster has 0"):
+    with pytest.raises(config.ConfigError,
+                       match="scaling.num_workers: 2 workers with scaling.use_gpu=true need 2 GPUs, the cluster has 0"):
         trainer.run(cfg)
     assert runs_of(mlflow_uri, "t-gpus", "gpus") == []  # nothing was started, not even the MLflow run
 
