@@ -99,3 +99,22 @@ def test_cli_help_lists_every_field(capsys):
     out = capsys.readouterr().out
     for path, _ in _leaf_paths(C.JobConfig):
         assert f"  {path} (" in out, path
+
+
+# The CLI surface, frozen (torchtitan's test_no_new_cli_options): adding, renaming or removing a field is a
+# deliberate change to the job's interface, made here too, and old configs/commands must be considered.
+FROZEN_FIELDS = """
+name seed model
+data.dataset data.source data.shards data.batch_episodes data.valid_episodes data.test_episodes data.loader_workers
+train.max_steps train.halt_at_step train.optimizer train.lr train.weight_decay train.warmup_steps train.schedule
+train.min_lr_ratio train.grad_clip train.precision train.nonfinite train.max_nonfinite train.log_every
+scaling.num_workers scaling.use_gpu scaling.cpus_per_worker scaling.timeout_s
+checkpoint.storage_path checkpoint.s3_endpoint_url checkpoint.every_steps checkpoint.keep checkpoint.keep_by
+checkpoint.max_failures
+tracking.enabled tracking.uri tracking.experiment tracking.registered_model tracking.alias tracking.images_every_epoch
+eval.iwae_samples eval.seed
+""".split()
+
+
+def test_cli_surface_is_frozen():
+    assert [p for p, _ in _leaf_paths(C.JobConfig)] == FROZEN_FIELDS
