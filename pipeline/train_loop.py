@@ -12,6 +12,7 @@ N/2 and re-run to N therefore give the same weights.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import pathlib
 import tempfile
@@ -293,10 +294,23 @@ class RaySession:
         return ray.train.torch.prepare_model(model)
 
 
+def _quiet_ray_reports() -> None:
+    """Ray logs every report of every rank with all its metrics at INFO (the controller's progress line says it
+    once). Those loggers are private and named by file path in Ray 2.60, hence the lookup; a miss is harmless."""
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:
+        return
+    for module in (context, storage):
+        for name in (module.__name__, module.__file__):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker; loop_config = {"job": JobConfig dict, "tracking_uri", "run_id",
     "storage": (pyarrow filesystem, run folder)}."""
     job = JobConfig.from_dict(loop_config["job"])
+    _quiet_ray_reports()
     # a worker's share of the node: more intra-op threads than its CPUs oversubscribes the cores
     torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
     session = RaySession(loop_config.get("storage"))
