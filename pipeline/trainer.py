@@ -161,8 +161,13 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any]):
 
 
 # -- the job ---------------------------------------------------------------------------------------------------
+def resolved(cfg: JobConfig) -> JobConfig:
+    """The config as the job runs it: every model field filled in from kpp's defaults (logged as params, hashed,
+    saved as config/resolved.yaml) and local paths made absolute (Ray workers run in another directory)."""
+    return dataclasses.replace(absolute_paths(cfg), model=model_config(cfg).to_dict())
+
+
 def absolute_paths(cfg: JobConfig) -> JobConfig:
-    """Local paths made absolute: Ray workers run in another working directory than the driver."""
     def fix(p: str) -> str:
         return p if not p or "://" in p else str(pathlib.Path(p).expanduser().resolve())
     data = dataclasses.replace(cfg.data, shards=fix(cfg.data.shards), source=fix(cfg.data.source))
@@ -171,7 +176,7 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
 
 
 def run(cfg: JobConfig) -> Outcome:
-    cfg = absolute_paths(cfg.validate())
+    cfg = resolved(cfg.validate())
     preflight(cfg)
     uri = tracking.resolve_uri(cfg.tracking.uri) if cfg.tracking.enabled else ""
     if uri:

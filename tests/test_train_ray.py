@@ -95,9 +95,12 @@ def test_short_run_learns_checkpoints_on_s3_and_registers(ray_cluster, mlflow_ur
     assert out.metrics["test/iwae"] <= out.metrics["test/neg_elbo"] + 1e-3
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     tags = run.data.tags
-    assert tags["config.hash"] == cfg.hash() and len(tags["git.commit"]) == 40
+    assert tags["config.hash"] == trainer.resolved(cfg).hash() and len(tags["git.commit"]) == 40
     assert tags["data.manifest_hash"] != "none" and tags["version.torch"] == torch.__version__
     assert run.data.params["train.max_steps"] == "30"
+    assert run.data.params["model.latent.dim"] == "8"  # overridden
+    from kpp.config import KanervaConfig  # kpp's default, resolved before logging
+    assert run.data.params["model.keys.num_reads"] == str(KanervaConfig().keys.num_reads)
     arts = {a.path for folder in ("samples", "config", "curves")
             for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"samples/final.png", "config/resolved.yaml", "curves/loss.png"} <= arts
