@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default=None, help="dataset directory or fsspec URL (default: bundled digits)")
     ap.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (default: from --source's name)")
-    ap.add_argument("--steps", type=int, default=300, help="training steps (episodes of 8 images, 8 per step)")
+    ap.add_argument("--steps", type=int, default=600, help="training steps (episodes of 8 images, 8 per step)")
     ap.add_argument("--test-episodes", type=int, default=24, help="fixed test episodes to evaluate on")
     ap.add_argument("--iwae-samples", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
