@@ -86,7 +86,7 @@ def test_short_run_learns_checkpoints_on_s3_and_registers(ray_cluster, mlflow_ur
     (run,) = runs_of(mlflow_uri, "t-train", "short")
     client = MlflowClient(mlflow_uri)
     valid = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "valid/neg_elbo")}
-    # measured: ~545 nats at step 0 -> ~300 at step 30 on this tiny model; require a clear drop
+    # measured: 539.5 nats at step 0 -> 365.7 at step 30 on this tiny model; require a clear drop
     assert valid[30] < valid[0] - 50, valid
     assert assert_monotone(client, run.info.run_id, "train/loss") == [5, 10, 15, 20, 25, 30]
     for key in ("train/recon", "train/kl_z", "train/kl_y", "train/lr", "train/grad_norm", "perf/episodes_per_s",
