@@ -7,7 +7,7 @@ DATA ?=
 DATASET ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo demo-local test venv clean
 
 venv: $(STAMP)
 
@@ -18,7 +18,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# The main job on embedded defaults: shards of the bundled digits (or DATA=<dir> of DATASET=<name>), Ray Train on
+# 2 local workers, a local MLflow store, the model registered. `make demo-local` is the in-process model demo.
+DEMO_DATASET = $(if $(DATASET),$(DATASET),$(if $(DATA),$(notdir $(patsubst %/,%,$(DATA))),digits))
 demo: $(STAMP)
+	$(PY) -m jobs.prepare --dataset $(DEMO_DATASET) $(if $(DATA),--source $(DATA)) --out outputs/shards/$(DEMO_DATASET) --episode-length 8 --no-progress
+	$(PY) -m jobs.train --config jobs/configs/local.yaml data.dataset=$(DEMO_DATASET) data.shards=outputs/shards/$(DEMO_DATASET) $(if $(DATA),name=kpp-$(DEMO_DATASET))
+
+demo-local: $(STAMP)
 	$(PY) -m jobs.demo $(if $(DATA),--source $(DATA)) $(if $(DATASET),--dataset $(DATASET))
 
 # pytest exits 5 when it collected nothing; make then fails, so an empty suite never passes.
