@@ -54,7 +54,7 @@ class KeyConfig:
 
     num_reads: int = 4  # K
     min_scale: float = 0.1  # the read covers between min_scale and max_scale of the memory side (choice)
-    max_scale: float = 0.5
+    max_scale: float = 0.5  # upper bound of the read scale: a read is a local block, never the whole memory
     # Initial log-variance of q(y | X). Below 0 the first reads land near the writes (which sit at the key means),
     # so the memory can pay for its key KL before the keys collapse onto the prior (see docs/memory-experiments.md).
     init_logvar: float = 0.0
@@ -85,7 +85,7 @@ class LatentConfig:
 @dataclass(kw_only=True)
 class DecoderConfig:
     width: int = 32  # channels of the last transposed-conv stage (the first has 2x)
-    groups: int = 8
+    groups: int = 8  # GroupNorm groups
 
 
 @dataclass(kw_only=True)
@@ -100,15 +100,15 @@ class ObjectiveConfig:
     """Training-only shaping of the ELBO. The reported bounds never include warm-up or free bits."""
 
     kl_warmup_steps: int = 0  # beta rises linearly from kl_warmup_start to 1 over these steps (0: beta = 1)
-    kl_warmup_start: float = 0.0
+    kl_warmup_start: float = 0.0  # beta at step 0 when kl_warmup_steps > 0
     key_free_bits: float = 0.0  # nats per key read: KL_y below this is not penalised (batch mean, per key)
 
 
 @dataclass(kw_only=True)
 class KanervaConfig:
-    image_channels: int = 1
-    image_height: int = 28
-    image_width: int = 28
+    image_channels: int = 1  # C of the images (1: MNIST-family, 3: CIFAR10)
+    image_height: int = 28  # H of the images
+    image_width: int = 28  # W of the images
     bit_depth: int = 1  # 1: binarized {0,1}; 8: 0..255
     episode_length: int = 16  # T (the authors use 32)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

@@ -332,12 +332,26 @@ def _describe(cls: type, prefix: str, lines: list[str]) -> None:
 
 
 def _comment_help(cls: type) -> dict[str, str]:
-    """kpp documents its fields with trailing comments (`width: int = 32  # why`); read them as help text."""
+    """kpp documents its fields with comments: trailing (`width: int = 32  # why`) or a block of `#` lines right
+    above the field. Read them as help text (trailing first, then the block above)."""
     try:
         src = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M)}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in src.splitlines():
+        comment = re.match(r"^\s+#\s?(.*)$", line)
+        if comment:
+            above.append(comment.group(1).strip())
+            continue
+        m = re.match(r"^\s+(\w+)\s*:[^#\n=]*(?:=[^#\n]*)?(?:#\s*(.+))?$", line)
+        if m and not line.lstrip().startswith(("def ", "return", "@")):
+            text = " ".join(t for t in [(m.group(2) or "").strip(), " ".join(above)] if t)
+            if text:
+                out[m.group(1)] = text
+        above = []
+    return out
 
 
 def _type_name(tp: Any) -> str:

@@ -89,6 +89,7 @@ def test_help_documents_every_field():
     from kpp.config import KanervaConfig
     for path, _ in _leaf_paths(KanervaConfig, "model."):
         assert path in lines, path
+        assert "): " in lines[path], f"{path} has no help text (kpp/config.py: a comment on or above the field)"
 
 
 def test_cli_help_lists_every_field(capsys):
