@@ -93,12 +93,16 @@ class Loop:
             self.log.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
         window = _Window(time.perf_counter(), self.cur.step)
         self._loop_t0 = window.t  # wall time of the step loop of this process: benchmarks compare it
+        # CPU time of this (the training) thread in the loop: with wall time, the share of the loop this rank was
+        # actually running rather than waiting for a core, a peer's all-reduce or the host.
+        self._loop_cpu_t0 = time.thread_time()
         per_epoch = self.stream.batches_per_epoch()
         last: dict[str, Any] = {}
         while self.cur.step < stop:
             for keys, x in self.stream.epoch(self.cur.epoch, self.cur.batch):
                 terms, grad_norm, ok = self._step(keys, x)
                 self._loop_s = time.perf_counter() - self._loop_t0  # excludes the eval/checkpoint after it
+                self._loop_cpu_s = time.thread_time() - self._loop_cpu_t0
                 self.cur.step += 1
                 self.cur.batch += 1
                 epoch_end = self.cur.batch == per_epoch
@@ -165,7 +169,7 @@ class Loop:
                   "train/beta": kl_beta(self.cur.step, self.mcfg.objective),
                   "train/nonfinite_skipped": self.skipped, "perf/episodes_per_s": episodes_per_s,
                   "perf/images_per_s": episodes_per_s * self.mcfg.episode_length, "epoch": self.cur.epoch,
-                  "perf/loop_s": self._loop_s, "perf/peak_rss_mb": peak_rss_mb()})
+                  "perf/loop_s": self._loop_s, "perf/loop_cpu_s": self._loop_cpu_s, "perf/peak_rss_mb": peak_rss_mb()})
         self.log.log_metrics(m, step=self.cur.step)
         m.update({"step": self.cur.step, "max_steps": self.job.train.max_steps,
                   "resumed_from_step": self._resumed_from,  # -1: this worker group started fresh
