@@ -28,7 +28,7 @@ export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
 export RAY_ADDRESS=127.0.0.1:$RAY_PORT
-export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=1.0
 # token auth keeps one token in ~/.ray/auth_token, shared by every cluster this user starts on the machine:
 # a second cluster rewrites it and locks the first one's drivers out. A loopback-only dev stack needs none.
 export RAY_AUTH_MODE=disabled

@@ -216,6 +216,9 @@ def register_model(uri: str, run_id: str, weights: str | pathlib.Path, model_con
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), code_paths=[str(KPP_DIR)],
                 artifacts={"weights": str(weights), "config": str(cfg_path)}, signature=_signature(model_config),
+                # one blank episode: MLflow loads the logged model and predicts on it before registering, so a
+                # model that cannot load from its own artifacts never gets a version (and serving has an example)
+                input_example=_input_example(model_config),
                 # explicit requirements: inferring them takes 5-6 s and may pull the whole venv
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}",
                                   f"mlflow=={mlflow.__version__}"],
@@ -223,6 +226,13 @@ def register_model(uri: str, run_id: str, weights: str | pathlib.Path, model_con
     version = str(info.registered_model_version)
     MlflowClient(uri).set_registered_model_alias(name, alias, version)
     return version
+
+
+def _input_example(model_config: dict[str, Any]):
+    import numpy as np
+    from kpp.config import KanervaConfig
+    cfg = KanervaConfig.from_dict(model_config)
+    return np.zeros((1, cfg.episode_length, *cfg.image_shape), dtype=np.float32)
 
 
 def _signature(model_config: dict[str, Any]):

@@ -42,6 +42,9 @@ class NonFiniteLoss(RuntimeError):
 class Session(Protocol):
     rank: int
     world_size: int
+    # Reports of metrics alone (no checkpoint) closer together than this are skipped: each is a barrier and may
+    # wait for the controller (see RaySession). MLflow still gets every log_every step from rank 0.
+    min_report_interval_s: float
 
     def restore_dir(self) -> contextlib.AbstractContextManager[str | None]: ...
 
@@ -78,6 +81,8 @@ class Loop:
         self.last_valid = math.inf
         self.skipped = 0  # non-finite steps skipped, over the whole job
         self.device = next(self.net.parameters()).device
+        self._last_report_t = time.perf_counter()  # rank 0's clock; shared with all ranks through _metrics
+        self._report_due = False
 
     # -- the whole job ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -120,7 +125,9 @@ class Loop:
                     last = self._metrics(terms, grad_norm, window)
                     if done and self.cur.step == self.job.train.max_steps:
                         last.update(self._final())
-                    self._report(last, save)
+                    if save or self._report_due:  # the same decision on every rank (see _metrics)
+                        self._report(last, save)
+                        self._last_report_t = time.perf_counter()
                 if done:
                     break
         return last
@@ -156,10 +163,15 @@ class Loop:
 
     # -- metrics, evaluation, checkpoints ---------------------------------------------------------------------
     def _metrics(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, window: "_Window") -> dict:
-        vec = torch.stack([terms[k] for k in LOSS_TERMS]).to(self.device)
+        # the last entry is rank 0's seconds since its last report (0 elsewhere): after the sum every rank holds it,
+        # so all ranks agree on whether to report (a report is a barrier: one rank skipping it would hang the rest)
+        since = time.perf_counter() - self._last_report_t if self.rank0 else 0.0
+        vec = torch.stack([terms[k] for k in LOSS_TERMS] + [torch.tensor(since)]).to(self.device)
         if self.s.world_size > 1:  # collective: every rank calls _metrics at the same steps
             dist.all_reduce(vec)
-            vec /= self.s.world_size
+            vec[:-1] /= self.s.world_size
+        self._report_due = vec[-1].item() >= self.s.min_report_interval_s
+        vec = vec[:-1]
         now = time.perf_counter()
         steps = self.cur.step - window.step
         episodes_per_s = steps * self.job.data.batch_episodes * self.s.world_size / max(now - window.t, 1e-9)
@@ -261,6 +273,10 @@ class RaySession:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.storage = storage
+        # The controller takes one report per worker per health-check interval from a one-slot queue, so a report
+        # sooner than that after the last one blocks the step loop until the next poll. Metrics-only reports (the
+        # driver's progress line) are therefore spaced by at least one interval.
+        self.min_report_interval_s = _health_check_interval_s()
 
     @contextlib.contextmanager
     def restore_dir(self):
@@ -298,6 +314,16 @@ class RaySession:
         return ray.train.torch.prepare_model(model)
 
 
+def _health_check_interval_s() -> float:
+    import os
+    try:
+        from ray.train.v2._internal.constants import (DEFAULT_HEALTH_CHECK_INTERVAL_S,
+                                                      HEALTH_CHECK_INTERVAL_S_ENV_VAR)
+    except ImportError:  # the constants are private; these are Ray 2.60's
+        DEFAULT_HEALTH_CHECK_INTERVAL_S, HEALTH_CHECK_INTERVAL_S_ENV_VAR = 2.0, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    return float(os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, DEFAULT_HEALTH_CHECK_INTERVAL_S))
+
+
 def _quiet_ray_reports() -> None:
     """Ray logs every report of every rank with all its metrics at INFO (the controller's progress line says it
     once). Those loggers are private and named by file path in Ray 2.60, hence the lookup; a miss is harmless."""
@@ -325,6 +351,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 # -- without Ray (one process, or torchrun) --------------------------------------------------------------------
 class LocalSession:
     """Checkpoints as folders under `root` (the newest complete one is resumed); DDP when a process group is up."""
+
+    min_report_interval_s = 0.0  # reports cost nothing here: keep every one
 
     def __init__(self, root: str | pathlib.Path):
         self.root = pathlib.Path(root)

@@ -69,3 +69,81 @@ def test_too_many_skips_in_a_row_stop(tmp_path):
     loop, _ = _loop(tmp_path, (1, 2, 3), "train.max_steps=8", "train.max_nonfinite=2")
     with pytest.raises(NonFiniteLoss, match="step 4: .*3 in a row"):
         loop.run()
+
+
+class SpacedSession(LocalSession):
+    """A local session that, like Ray's, drops metrics-only reports closer together than `min_report_interval_s`."""
+
+    def __init__(self, root, interval):
+        super().__init__(root)
+        self.min_report_interval_s = interval
+
+
+def _steps_reported(tmp_path, interval, *overrides):
+    cfg = config.load(None, [*TINY, "train.max_steps=6", *overrides])
+    mcfg = config.model_config(cfg)
+    data = load_data("digits", "", mcfg.episode_length, 4, 4, 4, 0, 0, 1)[:3]
+    session = SpacedSession(tmp_path, interval)
+    Loop(cfg, session, data=data).run()
+    return [r["step"] for r in session.reports]
+
+
+def test_metrics_only_reports_are_spaced_checkpoint_reports_never_dropped(tmp_path):
+    assert _steps_reported(tmp_path / "a", 0.0) == [1, 2, 3, 4, 5, 6]  # log_every=1, every report kept
+    assert _steps_reported(tmp_path / "b", 1e9) == [2, 4, 6]  # only the checkpoint steps (every_steps=2)
+
+
+# -- two ranks (gloo): the report decision must be the same on every rank -------------------------------------
+def _rank_main(rank, world, port, root, result):
+    import datetime
+    import os
+    import time as _time
+
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # a rank left waiting at a barrier the other skipped fails after 30 s instead of hanging the suite
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    cfg = config.load(None, [*TINY, "train.max_steps=12", "checkpoint.every_steps=6"])
+    mcfg = config.model_config(cfg)
+    stream, valid, test, _ = load_data("digits", "", mcfg.episode_length, 4, 4, 4, 0, rank, world)
+
+    class Uneven(type(stream)):
+        """Rank 0 is slow on some batches, so some reports are due and some are not."""
+
+        def epoch(self, epoch, start_batch=0):
+            for i, item in enumerate(super().epoch(epoch, start_batch), start=start_batch):
+                if rank == 0 and i % 3 == 1:
+                    _time.sleep(0.4)
+                yield item
+
+    uneven = Uneven(stream.images, stream.bit_depth, stream.episode_length, 4, 0, rank, world)
+    if rank == 1:  # and rank 1's clock runs 5x fast: only rank 0's may decide
+        import types
+
+        import pipeline.train_loop as train_loop
+        train_loop.time = types.SimpleNamespace(perf_counter=lambda: 5 * _time.perf_counter(),
+                                                thread_time=_time.thread_time)
+    session = SpacedSession(f"{root}/rank{rank}", 0.3)
+    Loop(cfg, session, data=(uneven, valid, test)).run()
+    with open(f"{result}.{rank}", "w") as f:
+        f.write(",".join(str(r["step"]) for r in session.reports))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_which_steps_report(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tmp_path / "steps"
+    mp.start_processes(_rank_main, args=(2, port, str(tmp_path), str(result)), nprocs=2, start_method="spawn",
+                       join=True)
+    steps0, steps1 = ((tmp_path / f"steps.{r}").read_text() for r in (0, 1))
+    assert steps0 == steps1  # a rank that skipped a report the other made would have hung on its barrier
+    reported = [int(s) for s in steps0.split(",")]
+    assert {6, 12} <= set(reported)  # checkpoint steps always report
+    assert 2 <= len(set(reported) - {6, 12}) < 10  # rank 0's slow batches made some, not all, reports due
