@@ -139,16 +139,45 @@ def check_resources(cfg: JobConfig) -> None:
                           f"cluster has {have.get('CPU', 0):g} (Ray would wait forever)")
 
 
+PG_CLEANER_STATE_API_TIMEOUT_S = 1
+
+
+def _torch_trainer_class():
+    """TorchTrainer with a placement-group cleaner that gives up on the State API after 1 s instead of 10.
+
+    Train V2 starts a detached cleaner that asks the State API every second whether the controller is alive, to
+    free the workers' placement group if the controller dies. The State API is served by the dashboard; where it
+    is absent (a local cluster of ray[train] without ray[default]) each ask blocks for its full timeout, and the
+    controller waits 2 x 1 s + that timeout for the cleaner to stop: 12 s added to every job's tear-down
+    (measured: 30.4 s of fit() around a 6.3 s step loop). With a dashboard the ask takes milliseconds either way.
+    The hook is private (Ray 2.60, pinned); if it moves, the stock trainer is used unchanged."""
+    from ray.train.torch import TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return TorchTrainer
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [PlacementGroupCleanerCallback(get_actor_timeout_s=PG_CLEANER_STATE_API_TIMEOUT_S)
+                    if isinstance(c, PlacementGroupCleanerCallback) else c
+                    for c in super()._create_default_callbacks()]
+    return Trainer
+
+
+
 def build_trainer(cfg: JobConfig, loop_config: dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from pipeline.progress import Progress
     from pipeline.train_loop import train_worker
     s, c = cfg.scaling, cfg.checkpoint
     path, fs = storage(cfg)
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
-    return TorchTrainer(
+    return _torch_trainer_class()(
         train_worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=s.timeout_s),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),

@@ -36,3 +36,22 @@ def test_cluster_launcher_yaml_parses():
     launcher = yaml.safe_load((INFRA / "cluster-aws.yaml").read_text())
     assert launcher["head_node_type"] in launcher["available_node_types"]
     assert any("constraints.txt" in c for c in launcher["setup_commands"])
+
+
+def test_trainer_only_shortens_the_placement_group_cleaners_state_api_timeout():
+    """The private hook of pipeline.trainer._torch_trainer_class exists in the pinned Ray, and the default callbacks
+    are the stock ones but for the cleaner's timeout (which set a 12 s floor under every job's tear-down)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from pipeline.trainer import PG_CLEANER_STATE_API_TIMEOUT_S, _torch_trainer_class
+    cls = _torch_trainer_class()
+    assert cls is not TorchTrainer and issubclass(cls, TorchTrainer)
+    kw = dict(train_loop_per_worker=lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    ours, stock = cls(**kw)._create_default_callbacks(), TorchTrainer(**kw)._create_default_callbacks()
+    assert [type(c) for c in ours] == [type(c) for c in stock]
+    (cleaner,) = [c for c in ours if isinstance(c, PlacementGroupCleanerCallback)]
+    (stock_cleaner,) = [c for c in stock if isinstance(c, PlacementGroupCleanerCallback)]
+    assert cleaner._get_actor_timeout_s == PG_CLEANER_STATE_API_TIMEOUT_S < stock_cleaner._get_actor_timeout_s
+    assert cleaner._stop_timeout < stock_cleaner._stop_timeout
