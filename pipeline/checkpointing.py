@@ -151,6 +151,21 @@ def fetch_latest_complete(fs, root: str, dst: str | os.PathLike) -> pathlib.Path
     return None
 
 
+def prune(fs, root: str, keep: set[str]) -> list[str]:
+    """Delete the `checkpoint_<step>` folders under `root` (a pyarrow filesystem, local or S3) whose names are not
+    in `keep`; return the deleted names. Ray's keep policy only removes checkpoints its controller registered; one
+    complete on storage but never registered (a crash right after its upload, then resumed through
+    `fetch_latest_complete`) would otherwise stay forever. Call it only when no job is running in `root`."""
+    import pyarrow.fs
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    doomed = sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name[11:].isdigit()
+                    and i.base_name not in keep)
+    for name in doomed:
+        fs.delete_dir(f"{root}/{name}")
+    return doomed
+
+
 def _sha256(path: pathlib.Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -229,6 +229,7 @@ def run(cfg: JobConfig) -> Outcome:
                                      "storage": run_folder}).fit()
         if result.error is not None:
             raise result.error
+        _prune_unregistered(run_folder, result)
         metrics = dict(result.metrics or {})
         out = Outcome(run_id=run_id, resumed=metrics.get("resumed_from_step", -1) >= 0,
                       step=int(metrics.get("step", 0)), finished="test/neg_elbo" in metrics, metrics=metrics,
@@ -245,6 +246,19 @@ def run(cfg: JobConfig) -> Outcome:
                 tracking.MlflowClient(uri).set_terminated(run_id, "KILLED")  # halted: a re-run resumes it
             else:
                 tracking.finish_run(uri, run_id, ok)
+
+
+def _prune_unregistered(run_folder, result) -> None:
+    """After a finished fit, only the checkpoints Ray's keep policy holds stay in the run folder."""
+    kept = {pathlib.PurePosixPath(c.path).name for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        kept.add(pathlib.PurePosixPath(result.checkpoint.path).name)
+    if not kept:  # nothing registered (e.g. no checkpoint reached): leave storage as it is
+        return
+    removed = checkpointing.prune(*run_folder, kept)
+    if removed:
+        print(f"[train] removed {len(removed)} checkpoint(s) outside checkpoint.keep that Ray never registered: "
+              f"{', '.join(removed)}", flush=True)
 
 
 def _url(cfg: JobConfig, path: str) -> str:

@@ -84,3 +84,17 @@ def test_marker_records_the_step(tmp_path):
     model, opt, sched = _trained()
     folder = ck.save(tmp_path / "c", model=model, optimizer=opt, scheduler=sched, step=5, cursor={})
     assert json.loads((folder / ck.MARKER).read_text())["step"] == 5
+
+
+def test_prune_removes_only_checkpoint_folders_outside_the_kept_set(tmp_path):
+    import pyarrow.fs
+    for name in ["checkpoint_000000010", "checkpoint_000000020", "checkpoint_000000030", "checkpoint_tmp",
+                 "other"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.pt").write_bytes(b"x")
+    (tmp_path / "checkpoint_000000040").write_text("a file, not a folder")
+    removed = ck.prune(pyarrow.fs.LocalFileSystem(), str(tmp_path), {"checkpoint_000000020", "checkpoint_000000030"})
+    assert removed == ["checkpoint_000000010"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_000000020", "checkpoint_000000030", "checkpoint_000000040", "checkpoint_tmp", "other"]
+    assert ck.prune(pyarrow.fs.LocalFileSystem(), str(tmp_path / "missing"), set()) == []
