@@ -167,7 +167,6 @@ def _torch_trainer_class():
     return Trainer
 
 
-
 def build_trainer(cfg: JobConfig, loop_config: dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
