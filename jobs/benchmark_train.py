@@ -100,8 +100,8 @@ def run_torchrun(steps: int, source: str, workers: int) -> dict:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={workers}",
                         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "jobs.benchmark_train",
-                        "--worker", "--steps",
-                        str(steps), "--workers", str(workers), "--source", source, "--result", str(result)],
+                        "--worker", "--steps", str(steps), "--workers", str(workers), "--source", source,
+                        "--result", str(result)],
                        cwd=REPO, check=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
         wall = time.perf_counter() - t0
         r = json.loads(result.read_text())

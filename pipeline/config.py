@@ -11,6 +11,7 @@ and validates, so this module never has to mirror the model's fields.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -331,6 +332,7 @@ def _describe(cls: type, prefix: str, lines: list[str]) -> None:
         lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {default!r}): {help_text}".rstrip(": "))
 
 
+@functools.lru_cache(maxsize=None)  # parsed once per class, not once per field
 def _comment_help(cls: type) -> dict[str, str]:
     """kpp documents its fields with comments: trailing (`width: int = 32  # why`) or a block of `#` lines right
     above the field. Read them as help text (trailing first, then the block above)."""

@@ -79,8 +79,8 @@ class SpacedSession(LocalSession):
         self.min_report_interval_s = interval
 
 
-def _steps_reported(tmp_path, interval, *overrides):
-    cfg = config.load(None, [*TINY, "train.max_steps=6", *overrides])
+def _steps_reported(tmp_path, interval):
+    cfg = config.load(None, [*TINY, "train.max_steps=6"])
     mcfg = config.model_config(cfg)
     data = load_data("digits", "", mcfg.episode_length, 4, 4, 4, 0, 0, 1)[:3]
     session = SpacedSession(tmp_path, interval)
