@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +25,9 @@ class EncoderConfig:
     """TSM ResNet applied to every image of the episode, then a 2-layer MLP to the embedding E [B, T, F]."""
 
     width: int = 32  # channels of the first stage; doubled at each of the two downsampling stages
+    # Stride of the stem conv. 2 runs the first stage at half resolution (14x14 for MNIST): the full-resolution
+    # stage was over half of the step's conv time on CPU (docs/memory-experiments.md, speed).
+    stem_stride: int = 2
     blocks_per_stage: int = 1  # residual blocks per stage (3 stages)
     groups: int = 8  # GroupNorm groups (the authors use GroupNorm, not BatchNorm)
     shift_fraction: float = 0.125  # fraction of channels shifted each way along the episode (TSM: 1/8)
@@ -46,6 +50,10 @@ class MemoryConfig:
     # then a conv stack. "none": an ablation, M is a learned map the episode does not write to (a VAE with a
     # learned, key-conditioned prior). See docs/memory-experiments.md for what each does to the memory's use.
     writer: Literal["key", "dense", "none"] = "key"
+    # How the key writer places a block (kpp/memory.py: place). "splat": the read's transpose normalised by
+    # coverage, so a read at the write's key returns the block at every scale; "sample": the block resampled at
+    # the memory's pixels (loses most of a block written at a small scale).
+    placement: Literal["splat", "sample"] = "splat"
 
 
 @dataclass(kw_only=True)
@@ -99,9 +107,11 @@ class LikelihoodConfig:
 class ObjectiveConfig:
     """Training-only shaping of the ELBO. The reported bounds never include warm-up or free bits."""
 
-    kl_warmup_steps: int = 0  # beta rises linearly from kl_warmup_start to 1 over these steps (0: beta = 1)
+    # The defaults are the measured recipe that makes the memory carry the episode (docs/memory-experiments.md):
+    # without warm-up and free bits the keys fall onto the prior and the reads land at random places.
+    kl_warmup_steps: int = 900  # beta rises linearly from kl_warmup_start to 1 over these steps (0: beta = 1)
     kl_warmup_start: float = 0.0  # beta at step 0 when kl_warmup_steps > 0
-    key_free_bits: float = 0.0  # nats per key read: KL_y below this is not penalised (batch mean, per key)
+    key_free_bits: float = 0.5  # nats per key read: KL_y below this is not penalised (batch mean, per key)
 
 
 @dataclass(kw_only=True)
@@ -138,13 +148,16 @@ class KanervaConfig:
         return _from_dict(cls, data, prefix="")
 
     def validate(self) -> "KanervaConfig":
+        _check_types(self, prefix="")
         _check_positive(self, ["image_channels", "image_height", "image_width", "episode_length"])
         if self.bit_depth not in (1, 8):
             raise ConfigError("bit_depth", f"must be 1 (binarized) or 8, got {self.bit_depth}")
         if min(self.image_height, self.image_width) < 8:
             raise ConfigError("image_height", "images must be at least 8x8 for the 3-stage encoder")
         e = self.encoder
-        _check_positive(e, ["width", "blocks_per_stage", "groups", "embedding_dim"], "encoder")
+        _check_positive(e, ["width", "blocks_per_stage", "groups", "embedding_dim", "stem_stride"], "encoder")
+        if e.stem_stride > 2:
+            raise ConfigError("encoder.stem_stride", f"must be 1 or 2, got {e.stem_stride}")
         if e.width % e.groups:
             raise ConfigError("encoder.width", f"{e.width} is not divisible by encoder.groups={e.groups}")
         if e.pooling not in ("flatten", "mean"):
@@ -155,10 +168,21 @@ class KanervaConfig:
         _check_positive(m, ["channels", "height", "width"], "memory")
         if m.writer not in ("key", "dense", "none"):
             raise ConfigError("memory.writer", f"must be 'key', 'dense' or 'none', got {m.writer!r}")
+        if m.placement not in ("splat", "sample"):
+            raise ConfigError("memory.placement", f"must be 'splat' or 'sample', got {m.placement!r}")
         k = self.keys
         _check_positive(k, ["num_reads"], "keys")
-        if not 0.0 < k.min_scale <= k.max_scale <= 1.0:
-            raise ConfigError("keys.max_scale", f"need 0 < min_scale <= max_scale <= 1, got {k.min_scale}, {k.max_scale}")
+        if not 0.0 < k.min_scale <= 1.0:
+            raise ConfigError("keys.min_scale", f"must be in (0, 1] (a fraction of the memory side), got {k.min_scale}")
+        if not 0.0 < k.max_scale <= 1.0:
+            raise ConfigError("keys.max_scale", f"must be in (0, 1] (a fraction of the memory side), got {k.max_scale}")
+        if k.min_scale > k.max_scale:
+            raise ConfigError("keys.min_scale", f"{k.min_scale} is above keys.max_scale={k.max_scale}")
+        # An image's K reads, each at least min_scale of the side, cannot all be told apart in the memory when their
+        # smallest footprints already cover it more than once.
+        if k.num_reads * k.min_scale**2 > 1.0:
+            raise ConfigError("keys.num_reads", f"{k.num_reads} reads of at least {k.min_scale} of the memory side cover "
+                              f"it {k.num_reads * k.min_scale**2:.2f} times over: lower keys.num_reads or keys.min_scale")
         w = self.read.window
         if w <= 0:
             raise ConfigError("read.window", f"must be positive, got {w}")
@@ -191,6 +215,32 @@ def for_bit_depth(bit_depth: int, **overrides: Any) -> KanervaConfig:
     return cfg.validate()
 
 
+def _check_types(obj: Any, prefix: str) -> None:
+    """Every field holds a value of its annotated type (an int is a float; a bool is never a number), so a value
+    that YAML or a command line read as the wrong type is named here rather than failing deep inside torch."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise ConfigError(path, f"expected a mapping of {hint.__name__} fields, got {value!r}")
+            _check_types(value, path)
+        elif typing.get_origin(hint) is Literal:
+            if value not in typing.get_args(hint):
+                choices = ", ".join(repr(a) for a in typing.get_args(hint))
+                raise ConfigError(path, f"must be one of {choices}, got {value!r}")
+        elif hint is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(path, f"must be true or false, got {value!r}")
+        elif hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(path, f"must be an integer, got {value!r}")
+        elif hint is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(path, f"must be a number, got {value!r}")
+
+
 def _check_positive(obj: Any, names: list[str], prefix: str = "") -> None:
     for name in names:
         value = getattr(obj, name)
@@ -203,6 +253,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else key
@@ -211,5 +262,11 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
         default = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
         if default is not None and dataclasses.is_dataclass(default):
             value = _from_dict(default, value, path)
+        elif hints[key] is float and isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; a float field takes any numeral.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(path, f"must be a number, got {value!r}") from None
         kwargs[key] = value
     return cls(**kwargs)

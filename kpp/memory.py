@@ -43,14 +43,54 @@ def read(memory: torch.Tensor, theta: torch.Tensor, window: int) -> torch.Tensor
     return blocks.view(b, n, c, window, window)
 
 
-def place(blocks: torch.Tensor, theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of `read`: put each block where a read with theta would find it. blocks [B, N, C, w, w]
-    -> [B, N, C, H_m, W_m], zero outside the block's region."""
+def place(blocks: torch.Tensor, theta: torch.Tensor, height: int, width: int, method: str = "splat",
+          group: int = 1) -> torch.Tensor:
+    """The write that `read` undoes: put each block where a read with theta finds it, zero outside the block's
+    region. blocks [B, N, C, w, w], theta [B, N, 2, 3] -> [B, N // group, C, H_m, W_m], each map the sum of
+    `group` consecutive placed blocks (an image's K writes).
+
+    "splat" (the default) is the adjoint of the read, normalised by coverage: each of the w x w samples a read at
+    theta would take is spread bilinearly onto the memory pixels around its position, and a pixel holds the
+    weighted mean of the samples that reached it (divided by max(coverage, 1), so the block's edge tapers off
+    continuously in theta). A read at the same theta then returns the block within interpolation error at every
+    scale, even where the read's region spans fewer memory pixels than the window has samples.
+    "sample" resamples the block at the memory pixel centres (grid_sample with the inverse transform): exact only
+    where the region spans w memory pixels on aligned grids; at small scales it keeps only a few of the block's
+    samples (a constant block reads back at a quarter of its value at scale 0.1 of a 16-pixel memory)."""
     b, n, c = blocks.shape[:3]
-    inv = invert_affine(theta).reshape(b * n, 2, 3)
-    grid = F.affine_grid(inv, [b * n, c, height, width], align_corners=False)
-    placed = F.grid_sample(blocks.flatten(0, 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return placed.view(b, n, c, height, width)
+    if method == "sample":
+        inv = invert_affine(theta).reshape(b * n, 2, 3)
+        grid = F.affine_grid(inv, [b * n, c, height, width], align_corners=False)
+        placed = F.grid_sample(blocks.flatten(0, 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return placed.view(b, n // group, group, c, height, width).sum(2)
+    return splat(blocks, theta, height, width, group)
+
+
+def splat(blocks: torch.Tensor, theta: torch.Tensor, height: int, width: int, group: int = 1) -> torch.Tensor:
+    """Coverage-normalised transpose of `read` (see `place`). Differentiable in the blocks and in theta."""
+    b, n, c, wh, ww = blocks.shape
+    writes, samples, pixels = b * n, wh * ww, height * width
+    grid = F.affine_grid(theta.reshape(writes, 2, 3), [writes, c, wh, ww], align_corners=False).view(writes, samples, 2)
+    # Continuous pixel coordinates of each sample, in grid_sample's align_corners=False convention, and the four
+    # pixels around it with their bilinear weights (zero for pixels outside the memory).
+    u = ((grid[..., 0] + 1) * width - 1) / 2
+    v = ((grid[..., 1] + 1) * height - 1) / 2
+    u0, v0 = u.floor().detach(), v.floor().detach()
+    fu, fv = u - u0, v - v0
+    xs = torch.cat([u0, u0 + 1, u0, u0 + 1], dim=1)  # [writes, 4 * samples]
+    ys = torch.cat([v0, v0, v0 + 1, v0 + 1], dim=1)
+    weight = torch.cat([(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv], dim=1)
+    weight = weight * ((xs >= 0) & (xs < width) & (ys >= 0) & (ys < height))
+    index = (ys.clamp(0, height - 1) * width + xs.clamp(0, width - 1)).long()
+    # Normalise per write: each pixel's weights of this write sum to its coverage.
+    coverage = weight.new_zeros(writes, pixels).scatter_add(1, index, weight)
+    coef = weight / coverage.clamp(min=1.0).gather(1, index)
+    # One index_add of every weighted sample into its map (one map per `group` writes), channels leading.
+    maps = writes // group
+    target = (index + (torch.arange(writes, device=index.device) // group).unsqueeze(1) * pixels).flatten()
+    values = blocks.reshape(writes, c, samples).repeat(1, 1, 4) * coef.unsqueeze(1)  # [writes, C, 4 * samples]
+    out = values.new_zeros(c, maps * pixels).index_add(1, target, values.permute(1, 0, 2).reshape(c, -1))
+    return out.view(c, b, n // group, height, width).permute(1, 2, 0, 3, 4)
 
 
 class KeyWriter(nn.Module):
@@ -70,7 +110,7 @@ class KeyWriter(nn.Module):
         m, w, k = self.cfg.memory, self.cfg.read.window, self.cfg.keys.num_reads
         blocks = self.block(embedding).view(b, t * k, m.channels, w, w)
         theta = key_to_affine(key_mean, self.cfg.keys.min_scale, self.cfg.keys.max_scale).view(b, t * k, 2, 3)
-        return place(blocks, theta, m.height, m.width).view(b, t, k, m.channels, m.height, m.width).sum(2)
+        return place(blocks, theta, m.height, m.width, m.placement, group=k)
 
     def forward(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
         return self.base + self.contributions(embedding, key_mean).sum(1)

@@ -21,7 +21,7 @@ from pipeline.episodes import epoch_episodes
 @dataclass(kw_only=True)
 class LocalTrainConfig:
     steps: int = 300
-    batch_size: int = 8  # episodes per step
+    batch_size: int = 16  # episodes per step
     lr: float = 1e-3
     warmup_steps: int = 50  # linear lr warm-up, then cosine decay to lr_min_ratio * lr
     lr_min_ratio: float = 0.1
