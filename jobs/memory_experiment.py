@@ -19,7 +19,7 @@ import yaml
 from kpp import KanervaConfig, KanervaPlusPlus
 from kpp.data import to_model_input
 from kpp.evaluate import describe, evaluate
-from pipeline.episodes import fixed_episodes
+from pipeline.episodes import class_episodes, fixed_episodes
 from pipeline.local_training import LocalTrainConfig, train_local
 from pipeline.sources import load_split
 
@@ -44,7 +44,11 @@ def main() -> None:
     ap.add_argument("--dataset", default="binarized_mnist")
     ap.add_argument("--source", default="../shared/data/binarized_mnist")
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--test-episodes", type=int, default=32)
+    ap.add_argument("--binarize", action="store_true",
+                    help="mnist/fashion_mnist: a fixed Bernoulli binarization that keeps the labels")
+    ap.add_argument("--episodes", choices=("random", "class"), default="random",
+                    help="random: T images of the shuffled split (the paper); class: T images of one class")
+    ap.add_argument("--test-episodes", type=int, default=125, help="fixed test episodes (125 x 16 = 2,000 images)")
     ap.add_argument("--iwae-samples", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default="outputs/experiments")
@@ -53,28 +57,38 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_over, train_over = parse_overrides(args.overrides)
-    train = load_split(args.dataset, args.source, "train")
-    test = load_split(args.dataset, args.source, "test")
+    options = {"binarize": True} if args.binarize else {}
+    train = load_split(args.dataset, args.source, "train", **options)
+    test = load_split(args.dataset, args.source, "test", **options)
+    if args.episodes == "class" and (train.labels is None or test.labels is None):
+        ap.error(f"--episodes class needs labels and {args.dataset} has none (try --dataset mnist --binarize)")
     c, h, w = train.image_shape
     cfg = KanervaConfig.from_dict({"image_channels": c, "image_height": h, "image_width": w, "bit_depth": train.bit_depth,
                                    **model_over}).validate()
-    tcfg = LocalTrainConfig(**{"steps": args.steps, **train_over})
+    tcfg = LocalTrainConfig(**{"steps": args.steps, "episodes": args.episodes, **train_over})
     torch.manual_seed(tcfg.seed)
     model = KanervaPlusPlus(cfg)
     images = to_model_input(train.images, train.bit_depth)
-    test_x = to_model_input(test.images, test.bit_depth)[torch.from_numpy(fixed_episodes(len(test), cfg.episode_length, 1234))]
+    order = (fixed_episodes(len(test), cfg.episode_length, 1234) if args.episodes == "random"
+             else class_episodes(test.labels, cfg.episode_length, 1234))
+    test_x = to_model_input(test.images, test.bit_depth)[torch.from_numpy(order)]
     test_x = test_x[: args.test_episodes]
     start = time.perf_counter()
-    history = train_local(model, images, tcfg, on_log=lambda r: print(
+    history = train_local(model, images, tcfg, labels=train.labels, on_log=lambda r: print(
         f"step {r['step']:5d} loss {r['loss']:.2f} -elbo {r['total']:.2f} kl_z {r['kl_z']:.2f} kl_y {r['kl_y']:.2f} "
         f"beta {r['beta']:.2f} {r['seconds']:.0f}s", flush=True))
     train_seconds = time.perf_counter() - start
     result = evaluate(model, test_x, iwae_samples=args.iwae_samples, seed=0)
     print(describe(result))
+    idle = history[-1]["keys_at_floor"]
+    per_key = ", ".join(f"{result[f'kl_y_key{k}']:.2f}" for k in range(cfg.keys.num_reads))
+    print(f"KL_y per key (test): {per_key}; keys at the free-bits floor for the whole run: {idle or 'none'}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"name": args.name, "model_config": cfg.to_dict(), "train_config": vars(tcfg), "train_seconds": train_seconds,
-              "test_images": int(test_x.shape[0] * test_x.shape[1]), "test": result, "history": history}
+              "test_images": int(test_x.shape[0] * test_x.shape[1]), "episodes": args.episodes,
+              "dataset": args.dataset + ("-binarized" if args.binarize else ""), "keys_at_floor": idle,
+              "test": result, "history": history}
     (out / f"{args.name}.json").write_text(json.dumps(record, indent=1))
 
 

@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['test/neg_elbo']:.3f}, IWAE({int(m['test/iwae_samples'])}) {m['test/iwae']:.3f}; "
               f"leave-one-out negative ELBO {m.get('test/loo_neg_elbo', float('nan')):.3f}; "
               f"memory swap gap {m['test/swap_gap']:+.3f}")
+        idle = m.get("keys_at_floor") or []
+        if idle:
+            print(f"key reads {', '.join(map(str, idle))} of {config.model_config(cfg).keys.num_reads} stayed at the "
+                  f"free-bits floor for the whole run (KL_y per key: train/kl_y_key<k>): they carried no address")
         if out.model_version:
             print(f"registered model {cfg.tracking.registered_model} version {out.model_version} "
                   f"(alias {cfg.tracking.alias}); sample grid {out.grid}")

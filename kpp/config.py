@@ -112,6 +112,11 @@ class ObjectiveConfig:
     kl_warmup_steps: int = 900  # beta rises linearly from kl_warmup_start to 1 over these steps (0: beta = 1)
     kl_warmup_start: float = 0.0  # beta at step 0 when kl_warmup_steps > 0
     key_free_bits: float = 0.5  # nats per key read: KL_y below this is not penalised (batch mean, per key)
+    # Images per episode scored under a memory written from the rest of the episode only (re-encoded without
+    # them, so nothing of x_t reaches it) instead of the memory they were written into. 0 is the paper's
+    # objective. On episodes that share structure this trains the memory to predict the episode's unseen members
+    # (the leave-one-out bound); it costs one more encoder pass per step.
+    held_out: int = 0
 
 
 @dataclass(kw_only=True)
@@ -203,6 +208,8 @@ class KanervaConfig:
         o = self.objective
         if o.kl_warmup_steps < 0 or not 0.0 <= o.kl_warmup_start <= 1.0:
             raise ConfigError("objective.kl_warmup_steps", "need kl_warmup_steps >= 0 and 0 <= kl_warmup_start <= 1")
+        if not 0 <= o.held_out < self.episode_length:
+            raise ConfigError("objective.held_out", f"must be in [0, episode_length={self.episode_length}), got {o.held_out}")
         if o.key_free_bits < 0 or not math.isfinite(o.key_free_bits):
             raise ConfigError("objective.key_free_bits", f"must be a finite number >= 0, got {o.key_free_bits}")
         return self

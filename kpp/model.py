@@ -172,8 +172,14 @@ class KanervaPlusPlus(nn.Module):
 
     def forward(self, x: torch.Tensor, beta: float = 1.0) -> dict[str, torch.Tensor]:
         """Training step quantities: "loss" (scalar to minimise, with warm-up beta and key free bits) and the
-        per-image terms [B, T] ("recon", "kl_z", "kl_y", "total" = the negative ELBO without any shaping)."""
-        out = self.terms(x)
+        per-image terms [B, T] ("recon", "kl_z", "kl_y", "total" = the negative ELBO without any shaping).
+        With objective.held_out = h, h random positions of every episode are scored under the memory of the other
+        T - h images (see held_out_memories)."""
+        if self.cfg.objective.held_out:
+            enc = self.encode(x)
+            out = self.terms(x, memory=self.held_out_memories(x, enc, self.cfg.objective.held_out), enc=enc)
+        else:
+            out = self.terms(x)
         out["loss"] = training_loss(out, beta, self.cfg.objective.key_free_bits)
         return out
 
@@ -199,6 +205,17 @@ class KanervaPlusPlus(nn.Module):
             log_qy = gaussian_log_prob(y, enc.key_mean, enc.key_logvar).sum((-1, -2))
             out.append(log_px + log_pz + log_py - log_qz - log_qy)
         return torch.stack(out)
+
+    def held_out_memories(self, x: torch.Tensor, enc: Encoding, count: int) -> torch.Tensor:
+        """Per-image memories [B, T, C_m, H_m, W_m]: for `count` positions drawn at random (the same in every episode
+        of the batch), the memory written from the other images re-encoded without them; for the rest, the
+        episode's own memory."""
+        t = x.shape[1]
+        held = torch.zeros(t, dtype=torch.bool, device=x.device)
+        held[torch.randperm(t)[:count].to(x.device)] = True
+        own = self.write(enc)
+        rest = self.write(self.encode(x[:, ~held]))
+        return torch.where(held.view(1, t, 1, 1, 1), rest.unsqueeze(1), own.unsqueeze(1))
 
     def leave_one_out_memories(self, x: torch.Tensor) -> torch.Tensor:
         """For each image t, the memory written from the other T-1 images of its episode (re-encoded without t,

@@ -38,3 +38,11 @@ def training_loss(terms: dict[str, torch.Tensor], beta: float, key_free_bits: fl
     if key_free_bits > 0:
         kl_y = torch.clamp(kl_y, min=key_free_bits)
     return terms["recon"].mean() + beta * (terms["kl_z"].mean() + kl_y.sum())
+
+
+def keys_at_floor(max_kl_per_key: list[float], key_free_bits: float, margin: float = 0.25) -> list[int]:
+    """The key reads whose KL_y (batch mean, in nats) never rose more than `margin` above the free-bits floor
+    during a run, given each key's largest logged value: reads that never carried an address. Without free bits
+    the floor is the prior (KL_y 0); a key below `margin` nats then counts as collapsed."""
+    threshold = key_free_bits * (1.0 + margin) if key_free_bits > 0 else margin
+    return [k for k, v in enumerate(max_kl_per_key) if v <= threshold]

@@ -10,12 +10,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from kpp.evaluate import batch_swap_gap
 from kpp.model import KanervaPlusPlus
-from kpp.objective import kl_beta
-from pipeline.episodes import epoch_episodes
+from kpp.objective import keys_at_floor, kl_beta
+from pipeline.episodes import class_episodes, epoch_episodes
 
 
 @dataclass(kw_only=True)
@@ -28,13 +29,19 @@ class LocalTrainConfig:
     grad_clip: float = 10.0
     seed: int = 0
     log_every: int = 50
+    # "random": T images drawn from the shuffled split (the paper); "class": T images of one class (needs labels).
+    episodes: str = "random"
 
 
-def episode_batches(images: torch.Tensor, episode_length: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless batches [B, T, C, H, W] of training episodes, a fresh shuffle every epoch."""
+def episode_batches(images: torch.Tensor, episode_length: int, batch_size: int, seed: int,
+                    labels: np.ndarray | None = None) -> Iterator[torch.Tensor]:
+    """Endless batches [B, T, C, H, W] of training episodes, a fresh shuffle every epoch; episodes of one class
+    each when labels are given."""
     epoch = 0
     while True:
-        episodes = torch.from_numpy(epoch_episodes(images.shape[0], episode_length, seed, epoch))
+        order = (epoch_episodes(images.shape[0], episode_length, seed, epoch) if labels is None
+                 else class_episodes(labels, episode_length, seed, epoch))
+        episodes = torch.from_numpy(order)
         for i in range(0, episodes.shape[0] - batch_size + 1, batch_size):
             yield images[episodes[i : i + batch_size]]
         epoch += 1
@@ -48,12 +55,18 @@ def lr_factor(step: int, cfg: LocalTrainConfig) -> float:
 
 
 def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainConfig,
-                on_log: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train in place on images [N, C, H, W] (floats in [0, 1]); returns the logged history."""
+                on_log: Callable[[dict], None] | None = None, labels: np.ndarray | None = None) -> list[dict]:
+    """Train in place on images [N, C, H, W] (floats in [0, 1]); returns the logged history. Class episodes
+    (cfg.episodes == "class") are built from `labels` [N]."""
+    if cfg.episodes not in ("random", "class"):
+        raise ValueError(f"train.episodes must be 'random' or 'class', got {cfg.episodes!r}")
+    if cfg.episodes == "class" and labels is None:
+        raise ValueError("train.episodes='class' needs labels, and this split has none")
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    batches = episode_batches(images, model.cfg.episode_length, cfg.batch_size, cfg.seed)
+    batches = episode_batches(images, model.cfg.episode_length, cfg.batch_size, cfg.seed,
+                              labels if cfg.episodes == "class" else None)
     history: list[dict] = []
     window: dict[str, float] = {}
     start = time.perf_counter()
@@ -69,13 +82,16 @@ def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainCon
             raise FloatingPointError(f"non-finite loss at step {step}")
         optimizer.step()
         scheduler.step()
+        per_key = out["kl_y_per_key"].detach().mean((0, 1))
+        max_per_key = per_key if step == 0 else torch.maximum(max_per_key, per_key)
         for name in ("loss", "total", "recon", "kl_z", "kl_y"):
             window[name] = window.get(name, 0.0) + out[name].mean().item()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = (step % cfg.log_every) + 1
             record = {"step": step + 1, "beta": beta, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "seconds": time.perf_counter() - start, **{k: v / n for k, v in window.items()}}
-            record["kl_y_per_key"] = out["kl_y_per_key"].mean((0, 1)).tolist()
+            record["kl_y_per_key"] = per_key.tolist()
+            record["keys_at_floor"] = keys_at_floor(max_per_key.tolist(), model.cfg.objective.key_free_bits)
             record["swap_gap"] = batch_swap_gap(model, x)
             history.append(record)
             window.clear()

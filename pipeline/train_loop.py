@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from kpp.evaluate import evaluate
 from kpp.model import KanervaPlusPlus
-from kpp.objective import kl_beta
+from kpp.objective import keys_at_floor, kl_beta
 from pipeline import checkpointing, optim
 from pipeline.config import JobConfig, model_config
 from pipeline.tracking import RankZeroLogger
@@ -80,6 +80,7 @@ class Loop:
         self.best_valid = math.inf
         self.last_valid = math.inf
         self.skipped = 0  # non-finite steps skipped, over the whole job
+        self.key_kl_max: list[float] = []  # each key's largest logged KL_y: a key that never left the floor is idle
         self.device = next(self.net.parameters()).device
         self._last_report_t = time.perf_counter()  # rank 0's clock; shared with all ranks through _metrics
         self._report_due = False
@@ -159,6 +160,8 @@ class Loop:
                                     f"batch image keys {keys.tolist()}")
         self.sched.step()
         terms = {k: out[k].detach().float().mean() for k in LOSS_TERMS}
+        for k, v in enumerate(out["kl_y_per_key"].detach().float().mean((0, 1))):
+            terms[f"kl_y_key{k}"] = v
         return terms, grad_norm.detach(), ok
 
     # -- metrics, evaluation, checkpoints ---------------------------------------------------------------------
@@ -166,7 +169,8 @@ class Loop:
         # the last entry is rank 0's seconds since its last report (0 elsewhere): after the sum every rank holds it,
         # so all ranks agree on whether to report (a report is a barrier: one rank skipping it would hang the rest)
         since = time.perf_counter() - self._last_report_t if self.rank0 else 0.0
-        vec = torch.stack([terms[k] for k in LOSS_TERMS] + [torch.tensor(since)]).to(self.device)
+        names = list(terms)  # the same order on every rank
+        vec = torch.stack([terms[k] for k in names] + [torch.tensor(since)]).to(self.device)
         if self.s.world_size > 1:  # collective: every rank calls _metrics at the same steps
             dist.all_reduce(vec)
             vec[:-1] /= self.s.world_size
@@ -176,7 +180,9 @@ class Loop:
         steps = self.cur.step - window.step
         episodes_per_s = steps * self.job.data.batch_episodes * self.s.world_size / max(now - window.t, 1e-9)
         window.t, window.step = now, self.cur.step
-        m = {f"train/{k}": v for k, v in zip(LOSS_TERMS, vec.tolist())}
+        m = {f"train/{k}": v for k, v in zip(names, vec.tolist())}
+        per_key = [m[f"train/kl_y_key{k}"] for k in range(self.mcfg.keys.num_reads)]
+        self.key_kl_max = [max(a, b) for a, b in zip(self.key_kl_max, per_key)] if self.key_kl_max else per_key
         m.update({"train/lr": self.sched.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
                   "train/beta": kl_beta(self.cur.step, self.mcfg.objective),
                   "train/nonfinite_skipped": self.skipped, "perf/episodes_per_s": episodes_per_s,
@@ -200,7 +206,11 @@ class Loop:
             return {}
         r = evaluate(self.net, self.test, iwae_samples=self.job.eval.iwae_samples, seed=self.job.eval.seed)
         out = {f"test/{k}": float(v) for k, v in r.items() if isinstance(v, (int, float))}
+        idle = keys_at_floor(self.key_kl_max, self.mcfg.objective.key_free_bits)
+        out["train/keys_at_floor"] = float(len(idle))
         self.log.log_metrics(out, step=self.cur.step)
+        self.log.set_tags({"train.keys_at_floor": ",".join(map(str, idle)) or "none"})
+        out["keys_at_floor"] = idle
         self.log.set_tags({"test.unit": r["unit"]})
         self._log_grid(final=True)
         self.log.log_curves(["train/loss", "train/recon", "train/kl_z", "train/kl_y", "valid/neg_elbo",
@@ -226,7 +236,7 @@ class Loop:
                 checkpointing.save(d, model=self.net, optimizer=self.opt, scheduler=self.sched,
                                    step=self.cur.step, cursor={"epoch": self.cur.epoch, "batch": self.cur.batch},
                                    extra={"best_valid": self.best_valid, "last_valid": self.last_valid,
-                                          "skipped": self.skipped})
+                                          "skipped": self.skipped, "key_kl_max": self.key_kl_max})
                 folder = d
             self.s.report(metrics, folder, checkpointing.folder_name(self.cur.step))
 
@@ -240,6 +250,7 @@ class Loop:
         self.cur = Cursor(step=payload["step"], epoch=c["epoch"], batch=c["batch"])
         e = payload["extra"]
         self.best_valid, self.last_valid, self.skipped = e["best_valid"], e["last_valid"], e["skipped"]
+        self.key_kl_max = list(e.get("key_kl_max", []))
         return self.cur.step
 
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.episodes import epoch_episodes, fixed_episodes
+from pipeline.episodes import class_episodes, epoch_episodes, fixed_episodes
 
 
 def test_fixed_episodes_are_a_partition_and_repeatable():
@@ -45,3 +45,20 @@ def test_bad_episode_arguments(num_images, length):
         fixed_episodes(num_images, length, seed=0)
     with pytest.raises(ValueError):
         epoch_episodes(num_images, length, seed=0, epoch=0)
+
+
+def test_class_episodes_hold_one_class_each_and_never_repeat_an_image():
+    labels = np.random.default_rng(0).integers(0, 5, size=1000)
+    fixed = class_episodes(labels, 8, seed=1)
+    expected = sum(int((labels == c).sum()) // 8 for c in range(5))
+    assert fixed.shape == (expected, 8) and fixed.dtype == np.int64
+    assert all(len(set(labels[e])) == 1 for e in fixed)
+    assert len(np.unique(fixed)) == fixed.size
+    assert len(set(labels[fixed[:, 0]].tolist())) == 5  # every class has episodes
+    np.testing.assert_array_equal(fixed, class_episodes(labels, 8, seed=1))
+    first, second = class_episodes(labels, 8, seed=1, epoch=0), class_episodes(labels, 8, seed=1, epoch=1)
+    assert not np.array_equal(first, second) and not np.array_equal(first, fixed)
+    # Episodes of different classes are interleaved, not grouped by class.
+    assert len(set(labels[first[:10, 0]].tolist())) > 1
+    with pytest.raises(ValueError, match="no class"):
+        class_episodes(np.arange(50), 8, seed=0)

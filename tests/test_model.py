@@ -186,3 +186,28 @@ def test_model_package_is_pure_pytorch():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] not in {"ray", "mlflow", "pipeline", "jobs"}, f"{path} imports {name}"
+
+
+def test_held_out_images_are_scored_under_a_memory_written_without_them():
+    torch.manual_seed(0)
+    model = KanervaPlusPlus(tiny_config(objective={"held_out": 2}))
+    x = binary_batch()
+    enc = model.encode(x)
+    torch.manual_seed(5)
+    memories = model.held_out_memories(x, enc, 2)
+    torch.manual_seed(5)
+    held = torch.zeros(6, dtype=torch.bool)
+    held[torch.randperm(6)[:2]] = True
+    own = model.write(enc)
+    assert torch.equal(memories[:, ~held], own.unsqueeze(1).expand(-1, 4, -1, -1, -1))
+    assert not torch.allclose(memories[:, held], own.unsqueeze(1).expand(-1, 2, -1, -1, -1))
+    # Nothing of a held-out image reaches its memory: changing it leaves that memory as it was.
+    x2 = x.clone()
+    x2[:, held] = 1 - x2[:, held]
+    torch.manual_seed(5)
+    memories2 = model.held_out_memories(x2, model.encode(x2), 2)
+    assert torch.allclose(memories2[:, held], memories[:, held])
+    out = model(x)
+    assert out["total"].shape == (3, 6) and torch.isfinite(out["loss"])
+    with pytest.raises(ConfigError, match="objective.held_out"):
+        tiny_config(objective={"held_out": 6})

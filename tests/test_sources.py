@@ -79,3 +79,14 @@ def test_unknown_dataset_split_or_missing_source_are_named():
         load_split("mnist", "/x", "validation")
     with pytest.raises(ValueError, match="needs a source"):
         load_split("mnist", None, "train")
+
+
+def test_mnist_binarized_by_a_fixed_draw_keeps_labels(shared_data):
+    grey = load_split("mnist", shared_data / "mnist", "test")
+    binary = load_split("mnist", shared_data / "mnist", "test", binarize=True)
+    assert binary.bit_depth == 1 and set(np.unique(binary.images).tolist()) == {0, 1}
+    np.testing.assert_array_equal(binary.labels, grey.labels)
+    # Bernoulli(grey / 255): ink only where there is grey ink, and the same mean as the grey levels.
+    assert not np.any(binary.images[grey.images == 0])
+    assert pixel_mean(binary) == pytest.approx(pixel_mean(grey), abs=2e-3)
+    np.testing.assert_array_equal(binary.images, load_split("mnist", shared_data / "mnist", "test", binarize=True).images)

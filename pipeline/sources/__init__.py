@@ -4,6 +4,8 @@
 
 dataset  "mnist", "fashion_mnist"  original IDX files (.gz or not) under `source`; bit_depth 8;
                                    valid = last 10,000 of the 60,000 train images, train = the first 50,000.
+                                   Option binarize=True: a fixed seeded Bernoulli draw (p = grey level), bit_depth
+                                   1, labels kept (binarized_mnist has none).
          "binarized_mnist"         fixed binarization, binarized_mnist.npz or binarized_mnist_{split}.amat[.gz];
                                    50k/10k/10k, bit_depth 1, no labels.
          "digits"                  scikit-learn's bundled 8x8 digits, resized to 28x28 and binarized with a fixed
@@ -30,7 +32,8 @@ from pipeline.sources.image_set import ImageSet
 SPLITS = ("train", "valid", "test")
 DATASETS = ("mnist", "fashion_mnist", "binarized_mnist", "digits", "omniglot", "cifar10", "folder", "npz")
 DATASET_OPTIONS: dict[str, tuple[str, ...]] = {"omniglot": ("resize",), "folder": ("resize", "channels"),
-                                               "npz": ("bit_depth",)}
+                                               "npz": ("bit_depth",), "mnist": ("binarize",),
+                                               "fashion_mnist": ("binarize",)}
 
 __all__ = [
     "DATASETS",
@@ -89,4 +92,4 @@ def load_split(
         return load_npz_split(source, split, storage_options, **options)
     from pipeline.sources.idx import load_idx_split
 
-    return load_idx_split(dataset, source, split, storage_options)
+    return load_idx_split(dataset, source, split, storage_options, **options)

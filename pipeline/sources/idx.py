@@ -66,7 +66,12 @@ def load_idx_pair(source: str, file_split: str, storage_options: dict | None = N
     return images, labels
 
 
-def load_idx_split(dataset: str, source: str, split: str, storage_options: dict | None = None) -> ImageSet:
+# Seeds of the fixed Bernoulli binarization, one per split, so that the draws never depend on which splits load.
+BINARIZE_SEEDS = {"train": 20_261_127, "valid": 20_261_128, "test": 20_261_129}
+
+
+def load_idx_split(dataset: str, source: str, split: str, storage_options: dict | None = None,
+                   binarize: bool = False) -> ImageSet:
     file_split = "test" if split == "test" else "train"
     images, labels = load_idx_pair(source, file_split, storage_options)
     if split != "test":
@@ -76,9 +81,12 @@ def load_idx_split(dataset: str, source: str, split: str, storage_options: dict 
             )
         cut = slice(images.shape[0] - NUM_VALID, None) if split == "valid" else slice(0, images.shape[0] - NUM_VALID)
         images, labels = images[cut], labels[cut]
+    if binarize:  # pixel ~ Bernoulli(grey / 255), one fixed draw per split
+        rng = np.random.default_rng(BINARIZE_SEEDS[split])
+        images = (rng.random(images.shape, dtype=np.float32) * 255.0 < images).astype(np.uint8)
     return ImageSet(
         images=np.ascontiguousarray(images[:, None]),
         labels=labels.astype(np.int64),
-        bit_depth=8,
-        name=f"{dataset}/{split}",
+        bit_depth=1 if binarize else 8,
+        name=f"{dataset}{'-binarized' if binarize else ''}/{split}",
     )
