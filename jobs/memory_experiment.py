@@ -17,8 +17,10 @@ import torch
 import yaml
 
 from kpp import KanervaConfig, KanervaPlusPlus
+from kpp.checkpoint import save_model
 from kpp.data import to_model_input
 from kpp.evaluate import describe, evaluate
+from jobs.memory_report import plot_memory_samples
 from pipeline.episodes import class_episodes, fixed_episodes
 from pipeline.local_training import LocalTrainConfig, train_local
 from pipeline.sources import load_split
@@ -52,6 +54,8 @@ def main() -> None:
     ap.add_argument("--iwae-samples", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default="outputs/experiments")
+    ap.add_argument("--samples", metavar="PNG",
+                    help="also draw test episodes beside samples from their memories (labelled rows) into this PNG")
     ap.add_argument("overrides", nargs="*", help="model.<field>=v or train.<field>=v")
     args = ap.parse_args()
     if args.threads:
@@ -75,7 +79,7 @@ def main() -> None:
     test_x = test_x[: args.test_episodes]
     start = time.perf_counter()
     history = train_local(model, images, tcfg, labels=train.labels, on_log=lambda r: print(
-        f"step {r['step']:5d} loss {r['loss']:.2f} -elbo {r['total']:.2f} kl_z {r['kl_z']:.2f} kl_y {r['kl_y']:.2f} "
+        f"step {r['step']:5d} loss {r['loss']:.2f} -elbo {r['total']:.2f} kl_z {r['kl_z']:.2f} kl_y {r['kl_y']:.2f} swap {r['swap_gap']:+.2f} "
         f"beta {r['beta']:.2f} {r['seconds']:.0f}s", flush=True))
     train_seconds = time.perf_counter() - start
     result = evaluate(model, test_x, iwae_samples=args.iwae_samples, seed=0)
@@ -90,6 +94,10 @@ def main() -> None:
               "dataset": args.dataset + ("-binarized" if args.binarize else ""), "keys_at_floor": idle,
               "test": result, "history": history}
     (out / f"{args.name}.json").write_text(json.dumps(record, indent=1))
+    save_model(model, out / f"{args.name}.pt")
+    if args.samples:
+        labels = None if args.episodes == "random" else test.labels[order[: args.test_episodes, 0]]
+        print(f"samples: {plot_memory_samples(model, test_x[:4], args.samples, labels)}")
 
 
 if __name__ == "__main__":

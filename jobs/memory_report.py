@@ -1,0 +1,129 @@
+"""Tables and the budget curve from memory-experiment results (the JSON files jobs.memory_experiment writes).
+
+    python -m jobs.memory_report outputs/experiments/*.json                      # a Markdown table, one row per run
+    python -m jobs.memory_report --curve docs/memory-curve.png outputs/experiments/curve-*.json
+
+The curve plots the memory-conditional -ELBO (solid) and IWAE (dashed) against training steps, one line per
+memory writer, so the K++ advantage over its no-memory control can be read at every budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from collections import defaultdict
+
+
+def load(paths: list[str]) -> list[dict]:
+    records = []
+    for path in paths:
+        record = json.loads(pathlib.Path(path).read_text())
+        record["path"] = path
+        records.append(record)
+    return records
+
+
+def row(record: dict) -> str:
+    t, m, tc = record["test"], record["model_config"], record["train_config"]
+    keys = m["keys"]["num_reads"]
+    per_key = " / ".join(f"{t[f'kl_y_key{k}']:.2f}" for k in range(keys))
+    idle = record.get("keys_at_floor")
+    cells = [
+        record["name"], m["memory"]["writer"], f"{tc['steps']} x {tc['batch_size']}",
+        f"{t['neg_elbo']:.2f}", f"{t['iwae']:.2f}", f"{t['recon']:.2f}", f"{t['kl_z']:.2f}",
+        f"{t['kl_y']:.2f} ({per_key})", f"{t['swap_gap']:+.2f}", f"{t.get('loo_neg_elbo', float('nan')):.2f}",
+        "-" if idle is None else (",".join(map(str, idle)) or "none"), f"{record['train_seconds'] / 60:.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = ("| run | writer | steps x episodes | -ELBO | IWAE | recon | KL_z | KL_y (per key) | swap gap | LOO -ELBO "
+          "| keys at floor | train min |\n|" + " --- |" * 12)
+
+
+def table(records: list[dict]) -> str:
+    return "\n".join([HEADER, *(row(r) for r in records)])
+
+
+def plot_curve(records: list[dict], out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for r in records:
+        label = {"key": "K++ (key writer)", "none": "no memory (writer=none)"}.get(r["model_config"]["memory"]["writer"],
+                                                                               r["model_config"]["memory"]["writer"])
+        lines[label].append((r["train_config"]["steps"], r["test"]["neg_elbo"], r["test"]["iwae"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for (label, points), colour in zip(sorted(lines.items()), ("tab:blue", "tab:orange", "tab:green")):
+        points.sort()
+        steps = [p[0] for p in points]
+        ax.plot(steps, [p[1] for p in points], "o-", color=colour, label=f"{label}: -ELBO")
+        ax.plot(steps, [p[2] for p in points], "s--", color=colour, alpha=0.7, label=f"{label}: IWAE")
+        for s, e, _ in points:
+            ax.annotate(f"{e:.1f}", (s, e), textcoords="offset points", xytext=(4, 4), fontsize=8, color=colour)
+    images = {r["test_images"] for r in records}
+    ax.set_xlabel("training steps (16 episodes x 16 images each)")
+    ax.set_ylabel("test bound, nats/image (lower is better)")
+    ax.set_title(f"Binarized MNIST, memory-conditional bounds on {'/'.join(map(str, sorted(images)))} test images")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def plot_memory_samples(model, episodes, out: str, labels=None, seed: int = 0) -> str:
+    """For each test episode [E, T, C, H, W]: the episode, then samples drawn from the memory written from it
+    (keys from the prior, z from p(z | reads)). Row labels say which is which."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from kpp import generate as gen
+
+    g = torch.Generator().manual_seed(seed)
+    rows, names = [], []
+    with torch.no_grad():
+        model.eval()
+        for i, episode in enumerate(episodes):
+            t = episode.shape[0]
+            tag = f"episode {i}" + ("" if labels is None else f" (class {int(labels[i])})")
+            memory = gen.episode_memory(model, episode[None])
+            rows += [episode, gen.generate(model, memory, t, g)[0]]
+            names += [tag, "samples from its memory"]
+    n, t = len(rows), rows[0].shape[0]
+    fig, axes = plt.subplots(n, t, figsize=(t * 0.55 + 1.8, n * 0.6 + 0.6), dpi=110, squeeze=False)
+    for r, (images, name) in enumerate(zip(rows, names)):
+        for c in range(t):
+            ax = axes[r][c]
+            ax.imshow(images[c].permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle("Test episodes and samples generated from the memory each one wrote", fontsize=9)
+    fig.tight_layout()
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", help="JSON files written by jobs.memory_experiment")
+    ap.add_argument("--curve", help="also plot -ELBO and IWAE against steps per writer into this PNG")
+    args = ap.parse_args(argv)
+    records = load(args.results)
+    print(table(records))
+    if args.curve:
+        print(f"\ncurve: {plot_curve(records, args.curve)}")
+
+
+if __name__ == "__main__":
+    main()
