@@ -13,6 +13,8 @@ import json
 import pathlib
 from collections import defaultdict
 
+from kpp.objective import keys_at_floor
+
 
 def load(paths: list[str]) -> list[dict]:
     records = []
@@ -28,6 +30,10 @@ def row(record: dict) -> str:
     keys = m["keys"]["num_reads"]
     per_key = " / ".join(f"{t[f'kl_y_key{k}']:.2f}" for k in range(keys))
     idle = record.get("keys_at_floor")
+    if idle is None and record.get("history"):  # results written before the field existed: from the history
+        after = [r for r in record["history"] if r["step"] > m["objective"]["kl_warmup_steps"]] or record["history"]
+        peaks = [max(r["kl_y_per_key"][k] for r in after) for k in range(keys)]
+        idle = keys_at_floor(peaks, m["objective"]["key_free_bits"])
     cells = [
         record["name"], m["memory"]["writer"], f"{tc['steps']} x {tc['batch_size']}",
         f"{t['neg_elbo']:.2f}", f"{t['iwae']:.2f}", f"{t['recon']:.2f}", f"{t['kl_z']:.2f}",

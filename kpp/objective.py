@@ -41,8 +41,9 @@ def training_loss(terms: dict[str, torch.Tensor], beta: float, key_free_bits: fl
 
 
 def keys_at_floor(max_kl_per_key: list[float], key_free_bits: float, margin: float = 0.25) -> list[int]:
-    """The key reads whose KL_y (batch mean, in nats) never rose more than `margin` above the free-bits floor
-    during a run, given each key's largest logged value: reads that never carried an address. Without free bits
-    the floor is the prior (KL_y 0); a key below `margin` nats then counts as collapsed."""
+    """The key reads whose KL_y (batch mean, in nats) never rose more than `margin` above the free-bits floor,
+    given each key's largest value logged once the KL warm-up was over (while beta < 1 every key drifts above
+    the floor and back): reads that carried no address. Without free bits the floor is the prior (KL_y 0); a
+    key below `margin` nats then counts as collapsed."""
     threshold = key_free_bits * (1.0 + margin) if key_free_bits > 0 else margin
     return [k for k, v in enumerate(max_kl_per_key) if v <= threshold]

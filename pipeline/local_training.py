@@ -83,7 +83,9 @@ def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainCon
         optimizer.step()
         scheduler.step()
         per_key = out["kl_y_per_key"].detach().mean((0, 1))
-        max_per_key = per_key if step == 0 else torch.maximum(max_per_key, per_key)
+        if step == 0 or step == model.cfg.objective.kl_warmup_steps:  # idle keys are judged after the warm-up
+            max_per_key = per_key
+        max_per_key = torch.maximum(max_per_key, per_key)
         for name in ("loss", "total", "recon", "kl_z", "kl_y"):
             window[name] = window.get(name, 0.0) + out[name].mean().item()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:

@@ -182,7 +182,10 @@ class Loop:
         window.t, window.step = now, self.cur.step
         m = {f"train/{k}": v for k, v in zip(names, vec.tolist())}
         per_key = [m[f"train/kl_y_key{k}"] for k in range(self.mcfg.keys.num_reads)]
-        self.key_kl_max = [max(a, b) for a, b in zip(self.key_kl_max, per_key)] if self.key_kl_max else per_key
+        restart = self.cur.step - self.job.train.log_every < self.mcfg.objective.kl_warmup_steps <= self.cur.step
+        if not self.key_kl_max or restart:  # idle keys are judged from the end of the KL warm-up on
+            self.key_kl_max = per_key
+        self.key_kl_max = [max(a, b) for a, b in zip(self.key_kl_max, per_key)]
         m.update({"train/lr": self.sched.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
                   "train/beta": kl_beta(self.cur.step, self.mcfg.objective),
                   "train/nonfinite_skipped": self.skipped, "perf/episodes_per_s": episodes_per_s,
