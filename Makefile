@@ -21,9 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 # The main job on embedded defaults: shards of the bundled digits (or DATA=<dir> of DATASET=<name>), Ray Train on
 # 2 local workers, a local MLflow store, the model registered. `make demo-local` is the in-process model demo.
 DEMO_DATASET = $(if $(DATASET),$(DATASET),$(if $(DATA),$(notdir $(patsubst %/,%,$(DATA))),digits))
+# Episodes of one class for the bundled digits (labelled); i.i.d. episodes for a dataset directory (binarized
+# MNIST has no labels). EPISODES=class|random overrides.
+EPISODES ?= $(if $(DATA),random,class)
 demo: $(STAMP)
 	$(PY) -m jobs.prepare --dataset $(DEMO_DATASET) $(if $(DATA),--source $(DATA)) --out outputs/shards/$(DEMO_DATASET) --episode-length 8 --no-progress
-	$(PY) -m jobs.train --config jobs/configs/local.yaml data.dataset=$(DEMO_DATASET) data.shards=outputs/shards/$(DEMO_DATASET) $(if $(DATA),name=kpp-$(DEMO_DATASET))
+	$(PY) -m jobs.train --config jobs/configs/local.yaml data.dataset=$(DEMO_DATASET) data.shards=outputs/shards/$(DEMO_DATASET) data.episodes=$(EPISODES) $(if $(DATA),name=kpp-$(DEMO_DATASET))
 
 demo-local: $(STAMP)
 	$(PY) -m jobs.demo $(if $(DATA),--source $(DATA)) $(if $(DATASET),--dataset $(DATASET))

@@ -43,6 +43,9 @@ class DataConfig:
     source: str = _f("", "path or fsspec URL of the raw dataset; '' = the dataset's bundled default")
     shards: str = _f("", "URL of a prepared dataset (the --out of jobs.prepare: manifest.parquet + shards); when "
                          "set, every worker streams its share of the shards instead of reading `source`")
+    episodes: Literal["random", "class"] = _f("random", "how episodes are drawn: 'random' = T images of the "
+                                               "shuffled split (the paper); 'class' = T images of one class, for "
+                                               "the leave-one-out bound (needs a dataset with labels)")
     batch_episodes: int = _f(8, "episodes per batch on each worker (global batch = this x scaling.num_workers)")
     valid_episodes: int = _f(32, "fixed (seeded) validation episodes, evaluated at every epoch end")
     test_episodes: int = _f(64, "fixed (seeded) test episodes for the final bound")

@@ -69,7 +69,8 @@ class Loop:
         if data is None:
             data = load_data(job.data.dataset, job.data.source, self.mcfg.episode_length, job.data.batch_episodes,
                              job.data.valid_episodes, job.data.test_episodes, job.seed, session.rank,
-                             session.world_size, shards=job.data.shards, loader_workers=job.data.loader_workers)[:3]
+                             session.world_size, shards=job.data.shards, loader_workers=job.data.loader_workers,
+                             episodes=job.data.episodes)[:3]
         self.stream, self.valid, self.test = data
         torch.manual_seed(job.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.net = KanervaPlusPlus(self.mcfg)

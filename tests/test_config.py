@@ -106,7 +106,7 @@ def test_cli_help_lists_every_field(capsys):
 # deliberate change to the job's interface, made here too, and old configs/commands must be considered.
 FROZEN_FIELDS = """
 name seed model
-data.dataset data.source data.shards data.batch_episodes data.valid_episodes data.test_episodes data.loader_workers
+data.dataset data.source data.shards data.episodes data.batch_episodes data.valid_episodes data.test_episodes data.loader_workers
 train.max_steps train.halt_at_step train.optimizer train.lr train.weight_decay train.warmup_steps train.schedule
 train.min_lr_ratio train.grad_clip train.precision train.nonfinite train.max_nonfinite train.log_every
 scaling.num_workers scaling.use_gpu scaling.cpus_per_worker scaling.timeout_s

@@ -182,3 +182,42 @@ def test_drop_policy_gives_full_batches_equal_on_every_rank(prepared):
     assert all(bool(b.mask.all()) for r in ranks for b in r)
     keys = torch.cat([b.keys.ravel() for r in ranks for b in r]).numpy()
     assert len(keys) == len(np.unique(keys)) == 3 * 65 * 16 * 16
+
+
+@pytest.fixture(scope="module")
+def prepared_mnist(shared_data, tmp_path_factory):
+    """MNIST (with labels) in 3 train shards, for episodes of one class."""
+    out = tmp_path_factory.mktemp("mnist")
+    prepare(PrepareConfig(dataset="mnist", source=str(shared_data / "mnist"), out=str(out), shard_size=20_000,
+                          episode_length=16, progress=False, splits=("train", "test")))
+    return out
+
+
+def test_class_episodes_hold_one_class_and_never_repeat_an_image(prepared_mnist, shared_data):
+    train = load_split("mnist", shared_data / "mnist", "train")
+    per_class = np.bincount(train.labels)
+    batches = epoch(prepared_mnist, world=2, rank=0, episodes="class", remainder="drop")
+    other = epoch(prepared_mnist, world=2, rank=1, episodes="class", remainder="drop")
+    assert len(batches) == len(other)  # equal batch counts: no DDP hang
+    keys = torch.cat([b.keys.ravel() for b in batches + other]).numpy()
+    assert len(np.unique(keys)) == keys.size  # at most once per epoch over both ranks
+    usable = int((per_class - per_class % 16).sum())
+    assert usable - 2 * 8 * 16 < keys.size <= usable  # only the per-class remainder and the batch tail are left
+    for batch in batches[::40]:
+        labels = batch.labels.numpy()
+        assert (labels == labels[:, :1]).all(), "every episode holds one class"
+        np.testing.assert_array_equal(labels, train.labels[batch.keys.numpy()])
+        np.testing.assert_array_equal(batch.images.numpy(), train.images[batch.keys.numpy()])
+    assert len({int(b.labels[0, 0]) for b in batches[:20]}) > 1  # classes interleave across the epoch
+    # Resuming mid-epoch gives the batches an uninterrupted epoch would have given next.
+    resumed = epoch(prepared_mnist, world=2, rank=0, episodes="class", remainder="drop", cursor=batches[9].cursor_after())
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(resumed, batches[10:]))
+    # A cursor of random episodes does not resume a class-episode stream.
+    random_cursor = epoch(prepared_mnist, world=2, rank=0, remainder="drop")[3].cursor_after()
+    with pytest.raises(ValueError, match="another data plan"):
+        epoch(prepared_mnist, world=2, rank=0, episodes="class", remainder="drop", cursor=random_cursor)
+
+
+def test_class_episodes_need_labels(prepared):
+    with pytest.raises(ManifestError, match="labels"):
+        epoch(prepared, episodes="class")

@@ -4,6 +4,8 @@ Layout of a prepared dataset at URL `out`:
     out/manifest.parquet         split, shard_index, path (relative to out), url, num_samples, num_bytes, sha256
     out/dataset.json             the dataset card: shapes, dtype, bit depth, split sizes, binarization,
                                  source checksums, episode construction and seeds
+    out/labels.parquet           datasets with labels: split, shard_index, labels (the shard's, in row order),
+                                 so a reader can plan episodes of one class without fetching every shard
     out/<split>/<split>-NNNNN.tar
 Both files are written to a temporary name and moved into place last: a dataset without manifest.parquet is
 not prepared, whatever shards lie beside it. Readers trust only the manifest, never a directory listing.
@@ -23,6 +25,8 @@ from pipeline.shards.storage import filesystem, join, with_retries
 
 MANIFEST_NAME = "manifest.parquet"
 CARD_NAME = "dataset.json"
+LABELS_NAME = "labels.parquet"
+LABELS_SCHEMA = pa.schema([("split", pa.string()), ("shard_index", pa.int32()), ("labels", pa.list_(pa.int64()))])
 
 SCHEMA = pa.schema(
     [
@@ -97,3 +101,28 @@ def read_card(root: str, storage_options: dict | None = None) -> dict[str, Any]:
         return json.loads(with_retries(f"read {join(root, CARD_NAME)}", lambda: fs.cat_file(join(base, CARD_NAME))))
     except FileNotFoundError as err:
         raise ManifestError(f"{join(root, CARD_NAME)}: no dataset card") from err
+
+
+def write_labels(root: str, labels: dict[tuple[str, int], list[int]], storage_options: dict | None = None) -> None:
+    """The label index: {(split, shard_index): labels of that shard's rows}."""
+    rows = [{"split": split, "shard_index": index, "labels": list(map(int, values))}
+            for (split, index), values in sorted(labels.items())]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), buffer)
+    _atomic_write(join(root, LABELS_NAME), buffer.getvalue(), storage_options)
+
+
+def read_labels(root: str, split: str, storage_options: dict | None = None) -> dict[int, list[int]]:
+    """{shard_index: labels} of one split, from the label index."""
+    fs, base = filesystem(root, storage_options)
+    url = join(root, LABELS_NAME)
+    try:
+        data = with_retries(f"read {url}", lambda: fs.cat_file(join(base, LABELS_NAME)))
+    except FileNotFoundError as err:
+        raise ManifestError(f"{url}: no label index; episodes of one class need a dataset with labels, prepared "
+                            "by this version of jobs.prepare (re-run it: valid shards are kept)") from err
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except pa.ArrowException as err:
+        raise ManifestError(f"{url}: not a readable Parquet label index ({err})") from err
+    return {int(r["shard_index"]): r["labels"] for r in table.to_pylist() if r["split"] == split}

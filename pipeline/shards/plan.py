@@ -18,6 +18,8 @@ EQUAL BATCH COUNTS (no DDP hang), remainder policy:
   "drop" only full batches: every rank yields floor((episodes // world_size) / B) batches of real images, the
          rest of the epoch (fewer than world_size * B * T + T images, different ones every epoch) is not
          delivered. No padding, no mask needed; not exactly-once.
+CLASS EPISODES (class_epoch_stream): the stream is re-arranged so that every T consecutive images share a class;
+the rest of the plan is the same. Episodes then draw from many shards, so the reader keeps the epoch's shards.
 WORKERS: rank batch s goes to DataLoader worker (s - first) % num_workers, which is the order in which
 torch's DataLoader collects from its workers, so a rank's batch order does not depend on the worker count.
 """
@@ -31,6 +33,7 @@ import numpy as np
 Remainder = Literal["pad", "drop"]
 SHARD_ORDER_STREAM = 0
 ROW_ORDER_STREAM = 1
+CLASS_ORDER_STREAM = 2
 
 
 def epoch_stream(counts: np.ndarray, seed: int, epoch: int, shuffle: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +48,24 @@ def epoch_stream(counts: np.ndarray, seed: int, epoch: int, shuffle: bool) -> tu
     shard_of = np.repeat(order, counts[order])
     row_of = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     return shard_of.astype(np.int64), row_of.astype(np.int64)
+
+
+def class_epoch_stream(labels: list[np.ndarray], episode_length: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Like epoch_stream, for episodes of one class: every T consecutive positions share a label. Each class's
+    images (over all shards) in a seeded order, cut into episodes of T (a class's last n_c % T images, other ones
+    every epoch, are not delivered), the episodes of all classes in a seeded order. labels: per shard, int [count]."""
+    shard_of = np.concatenate([np.full(len(l), i, np.int64) for i, l in enumerate(labels)])
+    row_of = np.concatenate([np.arange(len(l), dtype=np.int64) for l in labels])
+    flat = np.concatenate([np.asarray(l, np.int64) for l in labels])
+    rng = np.random.default_rng([CLASS_ORDER_STREAM, seed, epoch])
+    episodes = []
+    for c in np.unique(flat):
+        members = rng.permutation(np.flatnonzero(flat == c))
+        usable = members.size - members.size % episode_length
+        episodes.append(members[:usable].reshape(-1, episode_length))
+    chosen = np.concatenate(episodes)
+    order = chosen[rng.permutation(chosen.shape[0])].ravel()
+    return shard_of[order], row_of[order]
 
 
 @dataclass(frozen=True)

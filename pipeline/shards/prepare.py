@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.episodes import fixed_episodes
 from pipeline.shards.format import ShardArrays, encode_shard
-from pipeline.shards.manifest import ManifestError, ShardRecord, read_manifest, write_card, write_manifest
+from pipeline.shards.manifest import ManifestError, ShardRecord, read_manifest, write_card, write_labels, write_manifest
 from pipeline.shards.progress import Progress
 from pipeline.shards.source_checksums import source_checksums
 from pipeline.shards.storage import filesystem, join, unstrip_protocol, with_retries
@@ -218,6 +218,9 @@ def prepare(config: PrepareConfig) -> PrepareReport:
                 progress.advance(result[1])
     records = [record for record, _ in results]
     write_card(config.out, _card(config, sets, records), config.storage_options)
+    if all(t.arrays.labels is not None for t in tasks):
+        write_labels(config.out, {(t.split, t.shard_index): t.arrays.labels.tolist() for t in tasks},
+                     config.storage_options)
     write_manifest(config.out, records, config.storage_options)
     skipped = sum(skip for _, skip in results)
     return PrepareReport(records, written=len(results) - skipped, skipped=skipped)

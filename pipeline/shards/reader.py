@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards.fetch import RetryPolicy, ShardIntegrityError, Verify, fetch_shard, shard_url
 from pipeline.shards.format import ShardArrays, ShardFormatError, decode_shard
-from pipeline.shards.manifest import ManifestError, read_card, read_manifest
-from pipeline.shards.plan import Remainder, RankPlan, epoch_stream, rank_plan, worker_batches
+from pipeline.shards.manifest import ManifestError, read_card, read_labels, read_manifest
+from pipeline.shards.plan import Remainder, RankPlan, class_epoch_stream, epoch_stream, rank_plan, worker_batches
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class StreamConfig:
     seed: int = 0                    # with the epoch, fixes the order of everything
     shuffle: bool = True             # False for evaluation: storage order = the fixed evaluation episodes
     remainder: Remainder = "pad"     # equal-batch policy, see pipeline.shards.plan
+    episodes: Literal["random", "class"] = "random"  # "class": T images of one class per episode (needs labels)
     verify: Verify = "sha256"        # integrity check of every fetched shard: "size" or "sha256"
     on_corrupt: Literal["raise", "skip"] = "raise"
     retry: RetryPolicy = RetryPolicy()
@@ -68,6 +69,10 @@ class StreamConfig:
             raise ValueError(f"StreamConfig.remainder must be 'pad' or 'drop', got {self.remainder!r}")
         if self.verify not in ("size", "sha256"):
             raise ValueError(f"StreamConfig.verify must be 'size' or 'sha256', got {self.verify!r}")
+        if self.episodes not in ("random", "class"):
+            raise ValueError(f"StreamConfig.episodes must be 'random' or 'class', got {self.episodes!r}")
+        if self.episodes == "class" and not self.shuffle:
+            raise ValueError("StreamConfig.episodes='class' draws episodes per epoch: it needs shuffle=True")
         if self.on_corrupt not in ("raise", "skip"):
             raise ValueError(f"StreamConfig.on_corrupt must be 'raise' or 'skip', got {self.on_corrupt!r}")
 
@@ -129,7 +134,21 @@ class EpisodeStream(IterableDataset):
         if [r.shard_index for r in self.shards] != list(range(len(self.shards))):
             raise ManifestError(f"{config.root}: shard indices of split {config.split!r} are not 0..{len(self.shards) - 1}")
         self.counts = np.array([r.num_samples for r in self.shards], dtype=np.int64)
-        self.plan: RankPlan = rank_plan(int(self.counts.sum()), config.episode_length, config.batch_size,
+        self.labels: list[np.ndarray] | None = None
+        stream_length = int(self.counts.sum())
+        if config.episodes == "class":
+            if not self.has_labels:
+                raise ManifestError(f"{config.root}: episodes of one class need labels, and this dataset has none")
+            by_shard = read_labels(config.root, config.split, config.storage_options)
+            self.labels = [np.asarray(by_shard.get(r.shard_index, []), np.int64) for r in self.shards]
+            for record, labels in zip(self.shards, self.labels):
+                if labels.size != record.num_samples:
+                    raise ManifestError(f"{config.root}: label index holds {labels.size} labels for shard "
+                                        f"{record.path}, the manifest {record.num_samples} images")
+            # Classes lose their last n_c % T images each epoch: the same count every epoch.
+            stream_length = sum(int(n) - int(n) % config.episode_length
+                                for n in np.bincount(np.concatenate(self.labels)) if n)
+        self.plan: RankPlan = rank_plan(stream_length, config.episode_length, config.batch_size,
                                         world_size, rank, config.remainder)
         self.fingerprint = plan_fingerprint(config, world_size, self.counts)
         if cursor.plan is not None and cursor.plan != self.fingerprint:
@@ -145,7 +164,11 @@ class EpisodeStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        shard_of, row_of = epoch_stream(self.counts, self.config.seed, self.cursor.epoch, self.config.shuffle)
+        if self.labels is not None:
+            shard_of, row_of = class_epoch_stream(self.labels, self.config.episode_length, self.config.seed,
+                                                  self.cursor.epoch)
+        else:
+            shard_of, row_of = epoch_stream(self.counts, self.config.seed, self.cursor.epoch, self.config.shuffle)
         cache: dict[int, ShardArrays | None] = {}
         for batch_index in worker_batches(self.plan.num_batches, self.cursor.batches_seen, worker_id, num_workers):
             yield self._batch(batch_index, shard_of, row_of, cache)
@@ -184,8 +207,11 @@ class EpisodeStream(IterableDataset):
         needed = np.unique(shards_here[real])
         # A shard is one contiguous run of the stream, and a worker's batches advance along it, so a cached shard
         # this batch does not need is finished for the epoch (tests/test_shards_plan.py checks the invariant).
-        for finished in [s for s in cache if s not in needed]:
-            del cache[finished]
+        # Episodes of one class draw from every shard: then the epoch's shards stay (the split fits in memory,
+        # as it must for prepare).
+        if self.labels is None:
+            for finished in [s for s in cache if s not in needed]:
+                del cache[finished]
         skipped, fetched = [], 0
         for shard in needed:
             arrays, newly_skipped, num_bytes = self._load(int(shard), cache)
@@ -216,6 +242,8 @@ def plan_fingerprint(config: StreamConfig, world_size: int, counts: np.ndarray) 
     """16 hex digits naming everything besides the epoch that the read order depends on."""
     fields = [config.split, config.episode_length, config.batch_size, config.seed, config.shuffle, config.remainder,
               world_size, [int(c) for c in counts]]
+    if config.episodes != "random":  # unchanged fingerprints for random episodes: old cursors stay valid
+        fields.append(config.episodes)
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
