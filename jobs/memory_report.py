@@ -38,13 +38,14 @@ def row(record: dict) -> str:
         record["name"], m["memory"]["writer"], f"{tc['steps']} x {tc['batch_size']}",
         f"{t['neg_elbo']:.2f}", f"{t['iwae']:.2f}", f"{t['recon']:.2f}", f"{t['kl_z']:.2f}",
         f"{t['kl_y']:.2f} ({per_key})", f"{t['swap_gap']:+.2f}", f"{t.get('loo_neg_elbo', float('nan')):.2f}",
+        f"{t.get('loo_iwae', float('nan')):.2f}",
         "-" if idle is None else (",".join(map(str, idle)) or "none"), f"{record['train_seconds'] / 60:.0f}",
     ]
     return "| " + " | ".join(cells) + " |"
 
 
 HEADER = ("| run | writer | steps x episodes | -ELBO | IWAE | recon | KL_z | KL_y (per key) | swap gap | LOO -ELBO "
-          "| keys at floor | train min |\n|" + " --- |" * 12)
+          "| LOO IWAE | idle keys | train min |\n|" + " --- |" * 13)
 
 
 def table(records: list[dict]) -> str:
@@ -102,7 +103,7 @@ def plot_memory_samples(model, episodes, out: str, labels=None, seed: int = 0) -
             tag = f"episode {i}" + ("" if labels is None else f" (class {int(labels[i])})")
             memory = gen.episode_memory(model, episode[None])
             rows += [episode, gen.generate(model, memory, t, g)[0]]
-            names += [tag, "samples from its memory"]
+            names += [tag, "from its memory"]
     n, t = len(rows), rows[0].shape[0]
     fig, axes = plt.subplots(n, t, figsize=(t * 0.55 + 1.8, n * 0.6 + 0.6), dpi=110, squeeze=False)
     for r, (images, name) in enumerate(zip(rows, names)):
@@ -112,7 +113,8 @@ def plot_memory_samples(model, episodes, out: str, labels=None, seed: int = 0) -
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle("Test episodes and samples generated from the memory each one wrote", fontsize=9)
+    fig.suptitle("Test episodes, each followed by images generated from the memory it wrote\n(keys from the prior, "
+                 "z from p(z | reads), pixel means of the decoder)", fontsize=9)
     fig.tight_layout()
     pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
