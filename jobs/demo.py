@@ -19,7 +19,7 @@ from kpp.checkpoint import save_model
 from kpp.data import to_model_input
 from kpp.evaluate import describe, evaluate
 from kpp.viz import ROW_LABELS, save_sample_grid
-from pipeline.episodes import fixed_episodes
+from pipeline.episodes import class_episodes, fixed_episodes
 from pipeline.local_training import LocalTrainConfig, train_local
 from pipeline.sources import DATASETS, load_split
 
@@ -74,12 +74,17 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     model = KanervaPlusPlus(cfg)
     images = to_model_input(train.images, train.bit_depth)
-    order = torch.from_numpy(fixed_episodes(len(test), cfg.episode_length, seed=1234))[: args.test_episodes]
+    # Episodes of one class where the data has labels (as make demo): the memory then carries what they share.
+    episodes = "class" if train.labels is not None and test.labels is not None else "random"
+    order = (fixed_episodes(len(test), cfg.episode_length, seed=1234) if episodes == "random"
+             else class_episodes(test.labels, cfg.episode_length, seed=1234))
+    order = torch.from_numpy(order)[: args.test_episodes]
     test_x = to_model_input(test.images, test.bit_depth)[order]
-    print(f"demo: {train.name} ({len(train)} images) -> {test.name}, {args.steps} steps", flush=True)
+    print(f"demo: {train.name} ({len(train)} images) -> {test.name}, {args.steps} steps, {episodes} episodes", flush=True)
 
     start = time.perf_counter()
-    train_local(model, images, LocalTrainConfig(steps=args.steps, batch_size=8, lr=2e-3, warmup_steps=20, seed=args.seed),
+    train_local(model, images, LocalTrainConfig(steps=args.steps, batch_size=8, lr=2e-3, warmup_steps=20, seed=args.seed,
+                                                episodes=episodes), labels=train.labels,
                 on_log=lambda r: print(f"  step {r['step']:4d}  -elbo {r['total']:8.2f}  KL_z {r['kl_z']:6.2f}  "
                                        f"KL_y {r['kl_y']:6.2f}  swap gap {r['swap_gap']:+6.2f}  {r['seconds']:5.0f}s",
                                        flush=True))
