@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
               f"leave-one-out negative ELBO {m.get('test/loo_neg_elbo', float('nan')):.3f}; "
               f"memory swap gap {m['test/swap_gap']:+.3f}")
         idle = m.get("keys_at_floor") or []
-        if idle:
+        if idle and config.model_config(cfg).memory.writer != "none":  # without a memory no key has an address
             print(f"key reads {', '.join(map(str, idle))} of {config.model_config(cfg).keys.num_reads} stayed at the "
                   f"free-bits floor for the whole run (KL_y per key: train/kl_y_key<k>): they carried no address")
         if out.model_version:
