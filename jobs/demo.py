@@ -12,7 +12,6 @@ import pathlib
 import time
 
 import torch
-import yaml
 
 from kpp import KanervaConfig, KanervaPlusPlus
 from kpp.checkpoint import save_model
@@ -53,24 +52,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--iwae-samples", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/demo", help="where the model, bounds and sample grid go")
-    ap.add_argument("overrides", nargs="*", help="model fields to change, e.g. memory.writer=none")
     args = ap.parse_args(argv)
     dataset = args.dataset or ("digits" if args.source is None else infer_dataset(args.source))
 
     train, test = (load_split(dataset, args.source, split) for split in ("train", "test"))
     c, h, w = train.image_shape
     kind = "bernoulli" if train.bit_depth == 1 else "logistic_mixture"
-    model_dict = {**DEMO_MODEL, "image_channels": c, "image_height": h, "image_width": w,
-                  "bit_depth": train.bit_depth, "likelihood": {"kind": kind}}
-    for item in args.overrides:
-        key, _, raw = item.partition("=")
-        *path, leaf = key.split(".")
-        node = model_dict  # copied level by level on the way down, so DEMO_MODEL itself never changes
-        for part in path:
-            node[part] = dict(node.get(part, {}))
-            node = node[part]
-        node[leaf] = yaml.safe_load(raw)
-    cfg = KanervaConfig.from_dict(model_dict).validate()
+    cfg = KanervaConfig.from_dict({**DEMO_MODEL, "image_channels": c, "image_height": h, "image_width": w,
+                                   "bit_depth": train.bit_depth, "likelihood": {"kind": kind}}).validate()
     torch.manual_seed(args.seed)
     model = KanervaPlusPlus(cfg)
     images = to_model_input(train.images, train.bit_depth)
