@@ -65,9 +65,10 @@ def plain_worker(args) -> None:
     opt, sched = optim.build(model.parameters(), cfg.train)
     dist.barrier()
     t0, cpu0 = time.perf_counter(), time.thread_time()
-    for step, (_, x) in enumerate(stream.epoch(0)):
+    for step, batch in enumerate(stream.batches(stream.start(0))):
         if step == args.steps:
             break
+        x = batch.images
         torch.manual_seed(hash_seed(cfg.seed, rank, step))
         out = model(x, beta=kl_beta(step, mcfg.objective))
         opt.zero_grad(set_to_none=True)

@@ -52,7 +52,7 @@ def _as_tuple(x: Any) -> Any:
 
 
 def save(folder: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: Any, step: int, cursor: dict[str, int], extra: dict[str, Any] | None = None) -> pathlib.Path:
+         scheduler: Any, step: int, cursor: dict[str, Any], extra: dict[str, Any] | None = None) -> pathlib.Path:
     """Write one complete checkpoint into `folder` (created); the marker goes last."""
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def save(folder: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteState(f"step {step}: non-finite values in {bad[:5]}; checkpoint not written")
-    payload = {"format": FORMAT, "step": int(step), "cursor": {k: int(v) for k, v in cursor.items()},
+    payload = {"format": FORMAT, "step": int(step), "cursor": dict(cursor),
                "model": weights, "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict() if scheduler is not None else {},
                "rng": rng_state(), "extra": extra or {}}

@@ -47,7 +47,7 @@ class DataConfig:
                                                "shuffled split (the paper); 'class' = T images of one class, for "
                                                "the leave-one-out bound (needs a dataset with labels)")
     batch_episodes: int = _f(8, "episodes per batch on each worker (global batch = this x scaling.num_workers)")
-    valid_episodes: int = _f(32, "fixed (seeded) validation episodes, evaluated at every epoch end")
+    valid_episodes: int = _f(32, "fixed (seeded) validation episodes, evaluated every eval.every_steps")
     test_episodes: int = _f(64, "fixed (seeded) test episodes for the final bound")
     loader_workers: int = _f(0, "DataLoader worker processes per training worker for the shard stream")
 
@@ -87,7 +87,7 @@ class CheckpointConfig:
     storage_path: str = _f("outputs/ray", "where Ray keeps run state and checkpoints: a local path or "
                                           "s3://bucket/prefix; the run lives under <storage_path>/<name>")
     s3_endpoint_url: str = _f("", "S3-compatible endpoint for s3:// storage ('' = AWS_ENDPOINT_URL or AWS)")
-    every_steps: int = _f(100, "checkpoint every this many steps, and always at every epoch end and the last step")
+    every_steps: int = _f(100, "checkpoint every this many steps and at the last step (0 = only at the last)")
     keep: int = _f(2, "checkpoints to keep (the latest is always kept besides)")
     keep_by: Literal["recent", "valid"] = _f("valid", "which to keep: the most recent, or the best validation "
                                                        "bound")
@@ -101,11 +101,13 @@ class TrackingConfig:
     experiment: str = _f("kpp", "MLflow experiment name")
     registered_model: str = _f("kpp", "registry name the final model is registered under ('' = don't register)")
     alias: str = _f("candidate", "alias set on the new model version")
-    images_every_epoch: bool = _f(True, "log a generation grid PNG at every epoch end")
+    images_every_steps: int = _f(0, "log a labelled sample grid PNG every this many steps (0 = only the final one)")
 
 
 @dataclass(kw_only=True)
 class EvalConfig:
+    every_steps: int = _f(100, "validate every this many steps and at the last step (0 = only at the last); a "
+                               "checkpoint kept by its bound (checkpoint.keep_by=valid) is always validated")
     iwae_samples: int = _f(16, "importance samples of the final IWAE bound")
     seed: int = _f(1234, "seed of the evaluation draws (same draws every evaluation)")
 
@@ -147,10 +149,11 @@ class JobConfig:
                         ("data.test_episodes", d.test_episodes), ("train.max_steps", t.max_steps),
                         ("train.log_every", t.log_every), ("train.max_nonfinite", t.max_nonfinite),
                         ("scaling.num_workers", s.num_workers), ("scaling.timeout_s", s.timeout_s),
-                        ("checkpoint.every_steps", c.every_steps), ("checkpoint.keep", c.keep),
-                        ("eval.iwae_samples", self.eval.iwae_samples)]:
+                        ("checkpoint.keep", c.keep), ("eval.iwae_samples", self.eval.iwae_samples)]:
             _need(v >= 1, path, "must be >= 1", v)
         for path, v in [("data.loader_workers", d.loader_workers), ("train.halt_at_step", t.halt_at_step),
+                        ("checkpoint.every_steps", c.every_steps), ("eval.every_steps", self.eval.every_steps),
+                        ("tracking.images_every_steps", k.images_every_steps),
                         ("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
                         ("train.grad_clip", t.grad_clip)]:
             _need(v >= 0, path, "must be >= 0", v)

@@ -1,17 +1,20 @@
 """What the training loop reads: per-rank training batches with a resumable cursor, and fixed eval episodes.
 
-The loop sees only `TrainStream` (batches of one epoch from a cursor) and float eval tensors, so the source can
-change (in-memory splits now, the sharded WebDataset reader of pipeline/shards for object storage) without
-touching the loop.
+The loop sees only `TrainStream` (batches from a `Cursor`, each carrying the cursor after it) and float eval
+tensors, so the source can change (in-memory splits, the sharded WebDataset reader of pipeline/shards for object
+storage) without touching the loop.
 
-Batch order is a pure function of (seed, epoch, world size): global batch b of an epoch is episodes
-[b*W*B, (b+1)*W*B) of `epoch_episodes` (of `class_episodes` for data.episodes="class": T images of one class),
-and rank r takes the r-th slice of B. So every rank has the same number
-of batches (the tail that does not fill a global batch is dropped: no DDP hang), no episode is seen twice in an
-epoch, and the cursor (epoch, batch) is all a resume needs.
+Both streams split an epoch the same way (pipeline.shards.plan): the epoch's episodes in a seeded order (of
+`epoch_episodes`, or `class_episodes` for data.episodes="class": T images of one class), each rank a contiguous
+run of them, cut into batches of B; the tail that does not fill a batch on every rank is dropped (no DDP hang).
+Order is a pure function of (seed, epoch, layout), and the cursor records the layout (world size, batch size), so
+a resume under another layout leaves out the episodes already consumed and splits the rest anew: never a repeat
+or a skip of an image the epoch still owed.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -20,13 +23,25 @@ import torch
 
 from kpp.data import to_model_input
 from pipeline.episodes import class_episodes, epoch_episodes, fixed_episodes
+from pipeline.shards.plan import Cursor, episodes_left, rank_plan
+
+
+@dataclass
+class TrainBatch:
+    keys: np.ndarray      # int64 [B, T]: each image's index in its split
+    images: torch.Tensor  # float [B, T, C, H, W]
+    after: Cursor         # where the stream stands once this batch is consumed (what a checkpoint keeps)
+    last: bool            # the epoch's last batch on this rank (the same index on every rank)
 
 
 class TrainStream(Protocol):
-    def batches_per_epoch(self) -> int: ...
+    def start(self, epoch: int) -> Cursor:
+        """The cursor at the start of `epoch` under this stream's layout."""
+        ...
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """(image keys int64 [B, T], episodes float [B, T, C, H, W]) for batches start_batch.. of `epoch`."""
+    def batches(self, cursor: Cursor) -> Iterator[TrainBatch]:
+        """The rest of the cursor's epoch; a cursor of another layout is remapped, one of another data plan
+        refused (ValueError)."""
         ...
 
 
@@ -42,8 +57,9 @@ class InMemoryStream:
     labels: np.ndarray | None = None  # int64 [N]: episodes of one class when given
 
     def __post_init__(self) -> None:
-        episodes = self._episodes(0).shape[0]
-        if episodes < self.batch_episodes * self.world_size:
+        fields = ["in-memory", len(self.images), self.episode_length, self.seed, self.labels is not None]
+        self.fingerprint = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+        if self._plan(self.start(0), self._episodes(0).size).num_batches < 1:
             raise ValueError(f"data.batch_episodes: {self.batch_episodes} episodes x {self.world_size} workers need "
                              f"{self.batch_episodes * self.world_size * self.episode_length} training images, the "
                              f"split has {len(self.images)}")
@@ -53,16 +69,28 @@ class InMemoryStream:
             return epoch_episodes(len(self.images), self.episode_length, self.seed, epoch)
         return class_episodes(self.labels, self.episode_length, self.seed, epoch)
 
-    def batches_per_epoch(self) -> int:  # the same every epoch: class episodes per class do not depend on it
-        return self._episodes(0).shape[0] // (self.batch_episodes * self.world_size)
+    def _plan(self, cursor: Cursor, num_samples: int):
+        left = episodes_left(num_samples, self.episode_length, "drop", cursor.earlier) if cursor.earlier else None
+        return rank_plan(num_samples, self.episode_length, self.batch_episodes, self.world_size, self.rank, "drop",
+                         episodes=left)
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        order = self._episodes(epoch)
-        b, w = self.batch_episodes, self.world_size
-        for i in range(start_batch, self.batches_per_epoch()):
-            first = (i * w + self.rank) * b
-            keys = order[first:first + b]
-            yield keys, to_model_input(self.images[keys], self.bit_depth)
+    def start(self, epoch: int) -> Cursor:
+        return Cursor(epoch, 0, self.fingerprint, self.world_size, self.batch_episodes)
+
+    def batches(self, cursor: Cursor) -> Iterator[TrainBatch]:
+        if cursor.plan is not None and cursor.plan != self.fingerprint:
+            raise ValueError(f"cursor {cursor} was made under another data plan (this one is {self.fingerprint}): "
+                             "the same split, episode_length, seed and episode mode are needed to resume")
+        cursor = cursor.under(self.world_size, self.batch_episodes)
+        stream = self._episodes(cursor.epoch).ravel()  # image index of every position of the epoch's stream
+        plan = self._plan(cursor, stream.size)
+        if not 0 <= cursor.batches_seen <= plan.num_batches:
+            raise ValueError(f"cursor {cursor} is outside this epoch's {plan.num_batches} batches")
+        for i in range(cursor.batches_seen, plan.num_batches):
+            keys = stream[plan.batch_positions(i)]
+            yield TrainBatch(keys, to_model_input(self.images[keys], self.bit_depth),
+                             Cursor(cursor.epoch, i + 1, self.fingerprint, self.world_size, self.batch_episodes,
+                                    cursor.earlier), i + 1 == plan.num_batches)
 
 
 def eval_episodes(images: np.ndarray, bit_depth: int, episode_length: int, count: int, seed: int,
@@ -96,24 +124,25 @@ class ShardStream:
                             episodes=self.episodes)
 
     def __post_init__(self) -> None:
-        from pipeline.shards.reader import Cursor, EpisodeStream
-        self._batches = len(EpisodeStream(self._config(), rank=self.rank, world_size=self.world_size,
-                                          cursor=Cursor(0)))
-        if self._batches < 1:
+        from pipeline.shards.reader import EpisodeStream
+        stream = EpisodeStream(self._config(), rank=self.rank, world_size=self.world_size, cursor=Cursor(0))
+        self.fingerprint = stream.fingerprint
+        if len(stream) < 1:
             raise ValueError(f"data.batch_episodes: {self.root} has too few training images for one batch of "
                              f"{self.batch_episodes} episodes x {self.world_size} workers")
 
-    def batches_per_epoch(self) -> int:
-        return self._batches
+    def start(self, epoch: int) -> Cursor:
+        return Cursor(epoch, 0, self.fingerprint, self.world_size, self.batch_episodes)
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        from pipeline.shards.reader import Cursor, make_loader
+    def batches(self, cursor: Cursor) -> Iterator[TrainBatch]:
+        from pipeline.shards.reader import make_loader
         # spawn, not fork: a forked worker inherits fsspec's event loop and can hang on s3 (s3fs #914)
-        loader = make_loader(self._config(), rank=self.rank, world_size=self.world_size,
-                             cursor=Cursor(epoch, start_batch), num_workers=self.loader_workers,
+        loader = make_loader(self._config(), rank=self.rank, world_size=self.world_size, cursor=cursor,
+                             num_workers=self.loader_workers,
                              multiprocessing_context="spawn" if self.loader_workers else None)
+        total = loader.stream.plan.num_batches
         for batch in loader:
-            yield batch.keys.numpy(), batch.images
+            yield TrainBatch(batch.keys.numpy(), batch.images, batch.after, batch.after.batches_seen == total)
 
 
 def shard_eval_episodes(root: str, split: str, episode_length: int, count: int, episodes: str = "random",
@@ -121,7 +150,7 @@ def shard_eval_episodes(root: str, split: str, episode_length: int, count: int, 
     """The first `count` fixed episodes of a prepared split (stored in fixed-episode order by jobs.prepare); for
     episodes="class", the fixed class episodes (pipeline.episodes.class_episodes) of the whole split."""
     from pipeline.shards.manifest import ManifestError, read_card
-    from pipeline.shards.reader import Cursor, StreamConfig, make_loader
+    from pipeline.shards.reader import StreamConfig, make_loader
     if episodes == "class":
         count_all = -(-int(read_card(root)["splits"][split]["num_images"]) // episode_length)
         cfg = StreamConfig(root=root, split=split, episode_length=episode_length, batch_size=count_all,

@@ -4,10 +4,13 @@
 its surroundings only through a `Session` (rank, world size, the checkpoint to resume from, report), so it also
 runs without Ray (world size 1) for tests and baselines.
 
-Resume is exact: the lr is a function of the step, the batch order a function of (seed, epoch, world size), and
+Resume is exact: the lr is a function of the step, the batch order a function of (seed, epoch, layout), and
 the sampling noise of step s on rank r is drawn after seeding from (seed, r, s); the checkpoint holds model,
-optimiser, scheduler, RNG state, step and the data cursor (epoch, batch). A job of N steps and a job halted at
-N/2 and re-run to N therefore give the same weights.
+optimiser, scheduler, RNG state, step and the data cursor (pipeline.shards.plan.Cursor: epoch, batches, the plan
+fingerprint and the layout). A job of N steps and a job halted at N/2 and re-run to N therefore give the same
+weights; re-run with another worker count or batch size, it goes on with the images the epoch still owes.
+
+Validation, checkpoints and sample grids each run on their own step schedule (`Every`), and at the last step.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from kpp.objective import keys_at_floor, kl_beta
 from pipeline import checkpointing, optim
 from pipeline.config import JobConfig, model_config
 from pipeline.tracking import RankZeroLogger
+from pipeline.shards.plan import Cursor
 from pipeline.train_data import load_data
 
 LOSS_TERMS = ("loss", "recon", "kl_z", "kl_y", "total")
@@ -53,11 +57,13 @@ class Session(Protocol):
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
 
-@dataclass
-class Cursor:
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0  # batches of `epoch` already consumed
+@dataclass(frozen=True)
+class Every:
+    """A step schedule: due every `steps` steps (0: never) and at the job's last step."""
+    steps: int
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or (self.steps > 0 and step % self.steps == 0)
 
 
 class Loop:
@@ -77,7 +83,11 @@ class Loop:
         self.model = session.prepare_model(self.net)
         self.opt, self.sched = optim.build(self.model.parameters(), job.train)
         self.log = RankZeroLogger(tracking_uri, run_id, self.rank0 and job.tracking.enabled)
-        self.cur = Cursor()
+        self.step = 0
+        self.data: Cursor = self.stream.start(0)
+        self.validation = Every(job.eval.every_steps)
+        self.checkpoints = Every(job.checkpoint.every_steps)
+        self.grids = Every(job.tracking.images_every_steps)
         self.best_valid = math.inf
         self.last_valid = math.inf
         self.skipped = 0  # non-finite steps skipped, over the whole job
@@ -95,55 +105,62 @@ class Loop:
             self.last_valid = self._validate()  # step-0 baseline: the bound the run must lower
         if resumed_from is not None:
             if self.rank0:
-                print(f"[train] resumed from the checkpoint of step {resumed_from} (epoch {self.cur.epoch}, "
-                      f"batch {self.cur.batch})", flush=True)
+                print(f"[train] resumed from the checkpoint of step {resumed_from} (epoch {self.data.epoch}, "
+                      f"{self.data.batches_seen} batches in)", flush=True)
             self.log.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
-        window = _Window(time.perf_counter(), self.cur.step)
+        window = _Window(time.perf_counter(), self.step)
         self._loop_t0 = window.t  # wall time of the step loop of this process: benchmarks compare it
         # CPU time of this (the training) thread in the loop: with wall time, the share of the loop this rank was
         # actually running rather than waiting for a core, a peer's all-reduce or the host.
         self._loop_cpu_t0 = time.thread_time()
-        per_epoch = self.stream.batches_per_epoch()
         last: dict[str, Any] = {}
-        while self.cur.step < stop:
-            for keys, x in self.stream.epoch(self.cur.epoch, self.cur.batch):
-                terms, grad_norm, ok = self._step(keys, x)
+        while self.step < stop:
+            epoch = self.data.epoch
+            for batch in self.stream.batches(self.data):
+                terms, grad_norm, ok = self._step(batch.keys, batch.images)
                 self._loop_s = time.perf_counter() - self._loop_t0  # excludes the eval/checkpoint after it
                 self._loop_cpu_s = time.thread_time() - self._loop_cpu_t0
-                self.cur.step += 1
-                self.cur.batch += 1
-                epoch_end = self.cur.batch == per_epoch
-                done = self.cur.step >= stop
-                if epoch_end or done:
-                    if self.rank0:
-                        self.last_valid = self._validate()
-                        self.best_valid = min(self.best_valid, self.last_valid)
-                        if epoch_end:
-                            self._log_grid()
-                if epoch_end:
-                    self.cur.epoch, self.cur.batch = self.cur.epoch + 1, 0
-                save = done or epoch_end or self.cur.step % self.job.checkpoint.every_steps == 0
-                if save or self.cur.step % self.job.train.log_every == 0:
-                    last = self._metrics(terms, grad_norm, window)
-                    if done and self.cur.step == self.job.train.max_steps:
-                        last.update(self._final())
-                    if save or self._report_due:  # the same decision on every rank (see _metrics)
-                        self._report(last, save)
-                        self._last_report_t = time.perf_counter()
+                self.step += 1
+                self.data = self.stream.start(epoch + 1) if batch.last else batch.after
+                done = self.step >= stop
+                last = self._after_step(terms, grad_norm, window, done) or last
                 if done:
                     break
+            if self.data.epoch == epoch and self.step < stop:
+                # a resume under another layout can leave too little of an epoch for one batch: go on to the next
+                self.data = self.stream.start(epoch + 1)
         return last
+
+    def _after_step(self, terms, grad_norm, window: "_Window", done: bool) -> dict[str, Any] | None:
+        """Whatever is due at this step: validation, the sample grid, metrics, the checkpoint (in that order)."""
+        save = self.checkpoints.due(self.step, done)
+        # a checkpoint kept by its validation bound must carry a fresh one
+        if self.validation.due(self.step, done) or (save and self.job.checkpoint.keep_by == "valid"):
+            if self.rank0:
+                self.last_valid = self._validate()
+                self.best_valid = min(self.best_valid, self.last_valid)
+        if self.grids.due(self.step, False):
+            self._log_grid()
+        if not (save or self.step % self.job.train.log_every == 0):
+            return None
+        metrics = self._metrics(terms, grad_norm, window)
+        if done and self.step == self.job.train.max_steps:
+            metrics.update(self._final())
+        if save or self._report_due:  # the same decision on every rank (see _metrics)
+            self._report(metrics, save)
+            self._last_report_t = time.perf_counter()
+        return metrics
 
     # -- one optimiser step -----------------------------------------------------------------------------------
     def _step(self, keys: np.ndarray, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
         t = self.job.train
         # the noise of this step depends only on (seed, rank, step): identical after any resume
-        torch.manual_seed(hash_seed(self.job.seed, self.s.rank, self.cur.step))
+        torch.manual_seed(hash_seed(self.job.seed, self.s.rank, self.step))
         x = x.to(self.device, non_blocking=True)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.precision == "bf16"
                     else contextlib.nullcontext())
         with autocast:
-            out = self.model(x, beta=kl_beta(self.cur.step, self.mcfg.objective))
+            out = self.model(x, beta=kl_beta(self.step, self.mcfg.objective))
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         # after DDP's all-reduce every rank holds the same gradients, so all ranks agree on skipping
@@ -156,8 +173,8 @@ class Loop:
             self.skipped += 1
             self._run_of_skips = getattr(self, "_run_of_skips", 0) + 1
             if t.nonfinite == "stop" or self._run_of_skips > t.max_nonfinite:
-                raise NonFiniteLoss(f"step {self.cur.step + 1}: non-finite loss {out['loss'].item()} / grad norm "
-                                    f"{grad_norm.item()} ({self._run_of_skips} in a row); epoch {self.cur.epoch}, "
+                raise NonFiniteLoss(f"step {self.step + 1}: non-finite loss {out['loss'].item()} / grad norm "
+                                    f"{grad_norm.item()} ({self._run_of_skips} in a row); epoch {self.data.epoch}, "
                                     f"batch image keys {keys.tolist()}")
         self.sched.step()
         terms = {k: out[k].detach().float().mean() for k in LOSS_TERMS}
@@ -178,22 +195,22 @@ class Loop:
         self._report_due = vec[-1].item() >= self.s.min_report_interval_s
         vec = vec[:-1]
         now = time.perf_counter()
-        steps = self.cur.step - window.step
+        steps = self.step - window.step
         episodes_per_s = steps * self.job.data.batch_episodes * self.s.world_size / max(now - window.t, 1e-9)
-        window.t, window.step = now, self.cur.step
+        window.t, window.step = now, self.step
         m = {f"train/{k}": v for k, v in zip(names, vec.tolist())}
         per_key = [m[f"train/kl_y_key{k}"] for k in range(self.mcfg.keys.num_reads)]
-        restart = self.cur.step - self.job.train.log_every < self.mcfg.objective.kl_warmup_steps <= self.cur.step
+        restart = self.step - self.job.train.log_every < self.mcfg.objective.kl_warmup_steps <= self.step
         if not self.key_kl_max or restart:  # idle keys are judged from the end of the KL warm-up on
             self.key_kl_max = per_key
         self.key_kl_max = [max(a, b) for a, b in zip(self.key_kl_max, per_key)]
         m.update({"train/lr": self.sched.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
-                  "train/beta": kl_beta(self.cur.step, self.mcfg.objective),
+                  "train/beta": kl_beta(self.step, self.mcfg.objective),
                   "train/nonfinite_skipped": self.skipped, "perf/episodes_per_s": episodes_per_s,
-                  "perf/images_per_s": episodes_per_s * self.mcfg.episode_length, "epoch": self.cur.epoch,
+                  "perf/images_per_s": episodes_per_s * self.mcfg.episode_length, "epoch": self.data.epoch,
                   "perf/loop_s": self._loop_s, "perf/loop_cpu_s": self._loop_cpu_s, "perf/peak_rss_mb": peak_rss_mb()})
-        self.log.log_metrics(m, step=self.cur.step)
-        m.update({"step": self.cur.step, "max_steps": self.job.train.max_steps,
+        self.log.log_metrics(m, step=self.step)
+        m.update({"step": self.step, "max_steps": self.job.train.max_steps,
                   "resumed_from_step": self._resumed_from,  # -1: this worker group started fresh
                   "valid_neg_elbo": self.last_valid})
         return m
@@ -201,7 +218,7 @@ class Loop:
     def _validate(self) -> float:
         r = evaluate(self.net, self.valid, iwae_samples=1, seed=self.job.eval.seed, leave_one_out=False)
         self.log.log_metrics({"valid/neg_elbo": r["neg_elbo"], "valid/swap_gap": r["swap_gap"],
-                              "valid/kl_y": r["kl_y"], "valid/kl_z": r["kl_z"]}, step=self.cur.step)
+                              "valid/kl_y": r["kl_y"], "valid/kl_z": r["kl_z"]}, step=self.step)
         return r["neg_elbo"]
 
     def _final(self) -> dict[str, float]:
@@ -212,7 +229,7 @@ class Loop:
         out = {f"test/{k}": float(v) for k, v in r.items() if isinstance(v, (int, float))}
         idle = keys_at_floor(self.key_kl_max, self.mcfg.objective.key_free_bits)
         out["train/keys_at_floor"] = float(len(idle))
-        self.log.log_metrics(out, step=self.cur.step)
+        self.log.log_metrics(out, step=self.step)
         self.log.set_tags({"train.keys_at_floor": ",".join(map(str, idle)) or "none"})
         out["keys_at_floor"] = idle
         self.log.set_tags({"test.unit": r["unit"]})
@@ -222,11 +239,11 @@ class Loop:
         return out
 
     def _log_grid(self, final: bool = False) -> None:
-        if not (self.log.active and (final or self.job.tracking.images_every_epoch)):
+        if not self.log.active:
             return
         from kpp.viz import save_sample_grid
         with tempfile.TemporaryDirectory() as d:
-            name = "final.png" if final else f"epoch_{self.cur.epoch:04d}.png"
+            name = "final.png" if final else f"step_{self.step:09d}.png"
             save_sample_grid(self.net, self.test[:1], pathlib.Path(d) / name, seed=self.job.eval.seed)
             self.log.log_artifact(pathlib.Path(d) / name, "samples")
 
@@ -238,11 +255,11 @@ class Loop:
             folder = None
             if self.rank0:  # DDP replicas are identical: one copy of the state is enough
                 checkpointing.save(d, model=self.net, optimizer=self.opt, scheduler=self.sched,
-                                   step=self.cur.step, cursor={"epoch": self.cur.epoch, "batch": self.cur.batch},
+                                   step=self.step, cursor=self.data.to_dict(),
                                    extra={"best_valid": self.best_valid, "last_valid": self.last_valid,
                                           "skipped": self.skipped, "key_kl_max": self.key_kl_max})
                 folder = d
-            self.s.report(metrics, folder, checkpointing.folder_name(self.cur.step))
+            self.s.report(metrics, folder, checkpointing.folder_name(self.step))
 
     def _restore(self) -> int | None:
         with self.s.restore_dir() as d:
@@ -251,11 +268,13 @@ class Loop:
             payload = checkpointing.load(d, map_location=self.device)
         checkpointing.restore(payload, model=self.net, optimizer=self.opt, scheduler=self.sched)
         c = payload["cursor"]
-        self.cur = Cursor(step=payload["step"], epoch=c["epoch"], batch=c["batch"])
+        self.step = payload["step"]
+        # checkpoints before kpp-train/2 kept {epoch, batch} only: taken as is, in the layout of this run
+        self.data = Cursor.from_dict(c) if "batches_seen" in c else Cursor(c["epoch"], c["batch"])
         e = payload["extra"]
         self.best_valid, self.last_valid, self.skipped = e["best_valid"], e["last_valid"], e["skipped"]
         self.key_kl_max = list(e.get("key_kl_max", []))
-        return self.cur.step
+        return self.step
 
 
 @dataclass

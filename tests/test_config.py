@@ -112,8 +112,8 @@ train.min_lr_ratio train.grad_clip train.precision train.nonfinite train.max_non
 scaling.num_workers scaling.use_gpu scaling.cpus_per_worker scaling.timeout_s
 checkpoint.storage_path checkpoint.s3_endpoint_url checkpoint.every_steps checkpoint.keep checkpoint.keep_by
 checkpoint.max_failures
-tracking.enabled tracking.uri tracking.experiment tracking.registered_model tracking.alias tracking.images_every_epoch
-eval.iwae_samples eval.seed
+tracking.enabled tracking.uri tracking.experiment tracking.registered_model tracking.alias tracking.images_every_steps
+eval.every_steps eval.iwae_samples eval.seed
 """.split()
 
 

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.shards.plan import epoch_stream, rank_plan, worker_batches
+from pipeline.shards.plan import Cursor, epoch_stream, episodes_left, rank_plan, worker_batches
 
 
 def delivered(counts, seed, epoch, T, B, world, workers, remainder="pad", shuffle=True):
@@ -93,3 +93,39 @@ def test_each_shard_is_needed_by_one_unbroken_run_of_a_workers_batches(world, wo
                     runs.setdefault(shard, []).append(step)
             for steps in runs.values():
                 assert steps == list(range(steps[0], steps[-1] + 1))
+
+
+def _delivered_positions(num_samples, T, cursor, world, batch, remainder, stop_after=None):
+    """Stream positions all ranks deliver from `cursor` under (world, batch), each stopping after `stop_after`."""
+    cursor = cursor.under(world, batch)
+    left = episodes_left(num_samples, T, remainder, cursor.earlier) if cursor.earlier else None
+    out = []
+    for rank in range(world):
+        plan = rank_plan(num_samples, T, batch, world, rank, remainder, episodes=left)
+        end = plan.num_batches if stop_after is None else min(plan.num_batches, cursor.batches_seen + stop_after)
+        for b in range(cursor.batches_seen, end):
+            pos = plan.batch_positions(b).ravel()
+            out += pos[pos >= 0].tolist()
+    done = min(plan.num_batches, cursor.batches_seen + stop_after) if stop_after is not None else plan.num_batches
+    return out, Cursor(cursor.epoch, done, None, world, batch, cursor.earlier)
+
+
+@pytest.mark.parametrize("remainder", ["pad", "drop"])
+@pytest.mark.parametrize("num_samples, T", [(1000, 8), (997, 5), (64, 4), (10, 3)])
+@pytest.mark.parametrize("first, second", [((1, 4), (2, 4)), ((2, 4), (1, 4)), ((3, 2), (4, 3)), ((2, 5), (2, 2)),
+                                           ((8, 1), (3, 7))])
+@pytest.mark.parametrize("stop_after", [0, 1, 3])
+def test_a_change_of_layout_mid_epoch_never_repeats_and_under_pad_never_loses(num_samples, T, first, second,
+                                                                              stop_after, remainder):
+    head, cursor = _delivered_positions(num_samples, T, Cursor(0, 0, None, *first), *first, remainder, stop_after)
+    middle, cursor = _delivered_positions(num_samples, T, cursor, *second, remainder, 1)
+    tail, _ = _delivered_positions(num_samples, T, cursor, *first, remainder)  # and back
+    everything = head + middle + tail
+    assert len(everything) == len(set(everything))
+    if remainder == "pad":
+        assert sorted(everything) == list(range(num_samples))
+    else:  # only whole episodes, and at most the tail that does not fill a batch of the last layout is left
+        assert all(p < num_samples - num_samples % T for p in everything)
+        assert len(everything) > num_samples - num_samples % T - first[0] * first[1] * T - T
+    # the uninterrupted head is the same positions
+    assert head == _delivered_positions(num_samples, T, Cursor(0, 0, None, *first), *first, remainder, stop_after)[0]

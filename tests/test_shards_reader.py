@@ -83,13 +83,44 @@ def test_mid_epoch_resume_continues_the_same_order(prepared, stop_after, resume_
     assert all(torch.equal(a, b) for a, b in zip(head + tail, full))
 
 
-def test_a_cursor_from_another_plan_is_refused(prepared):
+def consumed(root, cursor, world, stop_after=None, **options):
+    """Image keys every rank of `world` delivers from `cursor` (each rank stops after `stop_after` batches), and
+    the cursor a checkpoint would keep (rank 0's: every rank has consumed the same number of batches)."""
+    keys, after = [], None
+    for rank in range(world):
+        batches = epoch(root, rank=rank, world=world, cursor=cursor, **options)[:stop_after]
+        keys += [b.keys[b.mask] for b in batches]
+        after = batches[-1].cursor_after() if rank == 0 and batches else after
+    return torch.cat(keys).numpy() if keys else np.zeros(0, np.int64), after
+
+
+@pytest.mark.parametrize("layouts", [[(1, 8), (2, 8)], [(2, 8), (1, 8)], [(1, 8), (1, 16)], [(3, 4), (2, 8), (1, 5)]])
+def test_a_resume_under_another_world_size_or_batch_size_delivers_the_rest_of_the_epoch_once(prepared, layouts):
+    """Halted after 40 batches per rank, resumed under the next layout (world size, batch size), halted again...:
+    the epoch still delivers every image exactly once (pad), the first part exactly as the uninterrupted run."""
+    uninterrupted, _ = consumed(prepared, Cursor(3), layouts[0][0], batch_size=layouts[0][1])
+    cursor, seen = Cursor(3), []
+    for i, (world, batch) in enumerate(layouts):
+        last = i == len(layouts) - 1
+        keys, cursor = consumed(prepared, cursor, world, None if last else 40, batch_size=batch)
+        seen.append(keys)
+        if i == 0:  # the head is what the uninterrupted run delivered in those batches
+            np.testing.assert_array_equal(np.sort(keys), np.sort(consumed(prepared, Cursor(3), world, 40,
+                                                                            batch_size=batch)[0]))
+    everything = np.concatenate(seen)
+    assert everything.size == np.unique(everything).size == 50_000
+    assert set(everything.tolist()) == set(uninterrupted.tolist())
+    assert cursor.world_size == layouts[-1][0] and len(cursor.earlier) == len(layouts) - 1
+
+
+def test_a_cursor_from_another_data_plan_is_refused(prepared):
     cursor = epoch(prepared, batch_size=8)[10].cursor_after()
     assert cursor.plan is not None and len(epoch(prepared, batch_size=8, cursor=cursor)) == 391 - 11
+    assert Cursor.from_dict(cursor.to_dict()) == cursor
     with pytest.raises(ValueError, match="another data plan"):
-        epoch(prepared, batch_size=16, cursor=cursor)
+        epoch(prepared, seed=1, cursor=cursor)
     with pytest.raises(ValueError, match="another data plan"):
-        epoch(prepared, world=2, cursor=cursor)
+        epoch(prepared, episode_length=8, cursor=cursor)
 
 
 def test_length_and_cursor_bounds(prepared):

@@ -29,12 +29,12 @@ class PoisonedStream(InMemoryStream):
 
     poison: tuple[int, ...] = ()
 
-    def epoch(self, epoch, start_batch=0):
-        for i, (keys, x) in enumerate(super().epoch(epoch, start_batch), start=start_batch):
-            if i in self.poison:
-                x = x.clone()
-                x[0, 0, 0, 0, 0] = float("nan")
-            yield keys, x
+    def batches(self, cursor):
+        for batch in super().batches(cursor):
+            if batch.after.batches_seen - 1 in self.poison:
+                batch.images = batch.images.clone()
+                batch.images[0, 0, 0, 0, 0] = float("nan")
+            yield batch
 
 
 def _loop(tmp_path, poison, *overrides):
@@ -111,11 +111,11 @@ def _rank_main(rank, world, port, root, result):
     class Uneven(type(stream)):
         """Rank 0 is slow on some batches, so some reports are due and some are not."""
 
-        def epoch(self, epoch, start_batch=0):
-            for i, item in enumerate(super().epoch(epoch, start_batch), start=start_batch):
-                if rank == 0 and i % 3 == 1:
+        def batches(self, cursor):
+            for batch in super().batches(cursor):
+                if rank == 0 and batch.after.batches_seen % 3 == 2:
                     _time.sleep(0.4)
-                yield item
+                yield batch
 
     uneven = Uneven(stream.images, stream.bit_depth, stream.episode_length, 4, 0, rank, world)
     if rank == 1:  # and rank 1's clock runs 5x fast: only rank 0's may decide

@@ -20,13 +20,18 @@ EQUAL BATCH COUNTS (no DDP hang), remainder policy:
          delivered. No padding, no mask needed; not exactly-once.
 CLASS EPISODES (class_epoch_stream): the stream is re-arranged so that every T consecutive images share a class;
 the rest of the plan is the same. Episodes then draw from many shards, so the reader keeps the epoch's shards.
+A CHANGE OF LAYOUT mid-epoch (world size or batch size, say 2 GPUs to 8): the episodes every rank consumed under
+the old layout are a pure function of (old world size, old B, batches seen), so they are left out and the rest of
+the epoch's episodes, in stream order, is split again under the new layout (`episodes_left`). Nothing is repeated,
+nothing the old layout would have delivered is lost; the next epoch starts fresh under the new layout. The
+`Cursor` records the layouts an epoch went through, so the remap composes over any number of changes.
 WORKERS: rank batch s goes to DataLoader worker (s - first) % num_workers, which is the order in which
 torch's DataLoader collects from its workers, so a rank's batch order does not depend on the worker count.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -73,42 +78,114 @@ class RankPlan:
     num_samples: int     # images in the split
     episode_length: int  # T
     batch_size: int      # B, episodes per batch
-    first_episode: int   # global index of this rank's first episode
+    first_episode: int   # index (into `episodes`, or the epoch's episodes) of this rank's first episode
     num_episodes: int    # episodes this rank delivers (real ones; the rest of its batches is padding)
     num_batches: int     # batches per epoch, the same on every rank
+    # The epoch's episodes still to deliver, ascending, after a change of layout (episodes_left); None = all.
+    episodes: np.ndarray | None = None
 
     def batch_positions(self, batch_index: int) -> np.ndarray:
         """Stream positions of one batch, int64 [B, T]; -1 marks padding."""
         if not 0 <= batch_index < self.num_batches:
             raise IndexError(f"batch {batch_index} outside 0..{self.num_batches - 1}")
         local = batch_index * self.batch_size + np.arange(self.batch_size)
-        episodes = self.first_episode + local
+        real_episode = local < self.num_episodes
+        index = self.first_episode + np.where(real_episode, local, 0)
+        episodes = index if self.episodes is None else self.episodes[np.minimum(index, max(len(self.episodes) - 1, 0))]
         positions = episodes[:, None] * self.episode_length + np.arange(self.episode_length)[None, :]
-        real = (local < self.num_episodes)[:, None] & (positions < self.num_samples)
+        real = real_episode[:, None] & (positions < self.num_samples)
         return np.where(real, positions, -1)
+
+    def taken(self, batches: int) -> np.ndarray:
+        """Episode numbers of the epoch this rank delivered in its first `batches` batches."""
+        index = np.arange(self.first_episode, self.first_episode + min(batches * self.batch_size, self.num_episodes))
+        return index if self.episodes is None else self.episodes[index]
 
 
 def rank_plan(
-    num_samples: int, episode_length: int, batch_size: int, world_size: int, rank: int, remainder: Remainder = "pad"
+    num_samples: int, episode_length: int, batch_size: int, world_size: int, rank: int, remainder: Remainder = "pad",
+    episodes: np.ndarray | None = None,
 ) -> RankPlan:
+    """episodes: the epoch's episodes still to deliver (episodes_left), None for all of them."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
     if episode_length < 1 or batch_size < 1:
         raise ValueError(f"episode_length and batch_size must be >= 1, got {episode_length}, {batch_size}")
+    if remainder not in ("pad", "drop"):
+        raise ValueError(f"remainder must be 'pad' or 'drop', got {remainder!r}")
+    total = epoch_episode_count(num_samples, episode_length, remainder) if episodes is None else len(episodes)
     if remainder == "pad":
-        total = -(-num_samples // episode_length)
         base, extra = divmod(total, world_size)
         count = base + int(rank < extra)
         first = rank * base + min(rank, extra)
         num_batches = -(-(base + int(extra > 0)) // batch_size)
-    elif remainder == "drop":
-        base = (num_samples // episode_length) // world_size
+    else:
+        base = total // world_size
         num_batches = base // batch_size
         count = num_batches * batch_size
         first = rank * base
-    else:
-        raise ValueError(f"remainder must be 'pad' or 'drop', got {remainder!r}")
-    return RankPlan(num_samples, episode_length, batch_size, first, count, num_batches)
+    return RankPlan(num_samples, episode_length, batch_size, first, count, num_batches, episodes)
+
+
+def epoch_episode_count(num_samples: int, episode_length: int, remainder: Remainder) -> int:
+    """Episodes an epoch's stream is cut into: a partial last one only under "pad"."""
+    return -(-num_samples // episode_length) if remainder == "pad" else num_samples // episode_length
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the epoch's episodes were split across ranks for a while: world size, episodes per batch, and the
+    batches every rank consumed under it."""
+    world_size: int
+    batch_size: int
+    batches: int
+
+
+def episodes_left(num_samples: int, episode_length: int, remainder: Remainder, earlier: Sequence[Layout]) -> np.ndarray:
+    """The epoch's episodes (ascending numbers) that no rank consumed under the `earlier` layouts, in order."""
+    left = np.arange(epoch_episode_count(num_samples, episode_length, remainder), dtype=np.int64)
+    for layout in earlier:
+        taken = [rank_plan(num_samples, episode_length, layout.batch_size, layout.world_size, r, remainder,
+                           episodes=left).taken(layout.batches) for r in range(layout.world_size)]
+        left = np.setdiff1d(left, np.concatenate(taken), assume_unique=True)
+    return left
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a rank is in the data: the epoch and how many batches it has consumed in it under the current layout.
+
+    `plan` fingerprints what the order depends on besides the epoch and the layout (shard counts, split, T, seed,
+    shuffle, remainder, episode mode): resuming under another one would repeat or skip images, so it is refused.
+    `world_size` and `batch_size` name the layout `batches_seen` counts in; resuming under another layout remaps
+    (see the module doc), and `earlier` keeps the layouts this epoch went through before. A hand-made
+    Cursor(epoch, n) without a plan is taken as is."""
+
+    epoch: int
+    batches_seen: int = 0
+    plan: str | None = None
+    world_size: int | None = None
+    batch_size: int | None = None
+    earlier: tuple[Layout, ...] = ()
+
+    def under(self, world_size: int, batch_size: int) -> "Cursor":
+        """This position expressed in the layout (world_size, batch_size): the same cursor, or a remapped one."""
+        if self.world_size is None or (self.world_size, self.batch_size) == (world_size, batch_size):
+            return self
+        earlier = self.earlier
+        if self.batches_seen:
+            earlier = earlier + (Layout(self.world_size, int(self.batch_size), self.batches_seen),)
+        return Cursor(self.epoch, 0, self.plan, world_size, batch_size, earlier)
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_seen": self.batches_seen, "plan": self.plan,
+                "world_size": self.world_size, "batch_size": self.batch_size,
+                "earlier": [[l.world_size, l.batch_size, l.batches] for l in self.earlier]}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "Cursor":
+        return cls(int(state["epoch"]), int(state["batches_seen"]), state.get("plan"), state.get("world_size"),
+                   state.get("batch_size"), tuple(Layout(*map(int, l)) for l in state.get("earlier", ())))
 
 
 def worker_batches(num_batches: int, first_batch: int, worker_id: int, num_workers: int) -> range:

@@ -15,8 +15,9 @@ Guarantees (tests/test_shards_*.py):
     PYTHONHASHSEED each process has: the order is a pure function of integers (pipeline.shards.plan);
   - every rank yields the same number of batches (len(loader)), however few or uneven the shards are;
   - a loader rebuilt from Cursor(epoch, batches_seen) yields exactly the batches an uninterrupted run would
-    have yielded next, with any number of workers; a cursor from another plan (world size, batch size, ...)
-    is refused rather than silently repeating or skipping images;
+    have yielded next, with any number of workers; under another world size or batch size it yields the rest
+    of the epoch's episodes split the new way (pipeline.shards.plan: a change of layout), each exactly once;
+    a cursor from another data plan (seed, T, split, shards, ...) is refused rather than repeating or skipping;
   - workers may be forked or spawned: each builds its own filesystem (pipeline.shards.storage);
   - every shard is checked against the manifest (size, and sha256 unless verify="size"); a mismatch raises
     ShardIntegrityError naming the shard, or with on_corrupt="skip" its images become padding, reported in
@@ -40,7 +41,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.shards.fetch import RetryPolicy, ShardIntegrityError, Verify, fetch_shard, shard_url
 from pipeline.shards.format import ShardArrays, ShardFormatError, decode_shard
 from pipeline.shards.manifest import ManifestError, read_card, read_labels, read_manifest
-from pipeline.shards.plan import Remainder, RankPlan, class_epoch_stream, epoch_stream, rank_plan, worker_batches
+from pipeline.shards.plan import (Cursor, Layout, Remainder, RankPlan, class_epoch_stream, epoch_stream, episodes_left,
+                                  rank_plan, worker_batches)
+
+__all__ = ["Cursor", "Layout", "StreamConfig", "EpisodeBatch", "EpisodeStream", "EpisodeLoader", "make_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -77,26 +81,6 @@ class StreamConfig:
             raise ValueError(f"StreamConfig.on_corrupt must be 'raise' or 'skip', got {self.on_corrupt!r}")
 
 
-@dataclass(frozen=True)
-class Cursor:
-    """Where a rank is in the data: the epoch and how many of its batches it has consumed in it.
-
-    `plan` (set by EpisodeBatch.cursor_after) fingerprints what the order depends on besides the epoch: shard
-    counts, split, T, B, seed, shuffle, remainder and world size. Resuming under a different plan would silently
-    repeat or skip images, so it is refused; a hand-made Cursor(epoch, n) without a plan is taken as is."""
-
-    epoch: int
-    batches_seen: int = 0
-    plan: str | None = None
-
-    def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_seen": self.batches_seen, "plan": self.plan}
-
-    @classmethod
-    def from_dict(cls, state: dict) -> "Cursor":
-        return cls(int(state["epoch"]), int(state["batches_seen"]), state.get("plan"))
-
-
 @dataclass
 class EpisodeBatch:
     images: torch.Tensor            # uint8 [B, T, C, H, W] (float32 in [0, 1] with as_float); zeros at padding
@@ -108,10 +92,10 @@ class EpisodeBatch:
     skipped_shards: tuple[str, ...] = ()  # shards skipped (on_corrupt="skip") while building this batch
     bytes_fetched: int = 0          # shard bytes read from the store while building this batch (for monitoring)
 
-    plan: str | None = None         # the stream's plan fingerprint, carried into the cursor
+    after: Cursor | None = None     # where the stream stands once this batch is consumed
 
     def cursor_after(self) -> Cursor:
-        return Cursor(self.epoch, self.index + 1, self.plan)
+        return self.after
 
 
 class EpisodeStream(IterableDataset):
@@ -148,15 +132,23 @@ class EpisodeStream(IterableDataset):
             # Classes lose their last n_c % T images each epoch: the same count every epoch.
             stream_length = sum(int(n) - int(n) % config.episode_length
                                 for n in np.bincount(np.concatenate(self.labels)) if n)
-        self.plan: RankPlan = rank_plan(stream_length, config.episode_length, config.batch_size,
-                                        world_size, rank, config.remainder)
-        self.fingerprint = plan_fingerprint(config, world_size, self.counts)
+        self.fingerprint = plan_fingerprint(config, self.counts)
         if cursor.plan is not None and cursor.plan != self.fingerprint:
             raise ValueError(f"cursor {cursor} was made under another data plan (this one is {self.fingerprint}): "
-                             "same dataset, split, episode_length, batch_size, seed, shuffle, remainder and "
-                             "world_size are needed to resume exactly")
+                             "the same dataset, split, episode_length, seed, shuffle, remainder and episode mode "
+                             "are needed to resume exactly (world size and batch size may change)")
+        # Another world size or batch size: the episodes consumed so far are left out and the rest re-split.
+        self.cursor = cursor = cursor.under(world_size, config.batch_size)
+        left = (episodes_left(stream_length, config.episode_length, config.remainder, cursor.earlier)
+                if cursor.earlier else None)
+        self.plan: RankPlan = rank_plan(stream_length, config.episode_length, config.batch_size,
+                                        world_size, rank, config.remainder, episodes=left)
         if not 0 <= cursor.batches_seen <= self.plan.num_batches:
             raise ValueError(f"cursor {cursor} is outside this epoch's {self.plan.num_batches} batches")
+
+    def cursor_at(self, batches_seen: int) -> Cursor:
+        return Cursor(self.cursor.epoch, batches_seen, self.fingerprint, self.world_size, self.config.batch_size,
+                      self.cursor.earlier)
 
     def __len__(self) -> int:
         return self.plan.num_batches - self.cursor.batches_seen
@@ -234,16 +226,15 @@ class EpisodeStream(IterableDataset):
             index=batch_index,
             skipped_shards=tuple(skipped),
             bytes_fetched=fetched,
-            plan=self.fingerprint,
+            after=self.cursor_at(batch_index + 1),
         )
 
 
-def plan_fingerprint(config: StreamConfig, world_size: int, counts: np.ndarray) -> str:
-    """16 hex digits naming everything besides the epoch that the read order depends on."""
-    fields = [config.split, config.episode_length, config.batch_size, config.seed, config.shuffle, config.remainder,
-              world_size, [int(c) for c in counts]]
-    if config.episodes != "random":  # unchanged fingerprints for random episodes: old cursors stay valid
-        fields.append(config.episodes)
+def plan_fingerprint(config: StreamConfig, counts: np.ndarray) -> str:
+    """16 hex digits naming everything besides the epoch and the layout (world size, batch size) that the read
+    order depends on."""
+    fields = ["layout-free", config.split, config.episode_length, config.seed, config.shuffle, config.remainder,
+              [int(c) for c in counts], config.episodes]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
@@ -260,7 +251,7 @@ class PackedBatch:
     index: int
     skipped_shards: tuple[str, ...]
     bytes_fetched: int
-    plan: str
+    after: Cursor
 
     def to_batch(self, as_float: bool, bit_depth: int) -> EpisodeBatch:
         images = torch.from_numpy(self.images)
@@ -276,7 +267,7 @@ class PackedBatch:
             index=self.index,
             skipped_shards=self.skipped_shards,
             bytes_fetched=self.bytes_fetched,
-            plan=self.plan,
+            after=self.after,
         )
 
 
