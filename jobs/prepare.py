@@ -13,7 +13,16 @@ import json
 import sys
 
 from pipeline.shards.prepare import PrepareConfig, prepare
+from pipeline.urls import redact, redact_text
 from pipeline.sources import DATASETS, DataSourceError
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag and exits 2 otherwise)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,12 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="which dataset the source holds")
     parser.add_argument("--source", default=None, help="directory/file URL of the source files (none for digits)")
     parser.add_argument("--out", required=True, help="URL to write the prepared dataset to (path, file://, s3://)")
-    parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard (default 10000)")
-    parser.add_argument("--block-size", type=int, default=500, help="images per packed block in a shard (default 500)")
-    parser.add_argument("--episode-length", type=int, default=32,
+    parser.add_argument("--shard-size", type=positive, default=10_000, help="images per shard (default 10000)")
+    parser.add_argument("--block-size", type=positive, default=500, help="images per packed block in a shard (default 500)")
+    parser.add_argument("--episode-length", type=positive, default=32,
                         help="T of the fixed valid/test episodes stored in episode order (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the storage order and fixed episodes (default 0)")
-    parser.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
+    parser.add_argument("--workers", type=positive, default=1, help="processes writing shards in parallel (default 1)")
     parser.add_argument("--compress", action="store_true",
                         help="gzip the image blocks: ~4x smaller 8-bit shards, slower to decode (for slow stores)")
     parser.add_argument("--splits", default="train,valid,test", help="comma-separated splits (default all three)")
@@ -56,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = prepare(config)
     except (DataSourceError, ValueError) as err:
-        print(f"prepare: {err}", file=sys.stderr)
+        print(f"prepare: {redact_text(str(err))}", file=sys.stderr)
         return 2
-    print(json.dumps({"out": args.out, "shards": len(report.records), "written": report.written,
+    except OSError as err:  # the store of --out (or --source) unreachable or refusing, after the retries
+        print(f"prepare: --out {redact(args.out)} / --source: storage error: {redact_text(str(err))}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": redact(args.out), "shards": len(report.records), "written": report.written,
                       "skipped": report.skipped, "images": sum(r.num_samples for r in report.records)}))
     return 0
 

@@ -15,6 +15,7 @@ import json
 import sys
 
 from pipeline import config
+from pipeline.urls import redact_text, redact_tree
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -32,21 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config, args.overrides)
     except config.ConfigError as e:
-        print(f"jobs.train: invalid config: {e}", file=sys.stderr)
+        print(f"jobs.train: invalid config: {redact_text(str(e))}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=1))
+        print(json.dumps(redact_tree(cfg.to_dict()), indent=1))
         return 0
     from pipeline import trainer  # after validation: importing Ray is slow and a bad config should not wait for it
     from pipeline.tracking import TrackingError
     try:
         out = trainer.run(cfg)
     except (config.ConfigError, TrackingError) as e:
-        print(f"jobs.train: {e}", file=sys.stderr)
+        print(f"jobs.train: {redact_text(str(e))}", file=sys.stderr)
         return 2
     m = out.metrics
     print(f"run {out.run_id or '-'}: {'finished' if out.finished else 'halted'} at step {out.step}"
-          f"{' (resumed)' if out.resumed else ''}; checkpoint {out.checkpoint}")
+          f"{' (resumed)' if out.resumed else ''}; checkpoint {redact_text(out.checkpoint)}")
     if out.finished:
         print(f"test bound ({config.model_config(cfg).unit}, memory-conditional): negative ELBO "
               f"{m['test/neg_elbo']:.3f}, IWAE({int(m['test/iwae_samples'])}) {m['test/iwae']:.3f}; "

@@ -168,6 +168,10 @@ class JobConfig:
         _need(0 < s.cpus_per_worker <= 256, "scaling.cpus_per_worker", "must be in (0, 256]", s.cpus_per_worker)
         _need(c.max_failures >= -1, "checkpoint.max_failures", "must be >= -1", c.max_failures)
         _need(bool(c.storage_path.strip()), "checkpoint.storage_path", "must be set", c.storage_path)
+        from pipeline.sources import DATASETS  # numpy only: cheap, and names the datasets in the message
+        _need(d.dataset in DATASETS, "data.dataset", f"must be one of {', '.join(DATASETS)}", d.dataset)
+        _need(_tracking_uri_ok(k.uri), "tracking.uri", "must be '', a path, file://, sqlite:///<file>, http(s)://"
+              "<host> or a database URI (postgresql://, mysql://, mssql://, databricks)", k.uri)
         _need(not c.s3_endpoint_url or c.s3_endpoint_url.startswith(("http://", "https://")),
               "checkpoint.s3_endpoint_url", "must be an http(s):// URL", c.s3_endpoint_url)
         if k.enabled:
@@ -178,6 +182,25 @@ class JobConfig:
         return self
 
 
+def _tracking_uri_ok(uri: str) -> bool:
+    """What MLflow's tracking and registry stores accept, checked before anything starts (MLflow itself fails
+    only at the first call, after Ray is up)."""
+    from urllib.parse import urlsplit
+    if not uri or "://" not in uri:
+        return not uri or (":" not in uri.split("/", 1)[0] and not uri.startswith("databricks"))
+    try:
+        u = urlsplit(uri)
+    except ValueError:
+        return False
+    if u.scheme in ("http", "https"):
+        return bool(u.hostname)
+    if u.scheme == "sqlite":
+        return uri.startswith("sqlite:///") and len(uri) > len("sqlite:///")
+    if u.scheme == "file":
+        return bool(u.path)
+    return u.scheme.split("+")[0] in ("postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+
+
 # ---- loading and overrides ---------------------------------------------------------------------------------------
 def load(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """YAML file (or defaults) + `a.b=value` overrides -> a validated JobConfig."""
@@ -186,7 +209,12 @@ def load(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[st
         p = pathlib.Path(path)
         if not p.is_file():
             raise ConfigError(f"--config: no such file: {p}")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"--config: {p}:{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"--config: {p} must hold a mapping at the top level")
     for item in overrides:

@@ -30,6 +30,8 @@ import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline.urls import redact, redact_tree
+
 JOB_TAG = "kpp.job"
 DEFAULT_URI_PATH = "outputs/mlflow.db"
 PYFUNC_CODE = pathlib.Path(__file__).with_name("pyfunc_model.py")
@@ -125,10 +127,10 @@ def open_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], ta
     else:
         run_id = client.create_run(exp_id, run_name=job, tags={JOB_TAG: job}).info.run_id
         logged = {}
-    values = {k: _param_str(v) for k, v in params.items()}
+    values = {k: redact(_param_str(v)) for k, v in params.items()}  # no credentials in params
     new = [Param(k, v) for k, v in values.items() if k not in logged]
     changed = {k: {"logged": logged[k], "now": v} for k, v in values.items() if k in logged and logged[k] != v}
-    tag_list = [RunTag(k, v) for k, v in tags.items()]
+    tag_list = [RunTag(k, redact(v)) for k, v in tags.items()]
     if changed:
         tag_list.append(RunTag(f"kpp.rerun.{int(time.time())}.changed_params", json.dumps(changed)[:5000]))
     for i in range(0, len(new), 100):  # log_batch takes at most 100 params per call
@@ -249,4 +251,5 @@ def _signature(model_config: dict[str, Any]):
 
 
 def config_yaml(d: dict[str, Any]) -> str:
-    return yaml.safe_dump(d, sort_keys=False)
+    """The config as stored with the run: URLs redacted (pipeline/urls.py)."""
+    return yaml.safe_dump(redact_tree(d), sort_keys=False)

@@ -1,5 +1,6 @@
 """The run config: YAML + overrides, typed coercion, validation that names the field, complete help."""
 import dataclasses
+import json
 import pathlib
 import typing
 
@@ -56,6 +57,11 @@ def test_round_trip_and_hash():
     ("model.read.window=64", "model.read.window"),  # kpp's own validation, path made absolute
     ("model.latent.nope=1", "model.latent"),
     ("train=3", "train"),
+    ("data.dataset=nosuch", "data.dataset"),
+    ("tracking.uri=htp:/bad", "tracking.uri"),
+    ("tracking.uri=http://", "tracking.uri"),
+    ("model.read.window=true", "model.read.window"),
+    ("eval.every_steps=-1", "eval.every_steps"),
 ])
 def test_invalid_config_names_the_field(override, field):
     with pytest.raises(C.ConfigError) as e:
@@ -119,3 +125,41 @@ eval.every_steps eval.iwae_samples eval.seed
 
 def test_cli_surface_is_frozen():
     assert [p for p, _ in _leaf_paths(C.JobConfig)] == FROZEN_FIELDS
+
+
+BAD_INPUTS = [  # (arguments of jobs.train, the field its message must start with)
+    (["--config", "{bad_yaml}"], "--config: {bad_yaml}: line 3"),
+    (["data.dataset=nosuch"], "data.dataset"),
+    (["tracking.uri=htp:/bad"], "tracking.uri"),
+    (["model.read.window=true"], "model.read.window"),
+    (["model.objective.key_free_bits=oops"], "model.objective.key_free_bits"),
+    (["checkpoint.storage_path=s3://nobucket/x", "checkpoint.s3_endpoint_url=http://127.0.0.1:9"],
+     "checkpoint.storage_path"),
+]
+
+
+def test_every_bad_input_exits_2_naming_the_field_before_ray_starts(tmp_path):
+    """Through the real CLI, in a fresh process: exit code 2, the field first, and Ray never imported."""
+    import subprocess
+    import sys
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("name: x\ntrain: {max_steps: 3\n")
+    script = (
+        "import json, sys\n"
+        "from jobs import train\n"
+        "out = []\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    import contextlib, io\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        rc = train.main(argv)\n"
+        "    out.append([rc, err.getvalue(), 'ray' in sys.modules])\n"
+        "print(json.dumps(out))\n")
+    cases = [([a.format(bad_yaml=bad_yaml) for a in argv], field.format(bad_yaml=bad_yaml)) for argv, field in BAD_INPUTS]
+    done = subprocess.run([sys.executable, "-c", script, json.dumps([argv for argv, _ in cases])], capture_output=True,
+                          text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    for (argv, field), (rc, err, ray_imported) in zip(cases, json.loads(done.stdout.splitlines()[-1])):
+        message = err.split(": ", 1)[1].removeprefix("invalid config: ")
+        assert rc == 2 and message.startswith(field), (argv, err)
+        assert not ray_imported, argv  # nothing was started

@@ -118,3 +118,20 @@ def test_registered_model_loads_by_alias_in_a_clean_process(mlflow_uri, tmp_path
     assert got.shape == (3, 4)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert np.load(tmp_path / "y1.npy").shape == (1, 4)
+
+
+def test_a_url_with_a_token_never_reaches_params_tags_or_the_stored_config(mlflow_uri, tmp_path):
+    from pipeline import config
+    secret = "s3cr3t-t0ken"
+    cfg = config.load(None, [f"data.source=https://reader:{secret}@data.example/mnist",
+                             f"data.shards=s3://bucket/x?X-Amz-Signature={secret}"])
+    run_id, _ = tracking.open_job_run(mlflow_uri, "t-redact", "job-r", cfg.flat(),
+                                      {"data.manifest": f"https://{secret}@host/m.parquet"},
+                                      tracking.config_yaml(cfg.to_dict()))
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(run_id)
+    assert run.data.params["data.source"] == "https://reader:***@data.example/mnist"
+    assert secret not in json.dumps(run.data.params) and secret not in json.dumps(run.data.tags)
+    stored = client.download_artifacts(run_id, "config/resolved.yaml", str(tmp_path))
+    text = open(stored).read()
+    assert secret not in text and "https://reader:***@data.example/mnist" in text
