@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import trainer  # after validation: importing Ray is slow and a bad config should not wait for it
     from pipeline.tracking import TrackingError
     try:
+        cfg = trainer.resolved(cfg)  # as the job runs it: the model's image fields follow the data's card
         out = trainer.run(cfg)
     except (config.ConfigError, TrackingError) as e:
         print(f"jobs.train: {redact_text(str(e))}", file=sys.stderr)

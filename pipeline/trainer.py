@@ -192,9 +192,32 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any]):
 
 # -- the job ---------------------------------------------------------------------------------------------------
 def resolved(cfg: JobConfig) -> JobConfig:
-    """The config as the job runs it: every model field filled in from kpp's defaults (logged as params, hashed,
-    saved as config/resolved.yaml) and local paths made absolute (Ray workers run in another directory)."""
-    return dataclasses.replace(absolute_paths(cfg), model=model_config(cfg).to_dict())
+    """The config as the job runs it: the image shape, bit depth and likelihood taken from the prepared data's card
+    where the config leaves them unset, every other model field filled in from kpp's defaults (logged as params,
+    hashed, saved as config/resolved.yaml), and local paths made absolute (Ray workers run in another directory)."""
+    cfg = with_data_card(absolute_paths(cfg))
+    return dataclasses.replace(cfg, model=model_config(cfg).to_dict())
+
+
+def with_data_card(cfg: JobConfig) -> JobConfig:
+    """Model fields the data decides, from data.shards' card, unless the config sets them: image_channels,
+    image_height, image_width, bit_depth, and likelihood.kind (bernoulli for binarized data, the discretized
+    logistic mixture for 8-bit). A card that cannot be read changes nothing: preflight then names the problem."""
+    if not cfg.data.shards:
+        return cfg
+    from pipeline.shards.manifest import read_card
+    try:
+        card = read_card(cfg.data.shards)
+    except Exception:  # noqa: BLE001 - reported by preflight with the field name
+        return cfg
+    model = dict(cfg.model)
+    (c, h, w), bits = card["image_shape"], int(card["bit_depth"])
+    for name, value in (("image_channels", c), ("image_height", h), ("image_width", w), ("bit_depth", bits)):
+        model.setdefault(name, int(value))
+    likelihood = dict(model.get("likelihood") or {})
+    likelihood.setdefault("kind", "bernoulli" if int(model["bit_depth"]) == 1 else "logistic_mixture")
+    model["likelihood"] = likelihood
+    return dataclasses.replace(cfg, model=model)
 
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:

@@ -196,3 +196,25 @@ def test_configs_never_show_storage_credentials():
     text = repr(PrepareConfig(dataset="digits", source=None, out="s3://b/x", storage_options=secret))
     text += repr(StreamConfig(root="s3://b/x", storage_options=secret))
     assert "very-secret" not in text and "AKIAEXAMPLE" not in text
+
+
+def test_the_model_takes_image_shape_bit_depth_and_likelihood_from_the_data_card(tmp_path):
+    """make demo DATA=fashion_mnist failed: the model kept its binarized defaults for 8-bit data."""
+    from pipeline import config, trainer
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "grey.npz", **{f"x_{s}": rng.integers(0, 256, (64, 3, 16, 16), dtype=np.uint8)
+                                       for s in ("train", "valid", "test")})
+    prepare(PrepareConfig(dataset="npz", source=str(tmp_path / "grey.npz"), out=str(tmp_path / "p"),
+                          episode_length=4, progress=False))
+    cfg = config.load(None, [f"data.shards={tmp_path / 'p'}", "model.episode_length=4",
+                             f"checkpoint.storage_path={tmp_path / 'ray'}"])
+    model = trainer.resolved(cfg).model
+    assert (model["image_channels"], model["image_height"], model["image_width"], model["bit_depth"]) == (3, 16, 16, 8)
+    assert model["likelihood"]["kind"] == "logistic_mixture"
+    trainer.preflight(trainer.resolved(cfg))  # consistent: no error
+    # what the config sets stays, and a contradiction is named before anything starts
+    explicit = config.load(None, [f"data.shards={tmp_path / 'p'}", "model.episode_length=4", "model.bit_depth=1",
+                                  f"checkpoint.storage_path={tmp_path / 'ray'}"])
+    assert trainer.resolved(explicit).model["bit_depth"] == 1
+    with pytest.raises(config.ConfigError, match=r"^model.image_\*/bit_depth: .* at bit depth 1, .* at 8"):
+        trainer.preflight(trainer.resolved(explicit))
