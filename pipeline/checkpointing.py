@@ -8,6 +8,12 @@ raises `IncompleteCheckpoint` naming it and `latest_complete` skips it.
 Ray Train uploads the folder and decides which to keep (pipeline/trainer.py sets CheckpointConfig); this module
 only writes and reads one folder, so the same files serve the Ray loop, the torchrun benchmark and tests.
 Loading uses `torch.load(weights_only=True)`: tensors and plain containers only, never pickled code.
+
+Remote stores (S3 through a pyarrow filesystem) are called through pipeline.retry: an outage shorter than the
+retry policy is waited out, a longer one raises `CheckpointStoreError`. Restore never mistakes an unreachable
+store for "no checkpoint": resuming an older checkpoint or step 0 inside a resumed run would silently redo work
+and drop metrics. Uploads write the state file first and the marker last, so a kill mid-upload leaves a folder
+that `verify` refuses.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from typing import Any
 
 import torch
 
+from pipeline.retry import RetryPolicy, with_retries
+
 STATE = "state.pt"
 MARKER = "COMPLETE.json"
 FORMAT = "kpp-train/1"
@@ -27,6 +35,15 @@ FORMAT = "kpp-train/1"
 
 class IncompleteCheckpoint(RuntimeError):
     """A checkpoint folder that was never finished or does not match its completion marker."""
+
+
+class CheckpointStoreError(OSError):
+    """The checkpoint store could not be read or written, even after retrying: fail loudly, never guess."""
+
+
+# Long enough to ride out a restart of the store (0.5+1+2+4+8+8+8 = 31.5 s of backoff), short enough that a
+# store that is really gone fails the job within a minute instead of hanging it.
+STORE_RETRY = RetryPolicy(max_attempts=8, backoff_s=0.5, backoff_max_s=8.0)
 
 
 class NonFiniteState(RuntimeError):
@@ -128,27 +145,60 @@ def latest_complete(root: str | os.PathLike) -> pathlib.Path | None:
     return None
 
 
-def fetch_latest_complete(fs, root: str, dst: str | os.PathLike) -> pathlib.Path | None:
+def fetch_latest_complete(fs, root: str, dst: str | os.PathLike,
+                          policy: RetryPolicy = STORE_RETRY) -> pathlib.Path | None:
     """Copy the newest complete `checkpoint_*` folder under `root` on a pyarrow filesystem (local or S3) into `dst`
-    and return its local path; folders that fail `verify` (partial uploads) are skipped. None if there is none."""
+    and return its local path; folders that fail `verify` (partial uploads) are skipped. None only when the store
+    answers and holds no complete checkpoint; CheckpointStoreError when it does not answer (after retries)."""
     import pyarrow.fs
     try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    except OSError:
-        return None
+        infos = with_retries(f"list checkpoints under {root}",
+                             lambda: fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)), policy)
+    except OSError as e:
+        raise CheckpointStoreError(f"checkpoint store unreachable, not resuming from a guess: {e}") from e
     names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
                     and i.base_name.startswith("checkpoint_") and i.base_name[11:].isdigit()), reverse=True)
     for name in names:
         local = pathlib.Path(dst) / name
-        try:
-            local.mkdir(parents=True, exist_ok=True)  # copy_files does not create the destination
+        local.mkdir(parents=True, exist_ok=True)  # copy_files does not create the destination
+
+        def download() -> None:
             pyarrow.fs.copy_files(f"{root}/{name}", str(local), source_filesystem=fs,
                                   destination_filesystem=pyarrow.fs.LocalFileSystem())
+        try:
+            with_retries(f"download {root}/{name}", download, policy)
+        except FileNotFoundError:
+            continue  # removed since the listing (a keep policy): the next older one
+        except OSError as e:
+            raise CheckpointStoreError(f"checkpoint store unreachable while reading {root}/{name}: {e}") from e
+        try:
             verify(local)
             return local
-        except (IncompleteCheckpoint, OSError, KeyError, ValueError):
-            continue
+        except (IncompleteCheckpoint, KeyError, ValueError):
+            continue  # a partial upload: the next older one
     return None
+
+
+def upload(local: str | os.PathLike, fs, root: str, name: str, policy: RetryPolicy = STORE_RETRY) -> str:
+    """Copy a checkpoint folder to `root/name` on a pyarrow filesystem, every file but the marker first, each
+    retried through an outage; returns the remote path. CheckpointStoreError when the store stays down."""
+    import pyarrow.fs
+    local = pathlib.Path(local)
+    dest = f"{root}/{name}"
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == MARKER)  # marker last
+    try:
+        with_retries(f"create {dest}", lambda: fs.create_dir(dest, recursive=True), policy)
+        for path in files:
+            target = f"{dest}/{path.relative_to(local).as_posix()}"
+
+            def put(path=path, target=target) -> None:
+                with fs.open_output_stream(target) as out, open(path, "rb") as src:
+                    while block := src.read(8 << 20):
+                        out.write(block)
+            with_retries(f"upload {target}", put, policy)
+    except OSError as e:
+        raise CheckpointStoreError(f"could not write checkpoint {dest}: {e}") from e
+    return dest
 
 
 def prune(fs, root: str, keep: set[str]) -> list[str]:

@@ -91,7 +91,8 @@ class CheckpointConfig:
     keep: int = _f(2, "checkpoints to keep (the latest is always kept besides)")
     keep_by: Literal["recent", "valid"] = _f("valid", "which to keep: the most recent, or the best validation "
                                                        "bound")
-    max_failures: int = _f(1, "worker-group restarts after a crash before the job fails (-1 = unlimited)")
+    max_failures: int = _f(3, "worker-group restarts after a crash before the job fails (-1 = unlimited); each "
+                              "resumes from the latest complete checkpoint")
 
 
 @dataclass(kw_only=True)

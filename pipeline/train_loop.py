@@ -129,6 +129,7 @@ class Loop:
             if self.data.epoch == epoch and self.step < stop:
                 # a resume under another layout can leave too little of an epoch for one batch: go on to the next
                 self.data = self.stream.start(epoch + 1)
+        self.log.flush()  # metrics kept through a tracking-server outage reach the store before the job ends
         return last
 
     def _after_step(self, terms, grad_norm, window: "_Window", done: bool) -> dict[str, Any] | None:
@@ -317,19 +318,28 @@ class RaySession:
         import ray.train
         ckpt = ray.train.get_checkpoint()
         with tempfile.TemporaryDirectory() as tmp:
-            found = checkpointing.fetch_latest_complete(*self.storage, tmp) if self.storage else None
-            # every rank must resume from the same step: rank 0's choice is broadcast
-            step = torch.tensor([int(found.name[11:]) if found is not None else -1])
+            found, error = None, None
+            if self.rank == 0 and self.storage:
+                try:
+                    found = checkpointing.fetch_latest_complete(*self.storage, tmp)
+                except checkpointing.CheckpointStoreError as e:
+                    error = e
+            # every rank resumes from rank 0's choice (-2: the store did not answer, every rank fails alike)
+            step = torch.tensor([-2 if error else int(found.name[11:]) if found is not None else -1])
             if dist.is_initialized():
                 dist.broadcast(step, src=0)
+            if step.item() == -2:
+                raise error or checkpointing.CheckpointStoreError("rank 0 could not read the checkpoint store")
             if step.item() >= 0:
-                if found is None or int(found.name[11:]) != step.item():
-                    fs, root = self.storage
+                if found is None:
                     found = pathlib.Path(tmp) / checkpointing.folder_name(step.item())
+                    fs, root = self.storage
                     import pyarrow.fs
                     found.mkdir(parents=True, exist_ok=True)
-                    pyarrow.fs.copy_files(f"{root}/{found.name}", str(found), source_filesystem=fs,
-                                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+                    from pipeline.retry import with_retries
+                    with_retries(f"download {root}/{found.name}", lambda: pyarrow.fs.copy_files(
+                        f"{root}/{found.name}", str(found), source_filesystem=fs,
+                        destination_filesystem=pyarrow.fs.LocalFileSystem()), checkpointing.STORE_RETRY)
                 yield str(found)
             elif ckpt is not None:
                 with ckpt.as_directory() as d:
@@ -340,6 +350,16 @@ class RaySession:
     def report(self, metrics, folder, name):
         import ray.train
         from ray.train import Checkpoint
+        if folder and self.storage:
+            # our own upload: retried through a store outage, the completion marker last (checkpointing.upload)
+            fs, _ = self.storage
+
+            def upload(checkpoint, dir_name):
+                return Checkpoint(path=checkpointing.upload(checkpoint.path, fs, self.storage[1], dir_name),
+                                  filesystem=fs)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=name,
+                             checkpoint_upload_fn=upload)
+            return
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if folder else None,
                          checkpoint_dir_name=name)
 

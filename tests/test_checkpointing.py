@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pipeline import checkpointing as ck
+from pipeline.retry import RetryPolicy
 
 
 def _trained(seed=0, steps=3):
@@ -98,3 +99,70 @@ def test_prune_removes_only_checkpoint_folders_outside_the_kept_set(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint_000000020", "checkpoint_000000030", "checkpoint_000000040", "checkpoint_tmp", "other"]
     assert ck.prune(pyarrow.fs.LocalFileSystem(), str(tmp_path / "missing"), set()) == []
+
+
+# -- on a real S3 endpoint that goes down and comes back ------------------------------------------------------------
+FAST = RetryPolicy(max_attempts=3, backoff_s=0.2, backoff_max_s=0.2)
+
+
+def _s3_fs(endpoint):
+    import boto3
+    import pyarrow.fs
+    bucket = f"ckpt-{endpoint.endpoint_url.rsplit(':', 1)[1]}"
+    boto3.client("s3", endpoint_url=endpoint.endpoint_url, aws_access_key_id=endpoint.key,
+                 aws_secret_access_key=endpoint.secret, region_name=endpoint.region).create_bucket(Bucket=bucket)
+    fs = pyarrow.fs.S3FileSystem(access_key=endpoint.key, secret_key=endpoint.secret, region=endpoint.region,
+                                 endpoint_override=endpoint.endpoint_url.removeprefix("http://"), scheme="http",
+                                 connect_timeout=1, request_timeout=2)
+    return fs, f"{bucket}/run"
+
+
+def _upload_two(tmp_path, fs, root):
+    model, opt, sched = _trained()
+    for step in (10, 20):
+        folder = ck.save(tmp_path / f"local{step}", model=model, optimizer=opt, scheduler=sched, step=step,
+                         cursor={"epoch": 0, "batches_seen": step})
+        ck.upload(folder, fs, root, ck.folder_name(step))
+
+
+def test_restore_during_an_s3_outage_fails_loudly_and_rides_out_a_short_one(restartable_s3, tmp_path):
+    endpoint, server = restartable_s3
+    fs, root = _s3_fs(endpoint)
+    _upload_two(tmp_path, fs, root)
+    assert ck.fetch_latest_complete(fs, root, tmp_path / "a").name == ck.folder_name(20)
+    server.stop()  # the store is down for longer than the retries: an error, never "no checkpoint" or an older one
+    with pytest.raises(ck.CheckpointStoreError, match="unreachable"):
+        ck.fetch_latest_complete(fs, root, tmp_path / "b", policy=FAST)
+    server.start()
+    # down for 3 s, inside the default policy's ~30 s: waited out, the newest checkpoint comes back
+    server.outage(seconds=3.0).join(timeout=0.1)
+    assert ck.fetch_latest_complete(fs, root, tmp_path / "c").name == ck.folder_name(20)
+
+
+def test_a_kill_during_a_save_on_s3_leaves_a_folder_that_restore_skips(restartable_s3, tmp_path):
+    endpoint, _ = restartable_s3
+    fs, root = _s3_fs(endpoint)
+    _upload_two(tmp_path, fs, root)
+    # what a kill mid-upload leaves: the state file (upload order: marker last), part of it, and no marker
+    model, opt, sched = _trained()
+    folder = ck.save(tmp_path / "local30", model=model, optimizer=opt, scheduler=sched, step=30, cursor={})
+    data = (folder / ck.STATE).read_bytes()
+    with fs.open_output_stream(f"{root}/{ck.folder_name(30)}/{ck.STATE}") as out:
+        out.write(data[: len(data) // 2])
+    assert ck.fetch_latest_complete(fs, root, tmp_path / "d").name == ck.folder_name(20)
+    # and a marker that arrived over a truncated state file (another store's upload order) is refused too
+    with fs.open_output_stream(f"{root}/{ck.folder_name(30)}/{ck.MARKER}") as out:
+        out.write((folder / ck.MARKER).read_bytes())
+    assert ck.fetch_latest_complete(fs, root, tmp_path / "e").name == ck.folder_name(20)
+
+
+def test_an_upload_rides_out_an_outage(restartable_s3, tmp_path):
+    endpoint, server = restartable_s3
+    fs, root = _s3_fs(endpoint)
+    model, opt, sched = _trained()
+    folder = ck.save(tmp_path / "local", model=model, optimizer=opt, scheduler=sched, step=5, cursor={})
+    server.outage(seconds=3.0)
+    import time
+    time.sleep(0.5)  # inside the outage
+    ck.upload(folder, fs, root, ck.folder_name(5))
+    assert ck.fetch_latest_complete(fs, root, tmp_path / "f").name == ck.folder_name(5)

@@ -268,3 +268,46 @@ def test_cli_rejects_bad_input_without_starting_ray(tmp_path):
         assert p.returncode == 2 and f"jobs.train: invalid config: {field}" in p.stderr or \
             (p.returncode == 2 and f"jobs.train: {field}" in p.stderr), p.stderr[-2000:]
         assert "Started a local Ray instance" not in p.stderr + p.stdout
+
+
+def test_training_rides_out_a_10s_s3_outage_and_a_10s_mlflow_outage(ray_cluster, restartable_s3, restartable_mlflow,
+                                                                     monkeypatch):
+    """Both real services are stopped and started again mid-run: the job finishes, unresumed, no metric lost."""
+    import threading
+
+    import boto3
+    endpoint, s3_server = restartable_s3
+    for k, v in endpoint.env.items():
+        monkeypatch.setenv(k, v)
+    bucket = endpoint.new_bucket("outage")
+    cfg = job("name=outage", "data.dataset=digits", "train.max_steps=160", "checkpoint.every_steps=20",
+              "checkpoint.keep=2", "checkpoint.keep_by=recent", f"checkpoint.storage_path={bucket}/ray",
+              f"checkpoint.s3_endpoint_url={endpoint.endpoint_url}", f"tracking.uri={restartable_mlflow.url}",
+              "tracking.experiment=t-outage", "tracking.registered_model=")
+    events: list[str] = []
+
+    def outages() -> None:
+        s3 = boto3.client("s3", endpoint_url=endpoint.endpoint_url, aws_access_key_id=endpoint.key,
+                          aws_secret_access_key=endpoint.secret, region_name=endpoint.region)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # training is under way once its first checkpoint is on S3
+            if s3.list_objects_v2(Bucket=bucket[5:], Prefix="ray/outage/checkpoint_").get("KeyCount"):
+                break
+            time.sleep(0.2)
+        s3_server.stop(); events.append("s3 down"); time.sleep(10)
+        s3_server.start(); events.append("s3 up")
+        restartable_mlflow.stop(); events.append("mlflow down"); time.sleep(10)
+        restartable_mlflow.start(); events.append("mlflow up")
+
+    thread = threading.Thread(target=outages, daemon=True)
+    thread.start()
+    out = trainer.run(cfg)
+    thread.join(timeout=120)
+    assert events == ["s3 down", "s3 up", "mlflow down", "mlflow up"]
+    assert out.finished and out.step == 160 and not out.resumed
+    client = MlflowClient(restartable_mlflow.url)
+    steps = sorted({m.step for m in client.get_metric_history(out.run_id, "train/loss")})
+    assert steps == list(range(5, 161, 5)), steps  # every log_every step, none lost to the outages
+    assert client.get_run(out.run_id).info.status == "FINISHED"
+    path, fs = trainer.storage(cfg)
+    assert checkpointing.fetch_latest_complete(fs, f"{path}/outage", "/tmp/kpp-outage-check").name.endswith("160")

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import fsspec
 
+from pipeline.retry import PERMANENT, RetryPolicy, with_retries  # noqa: F401 - the shard store's retries
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Bounded timeouts so a dead connection fails instead of hanging for botocore's 60 s, and no silent retries
 # below us: botocore's attempts times s3fs's two nested retry loops made how long an outage was ridden out
@@ -77,39 +75,3 @@ def unstrip_protocol(url: str, path: str) -> str:
     """The full URL of `path` on the same filesystem as `url` (what the manifest records)."""
     protocol, _ = split_url(url)
     return path if protocol == "file" else f"{protocol}://{path}"
-
-
-# Retrying cannot fix these: a missing or forbidden object, or a programming error (raised at once, not after
-# a quarter minute of backoff).
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TypeError, AttributeError,
-             NotImplementedError)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 6       # per store operation, counting the first
-    backoff_s: float = 0.5      # doubled after each failure ...
-    backoff_max_s: float = 8.0  # ... up to this (defaults: 0.5+1+2+4+8 = 15.5 s of outage survived)
-
-
-def with_retries(what: str, action: Callable[[], T], policy: RetryPolicy = RetryPolicy()) -> T:
-    """action() retried on transient errors with exponential backoff; permanent ones are raised at once.
-
-    Transient is everything except a missing object or a permission error: the object stores' connection,
-    timeout and 5xx errors come from several client libraries (aiohttp, botocore, OSError) and none of them is
-    worth failing an epoch for at the first try.
-    """
-    max_attempts = policy.max_attempts
-    for attempt in range(1, max_attempts + 1):
-        try:
-            return action()
-        except PERMANENT:
-            raise
-        except Exception as err:  # noqa: BLE001 - see docstring: transient errors come in many types
-            if attempt == max_attempts:
-                raise OSError(f"{what}: failed after {max_attempts} attempts: {type(err).__name__}: {err}") from err
-            delay = min(policy.backoff_max_s, policy.backoff_s * 2 ** (attempt - 1))
-            log.warning("%s: attempt %d/%d failed (%s: %s); retrying in %.1fs",
-                        what, attempt, max_attempts, type(err).__name__, err, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")

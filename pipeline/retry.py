@@ -1,0 +1,52 @@
+"""Retries with exponential backoff for calls to remote stores (object storage, the tracking server).
+
+One policy object and one loop for every store the pipeline talks to: shards and manifests (pipeline/shards),
+checkpoints (pipeline/checkpointing.py) and MLflow metrics (pipeline/tracking.py). A transient outage of the
+S3 endpoint or the tracking server is waited out; a permanent error (missing object, permission) is raised at once.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# Retrying cannot fix these: a missing or forbidden object, or a programming error (raised at once, not after
+# a quarter minute of backoff).
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TypeError, AttributeError,
+             NotImplementedError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6       # per store operation, counting the first
+    backoff_s: float = 0.5      # doubled after each failure ...
+    backoff_max_s: float = 8.0  # ... up to this (defaults: 0.5+1+2+4+8 = 15.5 s of outage survived)
+
+
+def with_retries(what: str, action: Callable[[], T], policy: RetryPolicy = RetryPolicy()) -> T:
+    """action() retried on transient errors with exponential backoff; permanent ones are raised at once.
+
+    Transient is everything except a missing object or a permission error: the object stores' connection,
+    timeout and 5xx errors come from several client libraries (aiohttp, botocore, OSError) and none of them is
+    worth failing an epoch for at the first try.
+    """
+    max_attempts = policy.max_attempts
+    for attempt in range(1, max_attempts + 1):
+        try:
+            return action()
+        except PERMANENT:
+            raise
+        except Exception as err:  # noqa: BLE001 - see docstring: transient errors come in many types
+            if attempt == max_attempts:
+                raise OSError(f"{what}: failed after {max_attempts} attempts: {type(err).__name__}: {err}") from err
+            delay = min(policy.backoff_max_s, policy.backoff_s * 2 ** (attempt - 1))
+            log.warning("%s: attempt %d/%d failed (%s: %s); retrying in %.1fs",
+                        what, attempt, max_attempts, type(err).__name__, err, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
