@@ -121,6 +121,8 @@ def connect(cfg: JobConfig) -> None:
     for k, v in RAY_ENV.items():  # the local raylet and every process it starts inherit the driver's env
         os.environ.setdefault(k, v)
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    # no dashboard here, so no State API: its one consumer in Train V2 is told not to complain every second
+    env["worker_process_setup_hook"] = "pipeline.ray_logging.quiet_state_api_warnings"
     # address="local": a new cluster, never one that happens to run on this machine already
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
              runtime_env=env)

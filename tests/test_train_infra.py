@@ -55,3 +55,22 @@ def test_trainer_only_shortens_the_placement_group_cleaners_state_api_timeout():
     (stock_cleaner,) = [c for c in stock if isinstance(c, PlacementGroupCleanerCallback)]
     assert cleaner._get_actor_timeout_s == PG_CLEANER_STATE_API_TIMEOUT_S < stock_cleaner._get_actor_timeout_s
     assert cleaner._stop_timeout < stock_cleaner._stop_timeout
+
+
+def test_a_local_job_prints_no_state_api_warnings(tmp_path):
+    """Train V2's placement-group cleaner warned several times a second for the whole job on a local cluster
+    (no dashboard, so no State API to ask): `make demo` printed nothing else. A fresh process, its own cluster."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--config", "jobs/configs/local.yaml", "train.max_steps=20",
+         "train.warmup_steps=5", "name=quiet", f"checkpoint.storage_path={tmp_path}", "tracking.enabled=false",
+         "data.valid_episodes=4", "data.test_episodes=4", "eval.iwae_samples=2"],
+        capture_output=True, text=True, timeout=300, env={**env, "RAY_AUTH_MODE": "disabled"},
+        cwd=pathlib.Path(__file__).parents[1])
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "finished at step 20" in out
+    assert "PlacementGroupCleaner" not in out and "Failed to query Ray Train Controller" not in out, out[-3000:]
