@@ -53,6 +53,7 @@ def plain_worker(args) -> None:
     from pipeline import config, optim
     from pipeline.train_data import load_data
     from pipeline.train_loop import hash_seed, peak_rss_mb
+    from pipeline.train_step import train_step
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -68,24 +69,18 @@ def plain_worker(args) -> None:
     for step, batch in enumerate(stream.batches(stream.start(0))):
         if step == args.steps:
             break
-        x = batch.images
-        torch.manual_seed(hash_seed(cfg.seed, rank, step))
-        out = model(x, beta=kl_beta(step, mcfg.objective))
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
+        r = train_step(model, opt, sched, batch.images, beta=kl_beta(step, mcfg.objective),
+                       grad_clip=cfg.train.grad_clip, noise_seed=hash_seed(cfg.seed, rank, step))
     loop_s = time.perf_counter() - t0
     loop_cpu_s = time.thread_time() - cpu0
-    loss = out["loss"].detach()
+    loss = r.terms["loss"].clone()
     dist.all_reduce(loss)  # the mean over ranks, as the Ray job reports it
     loss /= world
     dist.barrier()  # gloo: destroying the group right after the last collective can abort a rank
     if rank == 0:
         pathlib.Path(args.result).write_text(json.dumps({"loop_s": loop_s, "loop_cpu_s": loop_cpu_s,
                                                          "peak_rss_mb": peak_rss_mb(),
-                                                         "loss": out["loss"].item()}))
+                                                         "loss": loss.item()}))
     dist.destroy_process_group()
 
 

@@ -1,11 +1,10 @@
 """Single-process training of a Kanerva++ model on an in-memory split: the loop in plain sight.
 
-Used by the demo and the memory experiments; the distributed job (Ray Train over shards) runs the same step.
-Training episodes are re-drawn each epoch from a seeded shuffle (pipeline.episodes.epoch_episodes).
+Used by the demo and the memory experiments; the distributed job (Ray Train over shards) and the benchmark run
+the same step (pipeline.train_step) and the same optimiser and schedule (pipeline.optim). Training episodes are re-drawn each epoch from a seeded shuffle (pipeline.episodes.epoch_episodes).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -16,7 +15,10 @@ import torch
 from kpp.evaluate import batch_swap_gap
 from kpp.model import KanervaPlusPlus
 from kpp.objective import keys_at_floor, kl_beta
+from pipeline import optim
+from pipeline.config import TrainConfig
 from pipeline.episodes import class_episodes, epoch_episodes
+from pipeline.train_step import train_step
 
 
 @dataclass(kw_only=True)
@@ -47,11 +49,10 @@ def episode_batches(images: torch.Tensor, episode_length: int, batch_size: int, 
         epoch += 1
 
 
-def lr_factor(step: int, cfg: LocalTrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def optimizer_config(cfg: LocalTrainConfig) -> TrainConfig:
+    """The run config's train section for this local run: Adam, linear warm-up, cosine decay to lr_min_ratio."""
+    return TrainConfig(max_steps=cfg.steps, optimizer="adam", lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                       schedule="cosine", min_lr_ratio=cfg.lr_min_ratio, grad_clip=cfg.grad_clip)
 
 
 def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainConfig,
@@ -63,8 +64,7 @@ def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainCon
     if cfg.episodes == "class" and labels is None:
         raise ValueError("train.episodes='class' needs labels, and this split has none")
     torch.manual_seed(cfg.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    optimizer, scheduler = optim.build(model.parameters(), optimizer_config(cfg))
     batches = episode_batches(images, model.cfg.episode_length, cfg.batch_size, cfg.seed,
                               labels if cfg.episodes == "class" else None)
     history: list[dict] = []
@@ -74,20 +74,16 @@ def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainCon
     for step in range(cfg.steps):
         x = next(batches)
         beta = kl_beta(step, model.cfg.objective)
-        out = model(x, beta=beta)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(out["loss"]):
-            raise FloatingPointError(f"non-finite loss at step {step}")
-        optimizer.step()
-        scheduler.step()
-        per_key = out["kl_y_per_key"].detach().mean((0, 1))
+        r = train_step(model, optimizer, scheduler, x, beta=beta, grad_clip=cfg.grad_clip)
+        if not r.ok:
+            raise FloatingPointError(f"non-finite loss or gradient at step {step}")
+        grad_norm = r.grad_norm
+        per_key = torch.stack([r.terms[f"kl_y_key{k}"] for k in range(model.cfg.keys.num_reads)])
         if step == 0 or step == model.cfg.objective.kl_warmup_steps:  # idle keys are judged after the warm-up
             max_per_key = per_key
         max_per_key = torch.maximum(max_per_key, per_key)
         for name in ("loss", "total", "recon", "kl_z", "kl_y"):
-            window[name] = window.get(name, 0.0) + out[name].mean().item()
+            window[name] = window.get(name, 0.0) + r.terms[name].item()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = (step % cfg.log_every) + 1
             record = {"step": step + 1, "beta": beta, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),

@@ -35,8 +35,8 @@ from pipeline.config import JobConfig, model_config
 from pipeline.tracking import RankZeroLogger
 from pipeline.shards.plan import Cursor
 from pipeline.train_data import load_data
+from pipeline.train_step import train_step
 
-LOSS_TERMS = ("loss", "recon", "kl_z", "kl_y", "total")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -156,32 +156,19 @@ class Loop:
     def _step(self, keys: np.ndarray, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
         t = self.job.train
         # the noise of this step depends only on (seed, rank, step): identical after any resume
-        torch.manual_seed(hash_seed(self.job.seed, self.s.rank, self.step))
-        x = x.to(self.device, non_blocking=True)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.precision == "bf16"
-                    else contextlib.nullcontext())
-        with autocast:
-            out = self.model(x, beta=kl_beta(self.step, self.mcfg.objective))
-        self.opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        # after DDP's all-reduce every rank holds the same gradients, so all ranks agree on skipping
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
-        ok = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(out["loss"]))
-        if ok:
-            self.opt.step()
+        r = train_step(self.model, self.opt, self.sched, x.to(self.device, non_blocking=True),
+                       beta=kl_beta(self.step, self.mcfg.objective), grad_clip=t.grad_clip, precision=t.precision,
+                       noise_seed=hash_seed(self.job.seed, self.s.rank, self.step))
+        if r.ok:
             self._run_of_skips = 0
         else:
             self.skipped += 1
             self._run_of_skips = getattr(self, "_run_of_skips", 0) + 1
             if t.nonfinite == "stop" or self._run_of_skips > t.max_nonfinite:
-                raise NonFiniteLoss(f"step {self.step + 1}: non-finite loss {out['loss'].item()} / grad norm "
-                                    f"{grad_norm.item()} ({self._run_of_skips} in a row); epoch {self.data.epoch}, "
+                raise NonFiniteLoss(f"step {self.step + 1}: non-finite loss {r.terms['loss'].item()} / grad norm "
+                                    f"{r.grad_norm.item()} ({self._run_of_skips} in a row); epoch {self.data.epoch}, "
                                     f"batch image keys {keys.tolist()}")
-        self.sched.step()
-        terms = {k: out[k].detach().float().mean() for k in LOSS_TERMS}
-        for k, v in enumerate(out["kl_y_per_key"].detach().float().mean((0, 1))):
-            terms[f"kl_y_key{k}"] = v
-        return terms, grad_norm.detach(), ok
+        return r.terms, r.grad_norm, r.ok
 
     # -- metrics, evaluation, checkpoints ---------------------------------------------------------------------
     def _metrics(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, window: "_Window") -> dict:
