@@ -23,8 +23,8 @@ import sys
 import tempfile
 import time
 
-from pipeline.shards.prepare import PrepareConfig, prepare
-from pipeline.shards.reader import Cursor, StreamConfig, make_loader
+from pipeline.data.shards.prepare import PrepareConfig, prepare
+from pipeline.data.shards.reader import Cursor, StreamConfig, make_loader
 
 SHARED_DATA = pathlib.Path(os.environ.get("KPP_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
 # name -> (dataset, source folder, gzip the image blocks)

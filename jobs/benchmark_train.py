@@ -3,7 +3,7 @@
     python -m jobs.benchmark_train [--steps 200] [--workers 2,1] [--out outputs/benchmarks/train.json]
 
 Both sides: the same model, data (binarized MNIST held in memory, the same per-rank batches), optimiser,
-N processes with gloo and 1 intra-op thread each, the same steps. The Ray side is `pipeline.trainer.run` with
+N processes with gloo and 1 intra-op thread each, the same steps. The Ray side is `pipeline.cluster.driver.run` with
 tracking off and one checkpoint at the end; the baseline is `plain_worker` below under torchrun, no checkpoints.
 Reported as JSON, per worker count: the step-loop wall time of each and their ratio (goal <= 1.05; the median of
 the paired ratios of `--repeats` interleaved runs, and the ratio of the best runs), the fixed start-up + tear-down
@@ -50,10 +50,11 @@ def plain_worker(args) -> None:
 
     from kpp.model import KanervaPlusPlus
     from kpp.objective import kl_beta
-    from pipeline import config, optim
-    from pipeline.train_data import load_data
-    from pipeline.train_loop import hash_seed, peak_rss_mb
-    from pipeline.train_step import train_step
+    from pipeline.train import config
+    from pipeline.train import optim
+    from pipeline.data.train_data import load_data
+    from pipeline.train.loop import hash_seed, peak_rss_mb
+    from pipeline.train.step import train_step
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -106,8 +107,8 @@ def run_torchrun(steps: int, source: str, workers: int) -> dict:
 
 
 def run_ray(steps: int, source: str, workers: int) -> dict:
-    code = ("import json,sys,time; t0=time.perf_counter(); from pipeline import config, trainer; "
-            "out=trainer.run(config.load(None, json.loads(sys.argv[1]))); "
+    code = ("import json,sys,time; t0=time.perf_counter(); from pipeline.train import config; from pipeline.cluster import driver; "
+            "out=driver.run(config.load(None, json.loads(sys.argv[1]))); "
             "print('RESULT', json.dumps({'wall_s': time.perf_counter()-t0, **out.metrics}))")
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()

@@ -18,9 +18,9 @@ from kpp.checkpoint import save_model
 from kpp.data import to_model_input
 from kpp.evaluate import describe, evaluate
 from kpp.viz import ROW_LABELS, save_sample_grid
-from pipeline.episodes import class_episodes, fixed_episodes
-from pipeline.local_training import LocalTrainConfig, train_local
-from pipeline.sources import DATASETS, load_split
+from pipeline.data.episodes import class_episodes, fixed_episodes
+from pipeline.train.local import LocalTrainConfig, train_local
+from pipeline.data.sources import DATASETS, load_split
 
 # Small enough for a few CPU minutes; the objective settings are the ones that made the memory matter in
 # docs/memory-experiments.md.

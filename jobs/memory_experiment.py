@@ -21,9 +21,9 @@ from kpp.checkpoint import save_model
 from kpp.data import to_model_input
 from kpp.evaluate import describe, evaluate
 from jobs.memory_report import plot_memory_samples
-from pipeline.episodes import class_episodes, fixed_episodes
-from pipeline.local_training import LocalTrainConfig, train_local
-from pipeline.sources import load_split
+from pipeline.data.episodes import class_episodes, fixed_episodes
+from pipeline.train.local import LocalTrainConfig, train_local
+from pipeline.data.sources import load_split
 
 
 def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:

@@ -12,9 +12,9 @@ import argparse
 import json
 import sys
 
-from pipeline.shards.prepare import PrepareConfig, prepare
+from pipeline.data.shards.prepare import PrepareConfig, prepare
 from pipeline.urls import redact, redact_text
-from pipeline.sources import DATASETS, DataSourceError
+from pipeline.data.sources import DATASETS, DataSourceError
 
 
 def positive(text: str) -> int:

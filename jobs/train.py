@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from pipeline import config
+from pipeline.train import config
 from pipeline.urls import redact_text, redact_tree
 
 
@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(redact_tree(cfg.to_dict()), indent=1))
         return 0
-    from pipeline import trainer  # after validation: importing Ray is slow and a bad config should not wait for it
-    from pipeline.tracking import TrackingError
+    from pipeline.cluster import driver  # after validation: importing Ray is slow and a bad config should not wait for it
+    from pipeline.registry.tracking import TrackingError
     try:
-        cfg = trainer.resolved(cfg)  # as the job runs it: the model's image fields follow the data's card
-        out = trainer.run(cfg)
+        cfg = driver.resolved(cfg)  # as the job runs it: the model's image fields follow the data's card
+        out = driver.run(cfg)
     except (config.ConfigError, TrackingError) as e:
         print(f"jobs.train: {redact_text(str(e))}", file=sys.stderr)
         return 2

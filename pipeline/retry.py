@@ -1,7 +1,7 @@
 """Retries with exponential backoff for calls to remote stores (object storage, the tracking server).
 
-One policy object and one loop for every store the pipeline talks to: shards and manifests (pipeline/shards),
-checkpoints (pipeline/checkpointing.py) and MLflow metrics (pipeline/tracking.py). A transient outage of the
+One policy object and one loop for every store the pipeline talks to: shards and manifests (pipeline/data/shards),
+checkpoints (pipeline/train/checkpointing.py) and MLflow metrics (pipeline/registry/tracking.py). A transient outage of the
 S3 endpoint or the tracking server is waited out; a permanent error (missing object, permission) is raised at once.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from pipeline import checkpointing as ck
+from pipeline.train import checkpointing as ck
 from pipeline.retry import RetryPolicy
 
 

@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-from pipeline import config as C
+from pipeline.train import config as C
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.episodes import class_episodes, epoch_episodes, fixed_episodes
+from pipeline.data.episodes import class_episodes, epoch_episodes, fixed_episodes
 
 
 def test_fixed_episodes_are_a_partition_and_repeatable():
@@ -29,7 +29,7 @@ def test_epoch_episodes_change_per_epoch_and_cover_the_split():
 
 
 def test_episodes_do_not_depend_on_the_hash_seed():
-    code = "from pipeline.episodes import *; print(fixed_episodes(50, 5, 1).sum(1).tolist(), epoch_episodes(50, 5, 1, 2)[0].tolist())"
+    code = "from pipeline.data.episodes import *; print(fixed_episodes(50, 5, 1).sum(1).tolist(), epoch_episodes(50, 5, 1, 2)[0].tolist())"
     outputs = {
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": h}

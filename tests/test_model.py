@@ -2,7 +2,6 @@
 reads and writes that are each other's inverse, non-negative KLs, valid likelihoods, weights-only save/load."""
 import ast
 import io
-import math
 import pathlib
 
 import pytest

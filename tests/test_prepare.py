@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.shards.prepare import PrepareConfig, prepare
-from pipeline.shards.reader import Cursor, StreamConfig, make_loader
-from pipeline.sources import SourceFormatError, SourceNotFoundError
+from pipeline.data.shards.prepare import PrepareConfig, prepare
+from pipeline.data.shards.reader import Cursor, StreamConfig, make_loader
+from pipeline.data.sources import SourceFormatError, SourceNotFoundError
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_labels_survive_and_train_is_stored_shuffled(mnist_out, shared_data):
     out, _ = mnist_out
     config = StreamConfig(root=str(out), split="train", episode_length=10, batch_size=5000, shuffle=False)
     batch = next(iter(make_loader(config, rank=0, world_size=1, cursor=Cursor(0))))
-    from pipeline.sources import load_split
+    from pipeline.data.sources import load_split
 
     source = load_split("mnist", shared_data / "mnist", "train")
     keys = batch.keys.ravel().numpy()
@@ -200,7 +200,8 @@ def test_configs_never_show_storage_credentials():
 
 def test_the_model_takes_image_shape_bit_depth_and_likelihood_from_the_data_card(tmp_path):
     """make demo DATA=fashion_mnist failed: the model kept its binarized defaults for 8-bit data."""
-    from pipeline import config, trainer
+    from pipeline.train import config
+    from pipeline.cluster import driver
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "grey.npz", **{f"x_{s}": rng.integers(0, 256, (64, 3, 16, 16), dtype=np.uint8)
                                        for s in ("train", "valid", "test")})
@@ -208,13 +209,13 @@ def test_the_model_takes_image_shape_bit_depth_and_likelihood_from_the_data_card
                           episode_length=4, progress=False))
     cfg = config.load(None, [f"data.shards={tmp_path / 'p'}", "model.episode_length=4",
                              f"checkpoint.storage_path={tmp_path / 'ray'}"])
-    model = trainer.resolved(cfg).model
+    model = driver.resolved(cfg).model
     assert (model["image_channels"], model["image_height"], model["image_width"], model["bit_depth"]) == (3, 16, 16, 8)
     assert model["likelihood"]["kind"] == "logistic_mixture"
-    trainer.preflight(trainer.resolved(cfg))  # consistent: no error
+    driver.preflight(driver.resolved(cfg))  # consistent: no error
     # what the config sets stays, and a contradiction is named before anything starts
     explicit = config.load(None, [f"data.shards={tmp_path / 'p'}", "model.episode_length=4", "model.bit_depth=1",
                                   f"checkpoint.storage_path={tmp_path / 'ray'}"])
-    assert trainer.resolved(explicit).model["bit_depth"] == 1
+    assert driver.resolved(explicit).model["bit_depth"] == 1
     with pytest.raises(config.ConfigError, match=r"^model.image_\*/bit_depth: .* at bit depth 1, .* at 8"):
-        trainer.preflight(trainer.resolved(explicit))
+        driver.preflight(driver.resolved(explicit))

@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipeline import checkpointing, config
-from pipeline.shards.plan import Cursor
-from pipeline.train_data import InMemoryStream, load_data
-from pipeline.train_loop import LocalSession, Loop
+from pipeline.train import checkpointing
+from pipeline.train import config
+from pipeline.data.shards.plan import Cursor
+from pipeline.data.train_data import InMemoryStream, load_data
+from pipeline.train.loop import LocalSession, Loop
 
 TINY = ["model.episode_length=4", "model.encoder={width: 8, embedding_dim: 32, groups: 4}",
         "model.memory={channels: 4, height: 8, width: 8}", "model.read.window=4",

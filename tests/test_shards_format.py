@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.shards.format import ShardArrays, ShardFormatError, decode_shard, encode_shard
-from pipeline.shards.tar_index import TarIndexError, npy_from_view
+from pipeline.data.shards.format import ShardArrays, ShardFormatError, decode_shard, encode_shard
+from pipeline.data.shards.tar_index import TarIndexError, npy_from_view
 
 RNG = np.random.default_rng(0)
 

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.shards.plan import Cursor, epoch_stream, episodes_left, rank_plan, worker_batches
+from pipeline.data.shards.plan import Cursor, epoch_stream, episodes_left, rank_plan, worker_batches
 
 
 def delivered(counts, seed, epoch, T, B, world, workers, remainder="pad", shuffle=True):

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.episodes import fixed_episodes
-from pipeline.shards.fetch import RetryPolicy, ShardIntegrityError, ShardMissingError
-from pipeline.shards.format import ShardFormatError
-from pipeline.shards.manifest import ManifestError
-from pipeline.shards.prepare import PrepareConfig, prepare
-from pipeline.shards.reader import Cursor, EpisodeStream, StreamConfig, make_loader
-from pipeline.sources import load_split
+from pipeline.data.episodes import fixed_episodes
+from pipeline.retry import RetryPolicy
+from pipeline.data.shards.fetch import ShardIntegrityError, ShardMissingError
+from pipeline.data.shards.format import ShardFormatError
+from pipeline.data.shards.manifest import ManifestError
+from pipeline.data.shards.prepare import PrepareConfig, prepare
+from pipeline.data.shards.reader import Cursor, EpisodeStream, StreamConfig, make_loader
+from pipeline.data.sources import load_split
 
 FAST_RETRY = RetryPolicy(max_attempts=2, backoff_s=0.01, backoff_max_s=0.01)
 

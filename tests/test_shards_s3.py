@@ -4,16 +4,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.shards.fetch import RetryPolicy
-from pipeline.shards.prepare import PrepareConfig, prepare
-from pipeline.shards.reader import Cursor, StreamConfig, make_loader
-from pipeline.shards.storage import with_retries
+from pipeline.retry import RetryPolicy
+from pipeline.data.shards.prepare import PrepareConfig, prepare
+from pipeline.data.shards.reader import Cursor, StreamConfig, make_loader
+from pipeline.retry import with_retries
 
 QUICK = RetryPolicy(max_attempts=3, backoff_s=0.01, backoff_max_s=0.01)
 QUICKER = RetryPolicy(max_attempts=2, backoff_s=0.01, backoff_max_s=0.01)
@@ -150,7 +149,7 @@ def test_retries_transient_errors_with_backoff_but_not_missing_objects():
 def test_truncated_or_grown_shard_on_s3_is_named(s3, s3_dataset):
     import fsspec
 
-    from pipeline.shards.fetch import ShardIntegrityError
+    from pipeline.data.shards.fetch import ShardIntegrityError
 
     fs = fsspec.filesystem("s3", **s3.storage_options)
     source = s3_dataset.removeprefix("s3://")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.sources import ImageSet, load_split
+from pipeline.data.sources import ImageSet, load_split
 
 MNIST_TRAIN_LABEL_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

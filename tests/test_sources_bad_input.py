@@ -5,7 +5,7 @@ import gzip
 import numpy as np
 import pytest
 
-from pipeline.sources import DataSourceError, SourceFormatError, SourceNotFoundError, load_split
+from pipeline.data.sources import DataSourceError, SourceFormatError, SourceNotFoundError, load_split
 
 
 def idx_bytes(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.sources import SourceFormatError, SourceNotFoundError, load_split
+from pipeline.data.sources import SourceFormatError, SourceNotFoundError, load_split
 
 
 def omniglot_png(seed: int, size=105) -> bytes:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline.registry import tracking
 from tests.fixtures.mlflow_server import free_port
 
 TINY = {"episode_length": 4, "encoder": {"width": 8, "embedding_dim": 32, "groups": 4},
@@ -121,7 +121,7 @@ def test_registered_model_loads_by_alias_in_a_clean_process(mlflow_uri, tmp_path
 
 
 def test_a_url_with_a_token_never_reaches_params_tags_or_the_stored_config(mlflow_uri, tmp_path):
-    from pipeline import config
+    from pipeline.train import config
     secret = "s3cr3t-t0ken"
     cfg = config.load(None, [f"data.source=https://reader:{secret}@data.example/mnist",
                              f"data.shards=s3://bucket/x?X-Amz-Signature={secret}"])

@@ -4,8 +4,8 @@ import shlex
 
 import yaml
 
-from pipeline import config
-from pipeline.trainer import RAY_ENV
+from pipeline.train import config
+from pipeline.cluster.driver import RAY_ENV
 
 INFRA = pathlib.Path(__file__).resolve().parents[1] / "infra"
 REPO = INFRA.parent
@@ -39,13 +39,13 @@ def test_cluster_launcher_yaml_parses():
 
 
 def test_trainer_only_shortens_the_placement_group_cleaners_state_api_timeout():
-    """The private hook of pipeline.trainer._torch_trainer_class exists in the pinned Ray, and the default callbacks
+    """The private hook of pipeline.cluster.driver._torch_trainer_class exists in the pinned Ray, and the default callbacks
     are the stock ones but for the cleaner's timeout (which set a 12 s floor under every job's tear-down)."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from pipeline.trainer import PG_CLEANER_STATE_API_TIMEOUT_S, _torch_trainer_class
+    from pipeline.cluster.driver import PG_CLEANER_STATE_API_TIMEOUT_S, _torch_trainer_class
     cls = _torch_trainer_class()
     assert cls is not TorchTrainer and issubclass(cls, TorchTrainer)
     kw = dict(train_loop_per_worker=lambda: None, scaling_config=ScalingConfig(num_workers=1))

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from pipeline import checkpointing, config
-from pipeline.train_data import InMemoryStream, load_data
-from pipeline.train_loop import LocalSession, Loop, NonFiniteLoss
+from pipeline.train import checkpointing
+from pipeline.train import config
+from pipeline.data.train_data import InMemoryStream, load_data
+from pipeline.train.loop import LocalSession, Loop, NonFiniteLoss
 
 TINY = ["model.episode_length=4", "model.encoder={width: 8, embedding_dim: 32, groups: 4}",
         "model.memory={channels: 4, height: 8, width: 8}", "model.read.window=4",
@@ -121,7 +122,7 @@ def _rank_main(rank, world, port, root, result):
     if rank == 1:  # and rank 1's clock runs 5x fast: only rank 0's may decide
         import types
 
-        import pipeline.train_loop as train_loop
+        import pipeline.train.loop as train_loop
         train_loop.time = types.SimpleNamespace(perf_counter=lambda: 5 * _time.perf_counter(),
                                                 thread_time=_time.thread_time)
     session = SpacedSession(f"{root}/rank{rank}", 0.3)

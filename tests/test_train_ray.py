@@ -17,7 +17,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import checkpointing, config, trainer
+from pipeline.train import checkpointing
+from pipeline.train import config
+from pipeline.cluster import driver
 from tests.fixtures.ray_cluster import AUTH_OFF
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -68,11 +70,11 @@ def test_short_run_learns_checkpoints_on_s3_and_registers(ray_cluster, mlflow_ur
               "checkpoint.keep=1", "checkpoint.keep_by=recent", f"checkpoint.storage_path={bucket}/ray",
               f"checkpoint.s3_endpoint_url={s3_env.endpoint_url}", f"tracking.uri={mlflow_uri}",
               "tracking.experiment=t-train", "tracking.registered_model=kpp-t", "tracking.alias=candidate")
-    out = trainer.run(cfg)
+    out = driver.run(cfg)
     assert out.finished and out.step == 30 and not out.resumed
 
     # checkpoints on S3: complete (marker + matching state), the latest kept; keep=1 removed the older ones
-    path, fs = trainer.storage(cfg)
+    path, fs = driver.storage(cfg)
     names = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/short"))
                    if i.base_name.startswith("checkpoint_0"))
     assert names == ["checkpoint_000000030"], names
@@ -96,7 +98,7 @@ def test_short_run_learns_checkpoints_on_s3_and_registers(ray_cluster, mlflow_ur
     assert out.metrics["test/iwae"] <= out.metrics["test/neg_elbo"] + 1e-3
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     tags = run.data.tags
-    assert tags["config.hash"] == trainer.resolved(cfg).hash() and len(tags["git.commit"]) == 40
+    assert tags["config.hash"] == driver.resolved(cfg).hash() and len(tags["git.commit"]) == 40
     assert tags["data.manifest_hash"] != "none" and tags["version.torch"] == torch.__version__
     assert run.data.params["train.max_steps"] == "30"
     assert run.data.params["model.latent.dim"] == "8"  # overridden
@@ -156,7 +158,7 @@ def test_killed_worker_restores_from_last_complete_checkpoint(ray_cluster, mlflo
 
     def target():
         try:
-            result["out"] = trainer.run(cfg)
+            result["out"] = driver.run(cfg)
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             result["error"] = e
 
@@ -193,10 +195,10 @@ def test_halt_and_resume_equals_straight_run(ray_cluster, tmp_path):
     # digits: 43 batches per epoch, so the resumed half crosses an epoch boundary (new order, cursor roll-over)
     common = ["data.dataset=digits", "train.max_steps=60", "checkpoint.every_steps=10",
               f"checkpoint.storage_path={tmp_path}", "tracking.enabled=false"]
-    straight = trainer.run(job("name=straight", *common))
-    half = trainer.run(job("name=split", *common, "train.halt_at_step=30"))
+    straight = driver.run(job("name=straight", *common))
+    half = driver.run(job("name=split", *common, "train.halt_at_step=30"))
     assert not half.finished and half.step == 30
-    rest = trainer.run(job("name=split", *common))
+    rest = driver.run(job("name=split", *common))
     assert rest.finished and rest.step == 60 and rest.resumed
     a, b = _final_weights(tmp_path, "straight"), _final_weights(tmp_path, "split")
     assert a["step"] == b["step"] == 60 and a["cursor"] == b["cursor"]
@@ -231,7 +233,7 @@ def test_stopped_job_rerun_with_the_same_command_resumes(ray_cluster, mlflow_uri
 
 # -- bad input: a clear error before training starts --------------------------------------------------------------
 def test_bad_storage_data_and_tracking_fail_before_training(s3_env, mnist_shards, tmp_path):
-    from pipeline.tracking import TrackingError
+    from pipeline.registry.tracking import TrackingError
     from tests.fixtures.mlflow_server import free_port
     dead = f"http://127.0.0.1:{free_port()}"
     cases = [
@@ -247,7 +249,7 @@ def test_bad_storage_data_and_tracking_fail_before_training(s3_env, mnist_shards
         cfg = job("name=bad", f"checkpoint.storage_path={tmp_path}/ray", *overrides)
         t0 = time.monotonic()
         with pytest.raises(error, match=message):
-            trainer.run(cfg)
+            driver.run(cfg)
         assert time.monotonic() - t0 < 60, overrides
 
 
@@ -256,7 +258,7 @@ def test_more_gpus_than_the_cluster_has(ray_cluster, mlflow_uri, tmp_path):
               f"tracking.uri={mlflow_uri}", "tracking.experiment=t-gpus")
     with pytest.raises(config.ConfigError,
                        match="scaling.num_workers: 2 workers with scaling.use_gpu=true need 2 GPUs, the cluster has 0"):
-        trainer.run(cfg)
+        driver.run(cfg)
     assert runs_of(mlflow_uri, "t-gpus", "gpus") == []  # nothing was started, not even the MLflow run
 
 
@@ -301,7 +303,7 @@ def test_training_rides_out_a_10s_s3_outage_and_a_10s_mlflow_outage(ray_cluster,
 
     thread = threading.Thread(target=outages, daemon=True)
     thread.start()
-    out = trainer.run(cfg)
+    out = driver.run(cfg)
     thread.join(timeout=120)
     assert events == ["s3 down", "s3 up", "mlflow down", "mlflow up"]
     assert out.finished and out.step == 160 and not out.resumed
@@ -309,5 +311,5 @@ def test_training_rides_out_a_10s_s3_outage_and_a_10s_mlflow_outage(ray_cluster,
     steps = sorted({m.step for m in client.get_metric_history(out.run_id, "train/loss")})
     assert steps == list(range(5, 161, 5)), steps  # every log_every step, none lost to the outages
     assert client.get_run(out.run_id).info.status == "FINISHED"
-    path, fs = trainer.storage(cfg)
+    path, fs = driver.storage(cfg)
     assert checkpointing.fetch_latest_complete(fs, f"{path}/outage", "/tmp/kpp-outage-check").name.endswith("160")

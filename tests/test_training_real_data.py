@@ -6,9 +6,9 @@ import torch
 from kpp import KanervaPlusPlus
 from kpp.data import to_model_input
 from kpp.evaluate import evaluate
-from pipeline.episodes import class_episodes, fixed_episodes
-from pipeline.local_training import LocalTrainConfig, train_local
-from pipeline.sources import load_split
+from pipeline.data.episodes import class_episodes, fixed_episodes
+from pipeline.train.local import LocalTrainConfig, train_local
+from pipeline.data.sources import load_split
 from tests.model_helpers import tiny_config
 
 CONFIG = dict(

@@ -1,0 +1,304 @@
+"""MLflow tracking of a training job: one run per job across restarts, logged from world rank 0.
+
+Who does what:
+- the driver opens the job's run *before* training (`open_job_run`): it finds the run tagged with the job name or
+  creates it, logs the resolved config once as params plus tags and the config file, so a tracking server that is
+  down fails the job before any cluster resources are requested (`check_reachable`);
+- rank 0 of the worker group logs metrics and artifacts into that run by id (`RankZeroLogger`); a worker group
+  restarted from an older checkpoint replays steps that were already logged, and those are dropped per metric so
+  each metric's step axis stays strictly increasing (Ray #48664: retried runs logged extra epochs);
+- the driver registers the final model (`register_model`) as a pyfunc "model from code" (pipeline/registry/pyfunc_model.py)
+  whose artifacts are a state_dict file and the model config JSON: loading it never unpickles, and it does not
+  freeze the batch size as mlflow.pytorch's default torch.export format does.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from pipeline.urls import redact, redact_tree
+
+log = logging.getLogger(__name__)
+JOB_TAG = "kpp.job"
+DEFAULT_URI_PATH = "outputs/mlflow.db"
+PYFUNC_CODE = pathlib.Path(__file__).with_name("pyfunc_model.py")
+KPP_DIR = pathlib.Path(__file__).resolve().parents[2] / "kpp"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; raised before training starts."""
+
+
+def resolve_uri(uri: str) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else a sqlite file under ./outputs, made absolute so Ray workers
+    (which run in another working directory) write to the same store as the driver."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        path = pathlib.Path(DEFAULT_URI_PATH).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast with a clear message when the tracking server is down or the local store is unusable."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+                if r.status == 200:
+                    return
+                raise TrackingError(f"tracking.uri: MLflow server at {uri} answered /health with {r.status}")
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingError(f"tracking.uri: MLflow server at {uri} is unreachable ({e})") from None
+    if uri.startswith("sqlite:///"):
+        parent = pathlib.Path(uri[len("sqlite:///"):]).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"tracking.uri: cannot create the sqlite store's folder {parent} ({e})") from None
+
+
+def run_tags(config_hash: str, manifest: str = "") -> dict[str, str]:
+    """Provenance tags: code version, config, data and library versions."""
+    import ray
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=pathlib.Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit, dirty = "unknown", ""
+    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower(), "config.hash": config_hash,
+            "data.manifest_hash": file_hash(manifest) if manifest else "none",
+            "version.torch": torch.__version__, "version.ray": ray.__version__,
+            "version.mlflow": mlflow.__version__, "version.python": platform.python_version()}
+
+
+def file_hash(url: str) -> str:
+    """sha256 of a (possibly remote) file, e.g. the shard manifest: ties a run to the exact data."""
+    import fsspec
+    h = hashlib.sha256()
+    with fsspec.open(url, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def open_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], tags: dict[str, str],
+                 config_yaml: str, fresh: bool = False) -> tuple[str, bool]:
+    """The one run of this job: (run_id, resumed). Params are logged once; a re-run that changes a param (e.g. a
+    larger train.max_steps to extend a job) keeps the first value and records the change as a tag, since MLflow
+    refuses to change a logged param (#20473).
+    fresh=True (the job has no checkpoint, so training starts at step 0): an existing run of the same job name is
+    retired (its job tag moved to `kpp.job.retired`) and a new run is created; continuing it would mix two
+    trainings on one step axis."""
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=2)
+    if len(found) > 1:
+        raise TrackingError(f"name: {len(found)} MLflow runs carry {JOB_TAG}={job!r} in {experiment!r}")
+    if found and fresh:
+        old = found[0].info.run_id
+        client.set_tag(old, f"{JOB_TAG}.retired", job)
+        client.delete_tag(old, JOB_TAG)
+        if found[0].info.status == "RUNNING":
+            client.set_terminated(old, "KILLED")
+        found = []
+    if found:
+        run = found[0]
+        run_id, logged = run.info.run_id, run.data.params
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(exp_id, run_name=job, tags={JOB_TAG: job}).info.run_id
+        logged = {}
+    values = {k: redact(_param_str(v)) for k, v in params.items()}  # no credentials in params
+    new = [Param(k, v) for k, v in values.items() if k not in logged]
+    changed = {k: {"logged": logged[k], "now": v} for k, v in values.items() if k in logged and logged[k] != v}
+    tag_list = [RunTag(k, redact(v)) for k, v in tags.items()]
+    if changed:
+        tag_list.append(RunTag(f"kpp.rerun.{int(time.time())}.changed_params", json.dumps(changed)[:5000]))
+    for i in range(0, len(new), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run_id, params=new[i:i + 100], tags=tag_list if i == 0 else [])
+    if not new:
+        client.log_batch(run_id, tags=tag_list)
+    client.log_text(run_id, config_yaml, "config/resolved.yaml")
+    return run_id, bool(found)
+
+
+def _param_str(v: Any) -> str:
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+
+def finish_run(uri: str, run_id: str, ok: bool) -> None:
+    MlflowClient(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+class RankZeroLogger:
+    """Metrics and artifacts of one run, written only where `active` (world rank 0); a no-op elsewhere.
+
+    An outage of the tracking server must not kill training nor lose metrics: MLflow's client already retries each
+    request for a while; what still fails is kept in order and sent with the next call (`pending`), and `flush`
+    at the end of the job waits for the server (pipeline.retry) before giving up loudly."""
+
+    def __init__(self, uri: str, run_id: str, active: bool):
+        self.active = active and bool(run_id)
+        self.run_id = run_id
+        self.client = MlflowClient(uri) if self.active else None
+        self._floor: dict[str, int] = {}  # per metric: the highest step already in the store
+        self.pending: list[Metric] = []  # metrics not yet accepted by the server, oldest first
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        now = int(time.time() * 1000)
+        try:
+            fresh = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._floor_of(k)]
+        except Exception as e:  # noqa: BLE001 - the server is down: keep everything, sort it out on the next call
+            log.warning("MLflow unreachable (%s): %d metrics of step %d kept for later", e, len(metrics), step)
+            fresh = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.pending += fresh
+        self._send()
+
+    def _send(self) -> bool:
+        """Send what is pending (at most 1000 metrics per request, MLflow's limit); False if the server failed."""
+        while self.pending:
+            batch = self.pending[:1000]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as e:  # noqa: BLE001 - connection errors come as MlflowException, OSError, requests errors
+                log.warning("MLflow log_batch failed (%s); %d metrics pending", e, len(self.pending))
+                return False
+            del self.pending[:len(batch)]
+            for m in batch:
+                self._floor[m.key] = max(self._floor.get(m.key, -1), m.step)
+        return True
+
+    def flush(self, policy=None) -> None:
+        """Wait (retrying) until every pending metric is in the store; raise TrackingError if it never comes back."""
+        if not self.active or not self.pending:
+            return
+        from pipeline.retry import RetryPolicy, with_retries
+
+        def attempt() -> None:
+            if not self._send():
+                raise ConnectionError(f"{len(self.pending)} metrics still pending")
+        try:
+            with_retries("send pending MLflow metrics", attempt, policy or RetryPolicy(max_attempts=8, backoff_max_s=8.0))
+        except OSError as e:
+            raise TrackingError(f"tracking.uri: {len(self.pending)} metrics could not be written: {e}") from e
+
+    def _floor_of(self, key: str) -> int:
+        if key not in self._floor:  # first use after a (re)start: ask the store what this run already holds
+            history = self.client.get_metric_history(self.run_id, key)
+            self._floor[key] = max((m.step for m in history), default=-1)
+        return self._floor[key]
+
+    def log_curves(self, keys: list[str], artifact_file: str = "curves/loss.png") -> None:
+        """Plot these metrics' full history in this run (all restarts included) and log the PNG."""
+        if not self.active:
+            return
+        from pipeline.registry.curves import plot_curves
+        self.flush()  # the curves show every step, including any kept through an outage
+        histories = {k: [(m.step, m.value) for m in self._retried(
+            f"read {k}", lambda k=k: self.client.get_metric_history(self.run_id, k))] for k in keys}
+        with tempfile.TemporaryDirectory() as d:
+            path = plot_curves(histories, pathlib.Path(d) / pathlib.Path(artifact_file).name)
+            self.log_artifact(path, str(pathlib.Path(artifact_file).parent))
+
+    def log_artifact(self, local_path: str | pathlib.Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            self._retried(f"log artifact {local_path}",
+                          lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_path))
+
+    def log_dict(self, d: dict[str, Any], artifact_file: str) -> None:
+        if self.active:
+            self._retried(f"log {artifact_file}", lambda: self.client.log_dict(self.run_id, d, artifact_file))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            self._retried("set tags", lambda: self.client.log_batch(
+                self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()]))
+
+    @staticmethod
+    def _retried(what: str, action):
+        from pipeline.retry import RetryPolicy, with_retries
+        try:
+            return with_retries(what, action, RetryPolicy(max_attempts=8, backoff_max_s=8.0))
+        except OSError as e:
+            raise TrackingError(f"tracking.uri: {what} failed: {e}") from e
+
+
+def register_model(uri: str, run_id: str, weights: str | pathlib.Path, model_config: dict[str, Any],
+                   name: str, alias: str, force_new: bool = False) -> str:
+    """Log the model to the run as a pyfunc from code (pipeline/registry/pyfunc_model.py + the kpp package), register it
+    under `name` and point `alias` at the new version. Returns the version. Idempotent per run: re-running a
+    finished job returns the version this run already registered instead of adding another."""
+    import numpy
+    import torch
+    client = MlflowClient(uri)
+    existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+    if existing and not force_new:
+        version = max(existing, key=lambda v: int(v.version)).version
+        client.set_registered_model_alias(name, alias, version)
+        return str(version)
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as d:
+        cfg_path = pathlib.Path(d) / "model_config.json"
+        cfg_path.write_text(json.dumps(model_config, indent=1, sort_keys=True))
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(PYFUNC_CODE), code_paths=[str(KPP_DIR)],
+                artifacts={"weights": str(weights), "config": str(cfg_path)}, signature=_signature(model_config),
+                # one blank episode: MLflow loads the logged model and predicts on it before registering, so a
+                # model that cannot load from its own artifacts never gets a version (and serving has an example)
+                input_example=_input_example(model_config),
+                # explicit requirements: inferring them takes 5-6 s and may pull the whole venv
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}",
+                                  f"mlflow=={mlflow.__version__}"],
+                registered_model_name=name)
+    version = str(info.registered_model_version)
+    MlflowClient(uri).set_registered_model_alias(name, alias, version)
+    return version
+
+
+def _input_example(model_config: dict[str, Any]):
+    import numpy as np
+    from kpp.config import KanervaConfig
+    cfg = KanervaConfig.from_dict(model_config)
+    return np.zeros((1, cfg.episode_length, *cfg.image_shape), dtype=np.float32)
+
+
+def _signature(model_config: dict[str, Any]):
+    """Episodes [E, T, C, H, W] -> per-image negative ELBO [E, T], with a `seed` param (a params schema is what
+    lets pyfunc pass params through at all). E and T stay free."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+    from kpp.config import KanervaConfig
+    c, h, w = KanervaConfig.from_dict(model_config).image_shape
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, c, h, w))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
+                          params=ParamSchema([ParamSpec("seed", "long", 0)]))
+
+
+def config_yaml(d: dict[str, Any]) -> str:
+    """The config as stored with the run: URLs redacted (pipeline/urls.py)."""
+    return yaml.safe_dump(redact_tree(d), sort_keys=False)
