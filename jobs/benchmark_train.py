@@ -59,7 +59,7 @@ def plain_worker(args) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = config.load(None, job_overrides(args.steps, "/tmp", args.source, int(args.workers)))
-    mcfg = config.model_config(cfg)
+    mcfg = cfg.model
     stream = load_data(cfg.data.dataset, cfg.data.source, mcfg.episode_length, cfg.data.batch_episodes, 2, 2,
                        cfg.seed, rank, world)[0]
     torch.manual_seed(cfg.seed)

@@ -50,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run {out.run_id or '-'}: {'finished' if out.finished else 'halted'} at step {out.step}"
           f"{' (resumed)' if out.resumed else ''}; checkpoint {redact_text(out.checkpoint)}")
     if out.finished:
-        print(f"test bound ({config.model_config(cfg).unit}, memory-conditional): negative ELBO "
+        print(f"test bound ({cfg.model.unit}, memory-conditional): negative ELBO "
               f"{m['test/neg_elbo']:.3f}, IWAE({int(m['test/iwae_samples'])}) {m['test/iwae']:.3f}; "
               f"leave-one-out negative ELBO {m.get('test/loo_neg_elbo', float('nan')):.3f}; "
               f"memory swap gap {m['test/swap_gap']:+.3f}")
         idle = m.get("keys_at_floor") or []
-        if idle and config.model_config(cfg).memory.writer != "none":  # without a memory no key has an address
-            print(f"key reads {', '.join(map(str, idle))} of {config.model_config(cfg).keys.num_reads} stayed at the "
+        if idle and cfg.model.memory.writer != "none":  # without a memory no key has an address
+            print(f"key reads {', '.join(map(str, idle))} of {cfg.model.keys.num_reads} stayed at the "
                   f"free-bits floor for the whole run (KL_y per key: train/kl_y_key<k>): they carried no address")
         if out.model_version:
             print(f"registered model {cfg.tracking.registered_model} version {out.model_version} "

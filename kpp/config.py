@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
+def _f(default: Any, help: str) -> Any:
+    """A field with its help text (what `python -m jobs.train --help` prints for model.*)."""
+    return field(default=default, metadata={"help": help})
+
+
 class ConfigError(ValueError):
     """A config value that cannot build a model. `field` is the dotted path of the offending field."""
 
@@ -24,85 +29,85 @@ class ConfigError(ValueError):
 class EncoderConfig:
     """TSM ResNet applied to every image of the episode, then a 2-layer MLP to the embedding E [B, T, F]."""
 
-    width: int = 32  # channels of the first stage; doubled at each of the two downsampling stages
+    width: int = _f(32, "channels of the first stage; doubled at each of the two downsampling stages")
     # Stride of the stem conv. 2 runs the first stage at half resolution (14x14 for MNIST): the full-resolution
     # stage was over half of the step's conv time on CPU (docs/memory-experiments.md, speed).
-    stem_stride: int = 2
-    blocks_per_stage: int = 1  # residual blocks per stage (3 stages)
-    groups: int = 8  # GroupNorm groups (the authors use GroupNorm, not BatchNorm)
-    shift_fraction: float = 0.125  # fraction of channels shifted each way along the episode (TSM: 1/8)
-    embedding_dim: int = 256  # F
+    stem_stride: int = _f(2, "stride of the stem conv: 2 runs the first stage at half resolution")
+    blocks_per_stage: int = _f(1, "residual blocks per stage (3 stages)")
+    groups: int = _f(8, "GroupNorm groups (the authors use GroupNorm, not BatchNorm)")
+    shift_fraction: float = _f(0.125, "fraction of channels shifted each way along the episode (TSM: 1/8)")
+    embedding_dim: int = _f(256, "F: embedding size of each image (input of the keys, the writer and q(z))")
     # How the last feature map becomes one vector per image. "mean" is ResNet's global average pooling (the
     # authors'); on 28x28 images "flatten" keeps where the strokes are and trained much faster here
     # (deterministic autoencoder after 150 steps: 145 vs 200 nats/image).
-    pooling: Literal["flatten", "mean"] = "flatten"
+    pooling: Literal["flatten", "mean"] = _f("flatten", "how the last feature map becomes one vector per image")
 
 
 @dataclass(kw_only=True)
 class MemoryConfig:
     """The deterministic 2-D memory M [B, C_m, H_m, W_m] written from the episode (a point mass, no KL)."""
 
-    channels: int = 16  # C_m
-    height: int = 16  # H_m
-    width: int = 16  # W_m
+    channels: int = _f(16, "C_m: memory channels")
+    height: int = _f(16, "H_m: memory height")
+    width: int = _f(16, "W_m: memory width")
     # "key": each image writes a block at its own posterior key means (the inverse of the read), summed over the
     # episode on a learned base map. "dense": each image writes a memory-sized map from its embedding, summed,
     # then a conv stack. "none": an ablation, M is a learned map the episode does not write to (a VAE with a
     # learned, key-conditioned prior). See docs/memory-experiments.md for what each does to the memory's use.
-    writer: Literal["key", "dense", "none"] = "key"
+    writer: Literal["key", "dense", "none"] = _f("key", "how the episode writes M: at its key means, densely, or not at all (ablation)")
     # How the key writer places a block (kpp/memory.py: place). "sample": the block resampled at the memory's
     # pixels (a read at the write's key returns it where the read's region spans at least `window` memory pixels,
     # and little of it at the smallest scales). "splat": the read's transpose normalised by coverage, so the read
     # returns the block at every scale. Measured at 2,280 steps, sample 86.06 vs splat 89.15 nats/image (swap gap
     # +112 vs +54): the consistent write learned to use the memory more slowly (docs/memory-experiments.md).
-    placement: Literal["sample", "splat"] = "sample"
+    placement: Literal["sample", "splat"] = _f("sample", "how the key writer places a block: resampled at the memory's pixels, or the read's transpose")
 
 
 @dataclass(kw_only=True)
 class KeyConfig:
     """Keys y in R^3 per image and read: (scale, shift_x, shift_y) of an affine read grid. Prior N(0, I)."""
 
-    num_reads: int = 4  # K
-    min_scale: float = 0.1  # the read covers between min_scale and max_scale of the memory side (choice)
-    max_scale: float = 0.5  # upper bound of the read scale: a read is a local block, never the whole memory
+    num_reads: int = _f(4, "K: reads (keys) per image")
+    min_scale: float = _f(0.1, "the read covers between min_scale and max_scale of the memory side (choice)")
+    max_scale: float = _f(0.5, "upper bound of the read scale: a read is a local block, never the whole memory")
     # Initial log-variance of q(y | X). Below 0 the first reads land near the writes (which sit at the key means),
     # so the memory can pay for its key KL before the keys collapse onto the prior (see docs/memory-experiments.md).
-    init_logvar: float = 0.0
+    init_logvar: float = _f(0.0, "initial log-variance of the key posterior q(y | X)")
     # Scales the initial weights of the key means. At the default init every image's key mean is ~0, so all images
     # write to (and read from) the same place and each read returns a superposition of the whole episode; a larger
     # gain spreads the first writes over the memory.
-    init_mean_gain: float = 1.0
+    init_mean_gain: float = _f(1.0, "scale of the initial weights of the key means (spreads the first writes)")
 
 
 @dataclass(kw_only=True)
 class ReadConfig:
     """Spatial-transformer read: each key reads a window x window block of M by bilinear sampling."""
 
-    window: int = 8  # w
+    window: int = _f(8, "w: each read returns a w x w block of the memory")
 
 
 @dataclass(kw_only=True)
 class LatentConfig:
     """Z: learned prior p(z | M_hat, y) from the read blocks, amortised posterior q(z | X) from E."""
 
-    dim: int = 32  # d_z
-    prior_width: int = 64  # channels of the conv net over the concatenated blocks
+    dim: int = _f(32, "d_z: size of the latent Z")
+    prior_width: int = _f(64, "channels of the conv net over the concatenated blocks")
     # The paper's prior is a function of the read blocks M_hat only. Feeding the keys in as well lets them act as
     # extra latent variables that bypass the memory (measured: KL_y 19 nats, swap gap ~0), so it is off by default.
-    prior_sees_keys: bool = False
+    prior_sees_keys: bool = _f(False, "feed the keys to the prior besides the read blocks (off: the paper's prior)")
 
 
 @dataclass(kw_only=True)
 class DecoderConfig:
-    width: int = 32  # channels of the last transposed-conv stage (the first has 2x)
-    groups: int = 8  # GroupNorm groups
+    width: int = _f(32, "channels of the last transposed-conv stage (the first has 2x)")
+    groups: int = _f(8, "GroupNorm groups")
 
 
 @dataclass(kw_only=True)
 class LikelihoodConfig:
     # "bernoulli" for binarized images (bit_depth 1); "logistic_mixture" (discretized, 256 bins) for 8-bit.
-    kind: Literal["bernoulli", "logistic_mixture"] = "bernoulli"
-    num_mixtures: int = 5  # logistic_mixture only
+    kind: Literal["bernoulli", "logistic_mixture"] = _f("bernoulli", "bernoulli for binarized images, logistic_mixture (256 bins) for 8-bit")
+    num_mixtures: int = _f(5, "logistic_mixture only")
 
 
 @dataclass(kw_only=True)
@@ -111,23 +116,23 @@ class ObjectiveConfig:
 
     # The defaults are the measured recipe that makes the memory carry the episode (docs/memory-experiments.md):
     # without warm-up and free bits the keys fall onto the prior and the reads land at random places.
-    kl_warmup_steps: int = 900  # beta rises linearly from kl_warmup_start to 1 over these steps (0: beta = 1)
-    kl_warmup_start: float = 0.0  # beta at step 0 when kl_warmup_steps > 0
-    key_free_bits: float = 0.5  # nats per key read: KL_y below this is not penalised (batch mean, per key)
+    kl_warmup_steps: int = _f(900, "beta rises linearly from kl_warmup_start to 1 over these steps (0: beta = 1)")
+    kl_warmup_start: float = _f(0.0, "beta at step 0 when kl_warmup_steps > 0")
+    key_free_bits: float = _f(0.5, "nats per key read: KL_y below this is not penalised (batch mean, per key)")
     # Images per episode scored under a memory written from the rest of the episode only (re-encoded without
     # them, so nothing of x_t reaches it) instead of the memory they were written into. 0 is the paper's
     # objective. On episodes that share structure this trains the memory to predict the episode's unseen members
     # (the leave-one-out bound); it costs one more encoder pass per step.
-    held_out: int = 0
+    held_out: int = _f(0, "images per episode scored under a memory written without them (0: the paper's objective)")
 
 
 @dataclass(kw_only=True)
 class KanervaConfig:
-    image_channels: int = 1  # C of the images (1: MNIST-family, 3: CIFAR10)
-    image_height: int = 28  # H of the images
-    image_width: int = 28  # W of the images
-    bit_depth: int = 1  # 1: binarized {0,1}; 8: 0..255
-    episode_length: int = 16  # T (the authors use 32)
+    image_channels: int = _f(1, "C of the images (1: MNIST-family, 3: CIFAR10)")
+    image_height: int = _f(28, "H of the images")
+    image_width: int = _f(28, "W of the images")
+    bit_depth: int = _f(1, "1: binarized {0,1}; 8: 0..255")
+    episode_length: int = _f(16, "T (the authors use 32)")
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     keys: KeyConfig = field(default_factory=KeyConfig)

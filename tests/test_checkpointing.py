@@ -166,3 +166,25 @@ def test_an_upload_rides_out_an_outage(restartable_s3, tmp_path):
     time.sleep(0.5)  # inside the outage
     ck.upload(folder, fs, root, ck.folder_name(5))
     assert ck.fetch_latest_complete(fs, root, tmp_path / "f").name == ck.folder_name(5)
+
+
+def test_the_run_storage_filesystem_keeps_its_retries_when_pickled_to_the_ray_controller(restartable_s3, tmp_path):
+    """Ray's controller writes its checkpoint snapshot through the RunConfig filesystem, which Ray pickles; pyarrow's
+    own retry_strategy does not survive that, ours does (pipeline/cluster/retrying_fs.py)."""
+    import pickle
+    import time
+
+    from pipeline.cluster.retrying_fs import retrying
+    endpoint, server = restartable_s3
+    fs, root = _s3_fs(endpoint)
+    remote = pickle.loads(pickle.dumps(retrying(fs)))
+    server.outage(seconds=3.0)
+    time.sleep(0.3)  # inside the outage
+    with remote.open_output_stream(f"{root}/snapshot.json") as out:
+        out.write(b'{"checkpoints": []}')
+    with remote.open_input_stream(f"{root}/snapshot.json") as f:
+        assert f.read() == b'{"checkpoints": []}'
+    server.outage(seconds=2.0)
+    time.sleep(0.3)
+    remote.delete_file(f"{root}/snapshot.json")
+    assert fs.get_file_info(f"{root}/snapshot.json").type.name == "NotFound"

@@ -210,12 +210,12 @@ def test_the_model_takes_image_shape_bit_depth_and_likelihood_from_the_data_card
     cfg = config.load(None, [f"data.shards={tmp_path / 'p'}", "model.episode_length=4",
                              f"checkpoint.storage_path={tmp_path / 'ray'}"])
     model = driver.resolved(cfg).model
-    assert (model["image_channels"], model["image_height"], model["image_width"], model["bit_depth"]) == (3, 16, 16, 8)
-    assert model["likelihood"]["kind"] == "logistic_mixture"
+    assert (model.image_channels, model.image_height, model.image_width, model.bit_depth) == (3, 16, 16, 8)
+    assert model.likelihood.kind == "logistic_mixture"
     driver.preflight(driver.resolved(cfg))  # consistent: no error
     # what the config sets stays, and a contradiction is named before anything starts
     explicit = config.load(None, [f"data.shards={tmp_path / 'p'}", "model.episode_length=4", "model.bit_depth=1",
                                   f"checkpoint.storage_path={tmp_path / 'ray'}"])
-    assert driver.resolved(explicit).model["bit_depth"] == 1
+    assert driver.resolved(explicit).model.bit_depth == 1
     with pytest.raises(config.ConfigError, match=r"^model.image_\*/bit_depth: .* at bit depth 1, .* at 8"):
         driver.preflight(driver.resolved(explicit))

@@ -40,7 +40,7 @@ class PoisonedStream(InMemoryStream):
 
 def _loop(tmp_path, poison, *overrides):
     cfg = config.load(None, [*TINY, *overrides])
-    mcfg = config.model_config(cfg)
+    mcfg = cfg.model
     stream, valid, test, bits = load_data("digits", "", mcfg.episode_length, 4, 4, 4, 0, 0, 1)
     poisoned = PoisonedStream(stream.images, bits, mcfg.episode_length, 4, 0, 0, 1)
     poisoned.poison = poison
@@ -82,7 +82,7 @@ class SpacedSession(LocalSession):
 
 def _steps_reported(tmp_path, interval):
     cfg = config.load(None, [*TINY, "train.max_steps=6"])
-    mcfg = config.model_config(cfg)
+    mcfg = cfg.model
     data = load_data("digits", "", mcfg.episode_length, 4, 4, 4, 0, 0, 1)[:3]
     session = SpacedSession(tmp_path, interval)
     Loop(cfg, session, data=data).run()
@@ -106,7 +106,7 @@ def _rank_main(rank, world, port, root, result):
     # a rank left waiting at a barrier the other skipped fails after 30 s instead of hanging the suite
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
     cfg = config.load(None, [*TINY, "train.max_steps=12", "checkpoint.every_steps=6"])
-    mcfg = config.model_config(cfg)
+    mcfg = cfg.model
     stream, valid, test, _ = load_data("digits", "", mcfg.episode_length, 4, 4, 4, 0, rank, world)
 
     class Uneven(type(stream)):

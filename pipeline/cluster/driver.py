@@ -9,7 +9,6 @@ the run's latest checkpoint, which each worker reads through ray.train.get_check
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 import tempfile
@@ -21,7 +20,7 @@ import torch
 
 from pipeline.train import checkpointing
 from pipeline.registry import tracking
-from pipeline.train.config import ConfigError, JobConfig, model_config
+from pipeline.train.config import ConfigError, JobConfig
 
 
 @dataclass
@@ -81,7 +80,7 @@ def preflight(cfg: JobConfig) -> None:
         missing = {"train", "valid", "test"} - {r.split for r in records}
         if missing:
             raise ConfigError(f"data.shards: {cfg.data.shards} has no shards of split(s) {sorted(missing)}")
-        mcfg = model_config(cfg)
+        mcfg = cfg.model
         if tuple(card["image_shape"]) != mcfg.image_shape or int(card["bit_depth"]) != mcfg.bit_depth:
             raise ConfigError(f"model.image_*/bit_depth: the model expects {mcfg.image_shape} at bit depth "
                               f"{mcfg.bit_depth}, {cfg.data.shards} holds {tuple(card['image_shape'])} at "
@@ -175,6 +174,7 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any]):
     from ray.train.torch import TorchConfig
 
     from pipeline.cluster.progress import ProgressPrinter
+    from pipeline.cluster.retrying_fs import retrying
     from pipeline.cluster.session import train_worker
     s, c = cfg.scaling, cfg.checkpoint
     path, fs = storage(cfg)
@@ -184,7 +184,8 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any]):
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=s.timeout_s),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.name, storage_path=path, storage_filesystem=fs,
+            # the controller's writes to run storage (its checkpoint snapshot, deletions) ride out an outage
+            name=cfg.name, storage_path=path, storage_filesystem=retrying(fs) if fs is not None else None,
             failure_config=FailureConfig(max_failures=c.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=c.keep,
@@ -198,8 +199,7 @@ def resolved(cfg: JobConfig) -> JobConfig:
     """The config as the job runs it: the image shape, bit depth and likelihood taken from the prepared data's card
     where the config leaves them unset, every other model field filled in from kpp's defaults (logged as params,
     hashed, saved as config/resolved.yaml), and local paths made absolute (Ray workers run in another directory)."""
-    cfg = with_data_card(absolute_paths(cfg))
-    return dataclasses.replace(cfg, model=model_config(cfg).to_dict())
+    return with_data_card(absolute_paths(cfg)).validate()
 
 
 def with_data_card(cfg: JobConfig) -> JobConfig:
@@ -213,22 +213,26 @@ def with_data_card(cfg: JobConfig) -> JobConfig:
         card = read_card(cfg.data.shards)
     except Exception:  # noqa: BLE001 - reported by preflight with the field name
         return cfg
-    model = dict(cfg.model)
+    explicit = cfg.model_set
+    model = cfg.model.to_dict()
     (c, h, w), bits = card["image_shape"], int(card["bit_depth"])
     for name, value in (("image_channels", c), ("image_height", h), ("image_width", w), ("bit_depth", bits)):
-        model.setdefault(name, int(value))
-    likelihood = dict(model.get("likelihood") or {})
-    likelihood.setdefault("kind", "bernoulli" if int(model["bit_depth"]) == 1 else "logistic_mixture")
-    model["likelihood"] = likelihood
-    return dataclasses.replace(cfg, model=model)
+        if name not in explicit:
+            model[name] = int(value)
+    if "kind" not in (explicit.get("likelihood") or {}):
+        model["likelihood"]["kind"] = "bernoulli" if int(model["bit_depth"]) == 1 else "logistic_mixture"
+    try:
+        return cfg.replace(model=model)
+    except ConfigError:
+        return cfg  # what the config set contradicts the data: preflight names the fields
 
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:
     def fix(p: str) -> str:
         return p if not p or "://" in p else str(pathlib.Path(p).expanduser().resolve())
-    data = dataclasses.replace(cfg.data, shards=fix(cfg.data.shards), source=fix(cfg.data.source))
-    ck = dataclasses.replace(cfg.checkpoint, storage_path=fix(cfg.checkpoint.storage_path))
-    return dataclasses.replace(cfg, data=data, checkpoint=ck)
+    data = cfg.data.model_copy(update={"shards": fix(cfg.data.shards), "source": fix(cfg.data.source)})
+    ck = cfg.checkpoint.model_copy(update={"storage_path": fix(cfg.checkpoint.storage_path)})
+    return cfg.replace(data=data, checkpoint=ck)
 
 
 def run(cfg: JobConfig) -> Outcome:
@@ -295,7 +299,7 @@ def _register(cfg: JobConfig, uri: str, run_id: str, checkpoint) -> str:
         payload = checkpointing.load(d)
         weights = pathlib.Path(tmp) / "weights.pt"
         torch.save(payload["model"], weights)  # a plain state_dict: loads with weights_only=True
-        return tracking.register_model(uri, run_id, weights, model_config(cfg).to_dict(), cfg.tracking.registered_model,
+        return tracking.register_model(uri, run_id, weights, cfg.model.to_dict(), cfg.tracking.registered_model,
                                        cfg.tracking.alias)
 
 

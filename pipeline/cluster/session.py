@@ -74,8 +74,10 @@ class RaySession:
             fs, _ = self.storage
 
             def upload(checkpoint, dir_name):
+                from pipeline.cluster.retrying_fs import retrying
+                # the controller later reads and deletes it through this filesystem: retried there too
                 return Checkpoint(path=checkpointing.upload(checkpoint.path, fs, self.storage[1], dir_name),
-                                  filesystem=fs)
+                                  filesystem=retrying(fs))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=name,
                              checkpoint_upload_fn=upload)
             return

@@ -1,44 +1,57 @@
-"""The training job's run config: one typed dataclass per concern, composed into `JobConfig`.
+"""The training job's run config: one typed section per concern, composed into `JobConfig`.
 
-Loaded from YAML (`jobs/configs/*.yaml`) with `section.field=value` overrides from the command line, then
-validated as a whole before anything touches a cluster: every error is a `ConfigError` whose message starts with
-the dotted name of the offending field. `describe()` renders every field with its type, default and help; it is
-what `python -m jobs.train --help` prints, so a field without help text is a test failure, not a doc gap.
+Loaded from YAML (`jobs/configs/*.yaml`) with `section.field=value` overrides from the command line and parsed by
+pydantic (strict types: `model.read.window=true` is not an integer; floats also accept YAML 1.1's "1e-3"
+strings), then validated as a whole before anything touches a cluster: every error is a `ConfigError` whose
+message starts with the dotted name of the offending field. `describe()` renders every field with its type,
+default and help; it is what `python -m jobs.train --help` prints, so a field without help is a test failure.
 
-The model section is owned by kpp (`kpp.config.KanervaConfig`); here it stays a plain mapping that kpp parses
-and validates, so this module never has to mirror the model's fields.
+The model section is kpp's own typed config (`kpp.config.KanervaConfig`, with its help text), parsed once by
+kpp and carried as that object; `JobConfig.model_set` keeps which model fields the config set, so fields the
+data decides (image shape, bit depth, likelihood: pipeline.cluster.driver.with_data_card) fill only the rest.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import functools
 import hashlib
-import inspect
 import json
 import math
 import pathlib
-import re
-import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from kpp.config import ConfigError as ModelConfigError
+from kpp.config import KanervaConfig
 
 
-class ConfigError(ValueError):
-    """An invalid run config; the message starts with the dotted field name."""
+class ConfigError(ModelConfigError):
+    """An invalid run config; the message starts with the dotted field name. The same concept as kpp's
+    ConfigError (a handler of that catches both), built from one message "field.path: what is wrong"."""
+
+    def __init__(self, message: str):
+        field_path, _, what = message.partition(": ")
+        super().__init__(field_path, what)
 
 
 def _f(default: Any, help: str) -> Any:
-    """A dataclass field with help text (mutable defaults go through a factory)."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+    """A field with its help text."""
+    return Field(default=default, description=help)
 
 
-@dataclass(kw_only=True)
-class DataConfig:
+# YAML 1.1 (PyYAML) reads "1e-3" as a string: float fields take numeric strings, nothing else is coerced.
+Float = Annotated[float, Field(strict=False)]
+
+
+class Section(BaseModel):
+    """Strict types, unknown fields refused."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DataConfig(Section):
     dataset: str = _f("digits", "dataset name understood by pipeline.data.sources (digits, mnist, binarized_mnist, ...)")
     source: str = _f("", "path or fsspec URL of the raw dataset; '' = the dataset's bundled default")
     shards: str = _f("", "URL of a prepared dataset (the --out of jobs.prepare: manifest.parquet + shards); when "
@@ -52,19 +65,18 @@ class DataConfig:
     loader_workers: int = _f(0, "DataLoader worker processes per training worker for the shard stream")
 
 
-@dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(Section):
     max_steps: int = _f(200, "total optimiser steps of the job; also the horizon of the lr schedule")
     halt_at_step: int = _f(0, "stop cleanly after this step with a checkpoint, as if preempted (0 = never); "
                               "re-running the same job resumes from there")
     optimizer: Literal["adamw", "adam", "sgd"] = _f("adamw", "optimiser")
-    lr: float = _f(1e-3, "peak learning rate")
-    weight_decay: float = _f(0.0, "decoupled weight decay (adamw) or L2 (adam, sgd)")
+    lr: Float = _f(1e-3, "peak learning rate")
+    weight_decay: Float = _f(0.0, "decoupled weight decay (adamw) or L2 (adam, sgd)")
     warmup_steps: int = _f(20, "linear lr warm-up from 0 over this many steps")
     schedule: Literal["cosine", "constant"] = _f("cosine", "lr after warm-up: cosine decay to min_lr_ratio x lr "
                                                             "at max_steps, or constant")
-    min_lr_ratio: float = _f(0.1, "final lr of the cosine schedule as a fraction of lr")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = no clipping; norm still logged)")
+    min_lr_ratio: Float = _f(0.1, "final lr of the cosine schedule as a fraction of lr")
+    grad_clip: Float = _f(1.0, "clip the global gradient norm to this value (0 = no clipping; norm still logged)")
     precision: Literal["fp32", "bf16"] = _f("fp32", "bf16 = autocast the forward pass to bfloat16 (GPU only)")
     nonfinite: Literal["skip", "stop"] = _f("skip", "on a NaN/inf loss or gradient: skip the update and count "
                                                     "it, or stop naming the step and batch keys")
@@ -72,18 +84,16 @@ class TrainConfig:
     log_every: int = _f(10, "log step metrics every this many steps")
 
 
-@dataclass(kw_only=True)
-class ScalingConfig:
+class ScalingConfig(Section):
     num_workers: int = _f(2, "Ray Train workers (DDP ranks)")
     use_gpu: bool = _f(False, "one GPU per worker and the nccl backend (gloo on CPU)")
-    cpus_per_worker: float = _f(1.0, "logical CPUs per worker; fractional values let 2 workers and the Ray "
+    cpus_per_worker: Float = _f(1.0, "logical CPUs per worker; fractional values let 2 workers and the Ray "
                                      "controller share a 2-core machine")
     timeout_s: int = _f(300, "collective-op timeout: a hung peer fails the group after this long instead of "
                              "stalling recovery")
 
 
-@dataclass(kw_only=True)
-class CheckpointConfig:
+class CheckpointConfig(Section):
     storage_path: str = _f("outputs/ray", "where Ray keeps run state and checkpoints: a local path or "
                                           "s3://bucket/prefix; the run lives under <storage_path>/<name>")
     s3_endpoint_url: str = _f("", "S3-compatible endpoint for s3:// storage ('' = AWS_ENDPOINT_URL or AWS)")
@@ -95,8 +105,7 @@ class CheckpointConfig:
                               "resumes from the latest complete checkpoint")
 
 
-@dataclass(kw_only=True)
-class TrackingConfig:
+class TrackingConfig(Section):
     enabled: bool = _f(True, "log to MLflow (from rank 0)")
     uri: str = _f("", "MLflow tracking URI ('' = MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
     experiment: str = _f("kpp", "MLflow experiment name")
@@ -105,33 +114,71 @@ class TrackingConfig:
     images_every_steps: int = _f(0, "log a labelled sample grid PNG every this many steps (0 = only the final one)")
 
 
-@dataclass(kw_only=True)
-class EvalConfig:
+class EvalConfig(Section):
     every_steps: int = _f(100, "validate every this many steps and at the last step (0 = only at the last); a "
                                "checkpoint kept by its bound (checkpoint.keep_by=valid) is always validated")
     iwae_samples: int = _f(16, "importance samples of the final IWAE bound")
     seed: int = _f(1234, "seed of the evaluation draws (same draws every evaluation)")
 
 
-@dataclass(kw_only=True)
-class JobConfig:
+class JobConfig(Section):
     name: str = _f("kpp", "job name: the storage folder and the MLflow run key; re-running a name resumes it")
     seed: int = _f(0, "seed of model init, episode order and sampling")
-    model: dict = _f({}, "the model config, passed to kpp.config.KanervaConfig.from_dict (fields below)")
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: KanervaConfig = Field(default_factory=KanervaConfig, description="the model (kpp.config.KanervaConfig, "
+                                 "fields below)")
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    _model_set: dict = PrivateAttr(default_factory=dict)
 
     # ---- (de)serialisation -------------------------------------------------------------------------------------
+    @property
+    def model_set(self) -> dict[str, Any]:
+        """The model fields this config set explicitly (nested mapping); the rest are kpp's defaults."""
+        return copy.deepcopy(self._model_set)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
+
+    def __eq__(self, other: object) -> bool:  # the values, not the record of which model fields were explicit
+        return isinstance(other, JobConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable, like the dataclass it replaced; hash() below is the stable content hash
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "JobConfig":
-        return _build(cls, d, "")
+    def from_dict(cls, d: Any) -> "JobConfig":
+        """Parse a nested mapping; ConfigError naming the field."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"<root>: expected a mapping, got {d!r}")
+        d = dict(d)
+        raw_model = d.pop("model", None)
+        raw_model = {} if raw_model is None else raw_model
+        if isinstance(raw_model, KanervaConfig):
+            model, raw_model = raw_model, raw_model.to_dict()
+        elif not isinstance(raw_model, dict):
+            raise ConfigError(f"model: expected a mapping, got {raw_model!r}")
+        else:
+            try:
+                model = KanervaConfig.from_dict(raw_model)
+            except (ModelConfigError, ValueError, TypeError, KeyError) as e:
+                raise _model_error(e) from None
+        try:
+            job = cls.model_validate({**d, "model": model})
+        except ValidationError as e:
+            raise _config_error(e) from None
+        job._model_set = copy.deepcopy(raw_model)
+        return job
+
+    def replace(self, **sections: Any) -> "JobConfig":
+        """A copy with some fields replaced (validated again); the record of explicit model fields is kept."""
+        job = JobConfig.from_dict({**self.to_dict(), **{k: (v.to_dict() if isinstance(v, KanervaConfig) else
+                                                            v.model_dump() if isinstance(v, BaseModel) else v)
+                                                        for k, v in sections.items()}})
+        job._model_set = copy.deepcopy(self._model_set)
+        return job
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, the form logged as MLflow params."""
@@ -179,7 +226,10 @@ class JobConfig:
             _need(bool(k.experiment.strip()), "tracking.experiment", "must be set", k.experiment)
             _need(not k.registered_model or bool(k.alias.strip()), "tracking.alias",
                   "must be set when tracking.registered_model is", k.alias)
-        _validate_model(self.model)
+        try:
+            self.model.validate()
+        except (ModelConfigError, ValueError) as e:
+            raise _model_error(e) from None
         return self
 
 
@@ -248,51 +298,20 @@ def _parse_scalar(text: str) -> Any:
     return text if v is None and text.strip() not in ("null", "~") else v
 
 
-def _build(cls: type, d: Any, prefix: str) -> Any:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in d.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(tp, value, f"{prefix}{name}")
-    return cls(**kwargs)
+def _config_error(e: ValidationError) -> ConfigError:
+    """pydantic's first error as a ConfigError that starts with the dotted field name."""
+    err = e.errors()[0]
+    path = ".".join(str(part) for part in err["loc"]) or "<root>"
+    if err["type"] == "extra_forbidden":
+        return ConfigError(f"{path}: unknown field")
+    what = err["msg"].replace("Input should be", "must be")
+    return ConfigError(f"{path}: {what}, got {err['input']!r}")
 
 
-def _coerce(tp: Any, v: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        _need(v in choices, path, f"must be one of {list(choices)}", v)
-        return v
-    if tp is bool:
-        _need(isinstance(v, bool), path, "must be true or false", v)
-        return v
-    if tp is int:
-        _need(isinstance(v, int) and not isinstance(v, bool), path, "must be an integer", v)
-        return v
-    if tp is float:
-        if isinstance(v, str):
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        _need(isinstance(v, (int, float)) and not isinstance(v, bool), path, "must be a number", v)
-        return float(v)
-    if tp is str:
-        _need(isinstance(v, str), path, "must be a string", v)
-        return v
-    if tp is dict or origin is dict:
-        _need(isinstance(v, dict), path, "must be a mapping", v)
-        return v
-    raise ConfigError(f"{path}: unsupported field type {tp}")  # a programming error, named all the same
+def _model_error(e: Exception) -> ConfigError:
+    """kpp names the field relative to the model; the job's path starts with model."""
+    msg = str(e).strip("'\"")
+    return ConfigError(msg if msg.startswith("model.") else f"model.{msg}")
 
 
 def _need(ok: bool, path: str, what: str, got: Any) -> None:
@@ -310,90 +329,44 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# ---- the model section (kpp) -------------------------------------------------------------------------------------
-def _kpp_config():
-    try:
-        from kpp import config as kc
-    except ImportError:  # kpp not installed yet: the model section is validated when the model is built
-        return None
-    return kc
-
-
-def _validate_model(model: dict[str, Any]) -> None:
-    kc = _kpp_config()
-    if kc is None:
-        return
-    try:
-        kc.KanervaConfig.from_dict(model).validate()
-    except (ValueError, TypeError, KeyError) as e:
-        # kpp names the field relative to its own config; prefix the section so the path is absolute.
-        msg = str(e).strip("'\"")
-        raise ConfigError(msg if msg.startswith("model.") else f"model.{msg}") from e
-
-
-def model_config(cfg: JobConfig):
-    """The validated kpp.config.KanervaConfig of a job."""
-    kc = _kpp_config()
-    if kc is None:
-        raise ConfigError("model: kpp is not importable, cannot build the model config")
-    return kc.KanervaConfig.from_dict(cfg.model)
-
-
 # ---- help --------------------------------------------------------------------------------------------------------
 def describe() -> str:
     """Every field, one per line: dotted name, type, default and help (the body of `--help`)."""
     lines: list[str] = []
-    _describe(JobConfig, "", lines)
-    kc = _kpp_config()
-    if kc is not None:
-        lines.append("")
-        lines.append("model.* (kpp.config.KanervaConfig):")
-        _describe(kc.KanervaConfig, "model.", lines)
+    _describe_section(JobConfig, "", lines)
     return "\n".join(lines)
 
 
-def _describe(cls: type, prefix: str, lines: list[str]) -> None:
+def _describe_section(cls: type[BaseModel], prefix: str, lines: list[str]) -> None:
+    for name, info in cls.model_fields.items():
+        tp = info.annotation
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            lines.append("")
+            _describe_section(tp, f"{prefix}{name}.", lines)
+        elif tp is KanervaConfig:
+            lines.append("")
+            lines.append(f"{prefix}{name}.* ({info.description}):")
+            _describe_model(KanervaConfig, f"{prefix}{name}.", lines)
+        else:
+            default = info.get_default(call_default_factory=True)
+            lines.append(f"  {prefix}{name} ({_type_name(tp)}, default {default!r}): {info.description}")
+
+
+def _describe_model(cls: type, prefix: str, lines: list[str]) -> None:
+    """kpp's dataclasses carry their help in each field's metadata (kpp.config._f)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            if prefix == "":
-                lines.append("")
-            _describe(tp, f"{prefix}{f.name}.", lines)
+            _describe_model(tp, f"{prefix}{f.name}.", lines)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>")
-        help_text = f.metadata.get("help") or _comment_help(cls).get(f.name, "")
-        lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {default!r}): {help_text}".rstrip(": "))
-
-
-@functools.lru_cache(maxsize=None)  # parsed once per class, not once per field
-def _comment_help(cls: type) -> dict[str, str]:
-    """kpp documents its fields with comments: trailing (`width: int = 32  # why`) or a block of `#` lines right
-    above the field. Read them as help text (trailing first, then the block above)."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    out: dict[str, str] = {}
-    above: list[str] = []
-    for line in src.splitlines():
-        comment = re.match(r"^\s+#\s?(.*)$", line)
-        if comment:
-            above.append(comment.group(1).strip())
-            continue
-        m = re.match(r"^\s+(\w+)\s*:[^#\n=]*(?:=[^#\n]*)?(?:#\s*(.+))?$", line)
-        if m and not line.lstrip().startswith(("def ", "return", "@")):
-            text = " ".join(t for t in [(m.group(2) or "").strip(), " ".join(above)] if t)
-            if text:
-                out[m.group(1)] = text
-        above = []
-    return out
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {default!r}): {f.metadata.get('help', '')}")
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
     if typing.get_origin(tp) is Literal:
         return "|".join(map(str, typing.get_args(tp)))
-    if isinstance(tp, (type, types.GenericAlias)):
-        return getattr(tp, "__name__", str(tp))
-    return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))

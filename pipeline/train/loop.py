@@ -31,7 +31,7 @@ from kpp.model import KanervaPlusPlus
 from kpp.objective import keys_at_floor, kl_beta
 from pipeline.train import checkpointing
 from pipeline.train import optim
-from pipeline.train.config import JobConfig, model_config
+from pipeline.train.config import JobConfig
 from pipeline.registry.tracking import RankZeroLogger
 from pipeline.data.shards.plan import Cursor
 from pipeline.data.train_data import load_data
@@ -71,7 +71,7 @@ class Loop:
         """data: (train stream, valid episodes, test episodes), built from job.data when None."""
         self.job, self.s = job, session
         self.rank0 = session.rank == 0
-        self.mcfg = model_config(job)
+        self.mcfg = job.model
         if data is None:
             data = load_data(job.data.dataset, job.data.source, self.mcfg.episode_length, job.data.batch_episodes,
                              job.data.valid_episodes, job.data.test_episodes, job.seed, session.rank,
