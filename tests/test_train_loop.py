@@ -148,3 +148,21 @@ def test_ranks_agree_on_which_steps_report(tmp_path):
     reported = [int(s) for s in steps0.split(",")]
     assert {6, 12} <= set(reported)  # checkpoint steps always report
     assert 2 <= len(set(reported) - {6, 12}) < 10  # rank 0's slow batches made some, not all, reports due
+
+
+def test_checkpoints_and_validation_follow_their_step_schedules_not_epoch_ends(tmp_path):
+    """They fired at every epoch end whatever their intervals said. Epochs of 8 steps here, 20 steps in all."""
+    cfg = config.load(None, [*TINY, "data.batch_episodes=40", "train.max_steps=20", "train.log_every=5",
+                             "checkpoint.every_steps=0", "eval.every_steps=0", "checkpoint.keep_by=recent"])
+    stream, valid, test, bits = load_data("digits", "", 4, 40, 4, 4, 0, 0, 1)
+    assert stream._plan(stream.start(0), stream._episodes(0).size).num_batches == 8
+    validated: list[int] = []
+
+    class CountingLoop(Loop):
+        def _validate(self):
+            validated.append(self.step)
+            return super()._validate()
+
+    CountingLoop(cfg, LocalSession(tmp_path), data=(stream, valid, test)).run()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == [checkpointing.folder_name(20)]
+    assert validated == [0, 20]  # the step-0 baseline and the last step, not steps 8 and 16

@@ -21,6 +21,10 @@ STORAGE_RETRY = RetryPolicy(max_attempts=8, backoff_s=0.5, backoff_max_s=8.0)
 
 
 def retrying(fs: pyarrow.fs.FileSystem, policy: RetryPolicy = STORAGE_RETRY) -> pyarrow.fs.FileSystem:
+    """`fs` with every call retried; a local filesystem is returned as it is (nothing to wait out). The driver's
+    RunConfig and the workers' checkpoints must use the same one: Ray refuses a checkpoint on another filesystem."""
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        return fs
     return pyarrow.fs.PyFileSystem(RetryingHandler(fs, policy))
 
 
