@@ -313,3 +313,39 @@ def test_training_rides_out_a_10s_s3_outage_and_a_10s_mlflow_outage(ray_cluster,
     assert client.get_run(out.run_id).info.status == "FINISHED"
     path, fs = driver.storage(cfg)
     assert checkpointing.fetch_latest_complete(fs, f"{path}/outage", "/tmp/kpp-outage-check").name.endswith("160")
+
+
+def test_a_hung_worker_fails_the_group_after_the_collective_timeout_and_the_job_recovers(ray_cluster, tmp_path):
+    """A peer that stops answering (SIGSTOP: alive, silent, like a wedged GPU or a paused VM) must not stall the
+    job forever: the others' collective times out after scaling.timeout_s, Ray restarts the group from the last
+    complete checkpoint, and the job finishes."""
+    cfg = job("name=hung", "data.dataset=digits", "train.max_steps=150", "checkpoint.every_steps=10",
+              f"checkpoint.storage_path={tmp_path}", "checkpoint.max_failures=2", "checkpoint.keep_by=recent",
+              "scaling.timeout_s=15", "tracking.enabled=false")
+    result = {}
+
+    def target():
+        try:
+            result["out"] = driver.run(cfg)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    _wait_for(lambda: checkpointing.latest_complete(tmp_path / "hung"), 120, "the first checkpoint")
+    pids = _wait_for(_worker_pids, 10, "training worker processes")
+    assert len(pids) == 2, pids
+    stopped = time.monotonic()
+    os.kill(pids[-1], signal.SIGSTOP)
+    try:
+        thread.join(timeout=240)
+    finally:
+        try:
+            os.kill(pids[-1], signal.SIGCONT)  # let Ray reap it if it has not
+        except ProcessLookupError:
+            pass
+    assert not thread.is_alive(), "the job hung on a stopped peer"
+    assert "out" in result, repr(result.get("error"))
+    out = result["out"]
+    assert out.finished and out.step == 150 and out.resumed
+    assert time.monotonic() - stopped < 240
