@@ -1,5 +1,6 @@
 """Checkpoint folders: complete-only, exact round trip, corrupt or partial ones rejected by name."""
 import json
+import pathlib
 
 import pytest
 import torch
@@ -188,3 +189,44 @@ def test_the_run_storage_filesystem_keeps_its_retries_when_pickled_to_the_ray_co
     time.sleep(0.3)
     remote.delete_file(f"{root}/snapshot.json")
     assert fs.get_file_info(f"{root}/snapshot.json").type.name == "NotFound"
+
+
+_UPLOADER = """
+import sys, pyarrow.fs
+from pipeline.train import checkpointing as ck
+endpoint, key, secret, local, root, name = sys.argv[1:]
+fs = pyarrow.fs.S3FileSystem(access_key=key, secret_key=secret, region="us-east-1",
+                             endpoint_override=endpoint.removeprefix("http://"), scheme="http")
+print("uploading", flush=True)
+ck.upload(local, fs, root, name)
+"""
+
+
+def test_a_process_killed_during_an_s3_checkpoint_upload_leaves_nothing_restore_takes(restartable_s3, tmp_path):
+    """A real kill (SIGKILL of the uploading process) mid-upload: restore takes the previous checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    endpoint, _ = restartable_s3
+    fs, root = _s3_fs(endpoint)
+    _upload_two(tmp_path, fs, root)
+    model, opt, sched = _trained()
+    # a state file large enough that the upload takes a while (the real ones are MBs to GBs)
+    big = torch.nn.Linear(4096, 4096)
+    folder = ck.save(tmp_path / "big", model=big, optimizer=torch.optim.SGD(big.parameters(), lr=0.1),
+                     scheduler=None, step=30, cursor={})
+    proc = subprocess.Popen([sys.executable, "-c", _UPLOADER, endpoint.endpoint_url, endpoint.key, endpoint.secret,
+                             str(folder), root, ck.folder_name(30)], stdout=subprocess.PIPE, text=True,
+                            cwd=pathlib.Path(__file__).parents[1])
+    assert proc.stdout.readline().strip() == "uploading"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # kill once the upload has begun on the store, before it has finished
+        if fs.get_file_info(f"{root}/{ck.folder_name(30)}").type.name != "NotFound":
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert fs.get_file_info(f"{root}/{ck.folder_name(30)}/{ck.MARKER}").type.name == "NotFound", \
+        "the upload finished before the kill: the test did not test anything"
+    assert ck.fetch_latest_complete(fs, root, tmp_path / "g").name == ck.folder_name(20)

@@ -219,3 +219,21 @@ def test_the_model_takes_image_shape_bit_depth_and_likelihood_from_the_data_card
     assert driver.resolved(explicit).model.bit_depth == 1
     with pytest.raises(config.ConfigError, match=r"^model.image_\*/bit_depth: .* at bit depth 1, .* at 8"):
         driver.preflight(driver.resolved(explicit))
+
+
+@pytest.mark.parametrize("argv, flag", [(["--shard-size", "0"], "--shard-size"), (["--episode-length", "-1"], "--episode-length")])
+def test_prepare_refuses_a_bad_count_with_exit_2_naming_the_flag(tmp_path, capsys, argv, flag):
+    from jobs import prepare as prepare_job
+    with pytest.raises(SystemExit) as e:
+        prepare_job.main(["--dataset", "digits", "--out", str(tmp_path / "out"), *argv])
+    assert e.value.code == 2 and f"argument {flag}: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_prepare_to_an_unreachable_store_exits_2_naming_out(tmp_path, capsys):
+    from jobs import prepare as prepare_job
+    from tests.fixtures.mlflow_server import free_port
+    rc = prepare_job.main(["--dataset", "digits", "--out", "s3://nowhere/x", "--no-progress",
+                           "--endpoint-url", f"http://127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("prepare: --out s3://nowhere/x"), err
