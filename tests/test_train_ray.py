@@ -154,16 +154,7 @@ def test_killed_worker_restores_from_last_complete_checkpoint(ray_cluster, mlflo
               f"checkpoint.storage_path={tmp_path}", "checkpoint.max_failures=1", "checkpoint.keep=2",
               "checkpoint.keep_by=recent", f"tracking.uri={mlflow_uri}", "tracking.experiment=t-kill",
               "tracking.registered_model=")
-    result = {}
-
-    def target():
-        try:
-            result["out"] = driver.run(cfg)
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            result["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
+    thread, result = _run_in_background(cfg)
     _wait_for(lambda: checkpointing.latest_complete(tmp_path / "kill"), 120, "the first checkpoint")
     pids = _wait_for(_worker_pids, 10, "training worker processes")
     assert len(pids) == 2, pids  # exactly this job's two workers
@@ -184,6 +175,21 @@ def test_killed_worker_restores_from_last_complete_checkpoint(ray_cluster, mlflo
     steps = assert_monotone(client, run.info.run_id, "train/loss")
     assert steps == list(range(5, 151, 5))  # every log step once, none replayed twice
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def _run_in_background(cfg):
+    """driver.run(cfg) in a thread; the result dict gets "out" (the Outcome) or "error"."""
+    result = {}
+
+    def target():
+        try:
+            result["out"] = driver.run(cfg)
+        except BaseException as e:  # noqa: BLE001 - reported by the caller's assertion
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
 
 
 def _final_weights(storage, name):
@@ -322,16 +328,7 @@ def test_a_hung_worker_fails_the_group_after_the_collective_timeout_and_the_job_
     cfg = job("name=hung", "data.dataset=digits", "train.max_steps=150", "checkpoint.every_steps=10",
               f"checkpoint.storage_path={tmp_path}", "checkpoint.max_failures=2", "checkpoint.keep_by=recent",
               "scaling.timeout_s=15", "tracking.enabled=false")
-    result = {}
-
-    def target():
-        try:
-            result["out"] = driver.run(cfg)
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            result["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
+    thread, result = _run_in_background(cfg)
     _wait_for(lambda: checkpointing.latest_complete(tmp_path / "hung"), 120, "the first checkpoint")
     pids = _wait_for(_worker_pids, 10, "training worker processes")
     assert len(pids) == 2, pids
