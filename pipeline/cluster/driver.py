@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from pipeline.cluster.job_env import submitted_job_runtime_env
 from pipeline.train import checkpointing
 from pipeline.registry import tracking
 from pipeline.train.config import ConfigError, JobConfig
@@ -110,35 +111,31 @@ RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0"}
 
 
 def connect(cfg: JobConfig) -> None:
-    """RAY_ADDRESS (or an already connected driver), else a local cluster sized to hold the request."""
+    """RAY_ADDRESS (a cluster, or the one a submitted job runs on), else a local cluster sized to hold the request."""
     import ray
+
+    from pipeline.cluster.job_env import driver_env_vars
     if ray.is_initialized():
         return
-    env = {"env_vars": dict(RAY_ENV)}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env)
+        # a submitted job's runtime env may already set these: repeating a key fails ray.init (job_env)
+        env_vars = driver_env_vars(RAY_ENV)
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env_vars} if env_vars else None)
         return
     for k, v in RAY_ENV.items():  # the local raylet and every process it starts inherit the driver's env
         os.environ.setdefault(k, v)
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     # no dashboard here, so no State API: its one consumer in Train V2 is told not to complain every second
-    env["worker_process_setup_hook"] = "pipeline.cluster.ray_logging.quiet_state_api_warnings"
+    env = {"env_vars": dict(RAY_ENV),
+           "worker_process_setup_hook": "pipeline.cluster.ray_logging.quiet_state_api_warnings"}
     # address="local": a new cluster, never one that happens to run on this machine already
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
              runtime_env=env)
 
 
 def check_resources(cfg: JobConfig) -> None:
-    import ray
-    have = ray.cluster_resources()
-    s = cfg.scaling
-    if s.use_gpu and have.get("GPU", 0) < s.num_workers:
-        raise ConfigError(f"scaling.num_workers: {s.num_workers} workers with scaling.use_gpu=true need "
-                          f"{s.num_workers} GPUs, the cluster has {have.get('GPU', 0):g}")
-    need_cpu = s.num_workers * s.cpus_per_worker
-    if need_cpu > have.get("CPU", 0) + 1e-9:
-        raise ConfigError(f"scaling.cpus_per_worker: {s.num_workers} x {s.cpus_per_worker} CPUs requested, the "
-                          f"cluster has {have.get('CPU', 0):g} (Ray would wait forever)")
+    from pipeline.cluster.resources import await_worker_resources
+    await_worker_resources(cfg.scaling)
 
 
 PG_CLEANER_STATE_API_TIMEOUT_S = 1
@@ -198,7 +195,11 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any]):
 def resolved(cfg: JobConfig) -> JobConfig:
     """The config as the job runs it: the image shape, bit depth and likelihood taken from the prepared data's card
     where the config leaves them unset, every other model field filled in from kpp's defaults (logged as params,
-    hashed, saved as config/resolved.yaml), and local paths made absolute (Ray workers run in another directory)."""
+    hashed, saved as config/resolved.yaml), and local paths made absolute (Ray workers run in another directory).
+    Under a submitted job storage must be durable first (pipeline.cluster.job_env): a relative path made absolute
+    would point into the job's temporary working-dir copy."""
+    from pipeline.cluster.job_env import check_durable_storage
+    check_durable_storage(cfg)
     return with_data_card(absolute_paths(cfg)).validate()
 
 
@@ -264,7 +265,9 @@ def run(cfg: JobConfig) -> Outcome:
                       step=int(metrics.get("step", 0)), finished="test/neg_elbo" in metrics, metrics=metrics,
                       checkpoint=_url(cfg, result.checkpoint.path) if result.checkpoint else "")
         if out.finished and cfg.tracking.enabled:
-            out.grid = _download_grid(uri, run_id)
+            # a submitted job's working dir is a temporary copy: the grid stays in MLflow, named by its URI
+            out.grid = (f"runs:/{run_id}/samples/final.png" if submitted_job_runtime_env() is not None
+                        else _download_grid(uri, run_id))
             if cfg.tracking.registered_model and result.checkpoint is not None:
                 out.model_version = _register(cfg, uri, run_id, result.checkpoint)
         ok = True

@@ -91,6 +91,9 @@ class ScalingConfig(Section):
                                      "controller share a 2-core machine")
     timeout_s: int = _f(300, "collective-op timeout: a hung peer fails the group after this long instead of "
                              "stalling recovery")
+    resource_wait_s: int = _f(900, "on an autoscaling cluster, how long the driver waits for the requested GPUs "
+                                   "and CPUs to join before it gives up (a cluster without an autoscaler fails "
+                                   "at once)")
 
 
 class CheckpointConfig(Section):

@@ -1,0 +1,88 @@
+"""Does the cluster hold what the worker group asks for, or will it? Checked before the worker group is requested.
+
+A request Ray cannot place does not fail, it waits forever (stack notes §3). On a fixed cluster the driver therefore
+compares the request with the cluster's resources and fails at once. On an autoscaling cluster (KubeRay with the
+in-tree autoscaler, the cluster launcher) GPU workers often start at zero and appear only after demand is seen:
+there the driver asks the autoscaler for the bundles (ray.autoscaler.sdk.request_resources, public) and waits,
+bounded by scaling.resource_wait_s, printing what is still missing.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from pipeline.train.config import ConfigError, ScalingConfig
+
+
+def shortfall(s: ScalingConfig, have: dict[str, float]) -> list[str]:
+    """What the cluster lacks for the worker group, one line per resource (empty: it fits)."""
+    out = []
+    if s.use_gpu and have.get("GPU", 0) < s.num_workers:
+        out.append(f"scaling.num_workers: {s.num_workers} workers with scaling.use_gpu=true need {s.num_workers} "
+                   f"GPUs, the cluster has {have.get('GPU', 0):g}")
+    need_cpu = s.num_workers * s.cpus_per_worker
+    if need_cpu > have.get("CPU", 0) + 1e-9:
+        out.append(f"scaling.cpus_per_worker: {s.num_workers} x {s.cpus_per_worker} CPUs requested, the cluster "
+                   f"has {have.get('CPU', 0):g}")
+    return out
+
+
+def cluster_autoscales() -> bool:
+    """Whether an autoscaler with node types of its own serves this cluster (the launcher, KubeRay).
+
+    Every head runs Ray's monitor and publishes its report in the GCS key-value store, also without an autoscaling
+    config; then it runs a read-only provider whose node types are the nodes themselves (node_<id>). A configured
+    autoscaler names its node types (head, gpu_worker, ...). Autoscaler v2 marks itself in the store. Ray has no
+    public call for this: the reads below are the ones `ray status` makes (Ray 2.60, pinned); if they move, the
+    answer is 'no' and the driver fails fast as on a fixed cluster."""
+    try:
+        import json
+
+        import ray
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+        if ray.is_initialized() and is_autoscaler_v2(fetch_from_server=True):
+            return True
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        mapping = ((json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {}) if raw else {}
+        return autoscaling_node_types(mapping)
+    except Exception:  # noqa: BLE001 - see docstring
+        return False
+
+
+def autoscaling_node_types(node_type_mapping: dict[str, str]) -> bool:
+    """True when the monitor's node-type mapping names configured node types, not the read-only node_<id>."""
+    return any(kind != f"node_{node}" for node, kind in node_type_mapping.items())
+
+
+def await_worker_resources(s: ScalingConfig, *, autoscales: bool | None = None,
+                           poll_s: float = 5.0, say: Callable[[str], None] = print) -> None:
+    """Return once the cluster can place the worker group; raise ConfigError naming the field otherwise."""
+    import ray
+    missing = shortfall(s, ray.cluster_resources())
+    if not missing:
+        return
+    autoscales = cluster_autoscales() if autoscales is None else autoscales
+    if not autoscales or s.resource_wait_s <= 0:
+        raise ConfigError("; ".join(missing) + " and it cannot autoscale (Ray would wait forever)")
+    from ray.autoscaler.sdk import request_resources
+    bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    request_resources(bundles=[bundle] * s.num_workers)  # demand the autoscaler sees before any task exists
+    say(f"[train] waiting up to {s.resource_wait_s} s (scaling.resource_wait_s) for the autoscaler: "
+        + "; ".join(missing))
+    start = last = time.monotonic()
+    try:
+        while missing:
+            if time.monotonic() - start > s.resource_wait_s:
+                raise ConfigError("; ".join(missing) + f", still after waiting {s.resource_wait_s} s for the "
+                                  "autoscaler (scaling.resource_wait_s): check the worker group's maxReplicas / "
+                                  "max_workers and the cloud's GPU quota")
+            time.sleep(poll_s)
+            missing = shortfall(s, ray.cluster_resources())
+            if missing and time.monotonic() - last >= 30:
+                last = time.monotonic()
+                say(f"[train] still waiting ({time.monotonic() - start:.0f} s): " + "; ".join(missing))
+        say(f"[train] the cluster has the worker group's resources after {time.monotonic() - start:.0f} s")
+    finally:
+        request_resources(bundles=[])  # the worker group's own demand keeps the nodes from here on

@@ -1,0 +1,93 @@
+"""The driver's resource check: fail fast on a fixed cluster, wait (bounded) for an autoscaling one.
+
+The autoscaling case runs Ray's own autoscaler for real against its fake multi-node provider (RAY_FAKE_CLUSTER=1):
+a head with 1 CPU and a `gpu_worker` node type at min_workers 0, as the launcher and KubeRay configs ship. Its
+"GPU" is a logical resource (no CUDA is touched): what is tested is that the driver is seen to be on an autoscaling
+cluster, asks for the bundles, and goes on once the autoscaler has added the node.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from infra.local_stack import RayHead
+from pipeline.cluster.resources import autoscaling_node_types, await_worker_resources, cluster_autoscales
+from pipeline.train.config import ConfigError, ScalingConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_read_only_monitor_is_not_an_autoscaler():
+    assert not autoscaling_node_types({"abc": "node_abc", "def": "node_def"})
+    assert autoscaling_node_types({"abc": "head", "def": "gpu_worker"})
+    assert not autoscaling_node_types({})
+
+
+def test_fixed_cluster_fails_at_once(ray_cluster):
+    assert cluster_autoscales() is False  # the session's plain local cluster
+    t = time.monotonic()
+    with pytest.raises(ConfigError, match=r"need 2 GPUs, the cluster has 0 and it cannot autoscale"):
+        await_worker_resources(ScalingConfig(num_workers=2, use_gpu=True, cpus_per_worker=0.1))
+    assert time.monotonic() - t < 5
+
+
+def test_wait_is_bounded_and_names_what_is_missing(ray_cluster):
+    said = []
+    with pytest.raises(ConfigError, match=r"need 1 GPUs, the cluster has 0, still after waiting 2 s"):
+        await_worker_resources(ScalingConfig(num_workers=1, use_gpu=True, cpus_per_worker=0.1, resource_wait_s=2),
+                               autoscales=True, poll_s=0.5, say=said.append)
+    assert said and "waiting up to 2 s (scaling.resource_wait_s)" in said[0]
+
+
+def _autoscaling_config(gcs_port: int) -> dict:
+    no_commands = {k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands",
+                                   "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                                   "cluster_synced_files", "rsync_exclude", "rsync_filter")}
+    return {"cluster_name": "fake", "max_workers": 1, "idle_timeout_minutes": 1, "upscaling_speed": 1.0,
+            "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}"},
+            "auth": {"ssh_user": "ubuntu"}, "docker": {}, "file_mounts": {}, "file_mounts_sync_continuously": False,
+            "head_node_type": "ray.head.default",
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+                "gpu_worker": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0,
+                               "max_workers": 1}},
+            **no_commands}
+
+
+class AutoscalingHead(RayHead):
+    def __init__(self, root):
+        super().__init__(root, num_cpus=1, env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                                                "RAY_AUTH_MODE": "disabled"})
+        (self.root / "autoscaling.json").write_text(json.dumps(_autoscaling_config(self.port)))
+
+    def command(self):
+        return super().command() + [f"--autoscaling-config={self.root / 'autoscaling.json'}"]
+
+
+def test_driver_waits_for_the_autoscaler_to_add_gpu_nodes(tmp_path):
+    head = AutoscalingHead(tmp_path)
+    head.start()
+    try:
+        code = (
+            "import ray, time\n"
+            "ray.init(logging_level='ERROR')\n"
+            "from pipeline.cluster.resources import cluster_autoscales, await_worker_resources\n"
+            "from pipeline.train.config import ScalingConfig\n"
+            "print('autoscales', cluster_autoscales(), 'gpus before', ray.cluster_resources().get('GPU', 0))\n"
+            "await_worker_resources(ScalingConfig(num_workers=1, use_gpu=True, cpus_per_worker=0.5, "
+            "resource_wait_s=120), poll_s=1)\n"
+            "print('gpus after', ray.cluster_resources().get('GPU', 0))\n")
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                           env={**os.environ, "RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "disabled"})
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "autoscales True gpus before 0" in r.stdout
+        assert "waiting up to 120 s (scaling.resource_wait_s) for the autoscaler" in r.stdout
+        assert "the cluster has the worker group's resources after" in r.stdout
+        assert "gpus after 1.0" in r.stdout
+    finally:
+        head.stop()
