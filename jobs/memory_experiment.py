@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--test-episodes", type=int, default=125, help="fixed test episodes (125 x 16 = 2,000 images)")
     ap.add_argument("--iwae-samples", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="torch device to train and evaluate on (cpu, cuda, cuda:1)")
     ap.add_argument("--out", default="outputs/experiments")
     ap.add_argument("--samples", metavar="PNG",
                     help="also draw test episodes beside samples from their memories (labelled rows) into this PNG")
@@ -71,7 +72,7 @@ def main() -> None:
                                    **model_over}).validate()
     tcfg = LocalTrainConfig(**{"steps": args.steps, "episodes": args.episodes, **train_over})
     torch.manual_seed(tcfg.seed)
-    model = KanervaPlusPlus(cfg)
+    model = KanervaPlusPlus(cfg).to(args.device)
     images = to_model_input(train.images, train.bit_depth)
     order = (fixed_episodes(len(test), cfg.episode_length, 1234) if args.episodes == "random"
              else class_episodes(test.labels, cfg.episode_length, 1234))
@@ -89,7 +90,7 @@ def main() -> None:
     print(f"KL_y per key (test): {per_key}; keys at the free-bits floor for the whole run: {idle or 'none'}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"name": args.name, "model_config": cfg.to_dict(), "train_config": vars(tcfg), "train_seconds": train_seconds,
+    record = {"name": args.name, "device": str(torch.device(args.device)), "model_config": cfg.to_dict(), "train_config": vars(tcfg), "train_seconds": train_seconds,
               "test_images": int(test_x.shape[0] * test_x.shape[1]), "episodes": args.episodes,
               "dataset": args.dataset + ("-binarized" if args.binarize else ""), "keys_at_floor": idle,
               "test": result, "history": history}

@@ -8,7 +8,7 @@ default and help; it is what `python -m jobs.train --help` prints, so a field wi
 
 The model section is kpp's own typed config (`kpp.config.KanervaConfig`, with its help text), parsed once by
 kpp and carried as that object; `JobConfig.model_set` keeps which model fields the config set, so fields the
-data decides (image shape, bit depth, likelihood: pipeline.cluster.driver.with_data_card) fill only the rest.
+data decides (image shape, bit depth, likelihood: pipeline.train.resolve.with_data_card) fill only the rest.
 """
 from __future__ import annotations
 

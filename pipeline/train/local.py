@@ -68,11 +68,12 @@ def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainCon
     batches = episode_batches(images, model.cfg.episode_length, cfg.batch_size, cfg.seed,
                               labels if cfg.episodes == "class" else None)
     history: list[dict] = []
-    window: dict[str, float] = {}
+    window: dict[str, torch.Tensor] = {}  # summed on the model's device: no host sync per step on a GPU
     start = time.perf_counter()
+    device = next(model.parameters()).device
     model.train()
     for step in range(cfg.steps):
-        x = next(batches)
+        x = next(batches).to(device, non_blocking=True)
         beta = kl_beta(step, model.cfg.objective)
         r = train_step(model, optimizer, scheduler, x, beta=beta, grad_clip=cfg.grad_clip)
         if not r.ok:
@@ -83,11 +84,11 @@ def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainCon
             max_per_key = per_key
         max_per_key = torch.maximum(max_per_key, per_key)
         for name in ("loss", "total", "recon", "kl_z", "kl_y"):
-            window[name] = window.get(name, 0.0) + r.terms[name].item()
+            window[name] = window.get(name, 0.0) + r.terms[name].detach()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = (step % cfg.log_every) + 1
             record = {"step": step + 1, "beta": beta, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "seconds": time.perf_counter() - start, **{k: v / n for k, v in window.items()}}
+                      "seconds": time.perf_counter() - start, **{k: float(v) / n for k, v in window.items()}}
             record["kl_y_per_key"] = per_key.tolist()
             record["keys_at_floor"] = keys_at_floor(max_per_key.tolist(), model.cfg.objective.key_free_bits)
             record["swap_gap"] = batch_swap_gap(model, x)

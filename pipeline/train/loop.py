@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import pathlib
 import tempfile
 import time
@@ -32,7 +33,7 @@ from kpp.objective import keys_at_floor, kl_beta
 from pipeline.train import checkpointing
 from pipeline.train import optim
 from pipeline.train.config import JobConfig
-from pipeline.registry.tracking import RankZeroLogger
+from pipeline.registry.run_logger import RankZeroLogger
 from pipeline.data.shards.plan import Cursor
 from pipeline.data.train_data import load_data
 from pipeline.train.step import train_step
@@ -309,6 +310,13 @@ class LocalSession:
             dist.barrier()  # the same synchronisation point as ray.train.report
 
     def prepare_model(self, model):
+        """On the process's GPU where there is one (torchrun's LOCAL_RANK), else the CPU; DDP in a process group."""
+        device_ids = None
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local_rank)
+            model = model.to(f"cuda:{local_rank}")
+            device_ids = [local_rank]
         if dist.is_initialized():
-            return torch.nn.parallel.DistributedDataParallel(model)
+            return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         return model

@@ -1,0 +1,118 @@
+"""Rank 0's MLflow logger for one run, importing MLflow only where it logs: the training loop runs without MLflow
+installed (jobs.torchrun_train on a bare GPU box) when tracking is off."""
+from __future__ import annotations
+
+import logging
+import pathlib
+import tempfile
+import time
+from typing import Any
+
+from pipeline.urls import redact
+
+log = logging.getLogger(__name__)
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; raised before training starts."""
+
+
+class RankZeroLogger:
+    """Metrics and artifacts of one run, written only where `active` (world rank 0); a no-op elsewhere.
+
+    An outage of the tracking server must not kill training nor lose metrics: MLflow's client already retries each
+    request for a while; what still fails is kept in order and sent with the next call (`pending`), and `flush`
+    at the end of the job waits for the server (pipeline.retry) before giving up loudly."""
+
+    def __init__(self, uri: str, run_id: str, active: bool):
+        self.active = active and bool(run_id)
+        self.run_id = run_id
+        if self.active:
+            from mlflow.tracking import MlflowClient
+            self.client = MlflowClient(uri)
+        else:
+            self.client = None
+        self._floor: dict[str, int] = {}  # per metric: the highest step already in the store
+        self.pending: list = []  # mlflow Metric  # metrics not yet accepted by the server, oldest first
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        try:
+            fresh = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._floor_of(k)]
+        except Exception as e:  # noqa: BLE001 - the server is down: keep everything, sort it out on the next call
+            log.warning("MLflow unreachable (%s): %d metrics of step %d kept for later", e, len(metrics), step)
+            fresh = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.pending += fresh
+        self._send()
+
+    def _send(self) -> bool:
+        """Send what is pending (at most 1000 metrics per request, MLflow's limit); False if the server failed."""
+        while self.pending:
+            batch = self.pending[:1000]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as e:  # noqa: BLE001 - connection errors come as MlflowException, OSError, requests errors
+                log.warning("MLflow log_batch failed (%s); %d metrics pending", e, len(self.pending))
+                return False
+            del self.pending[:len(batch)]
+            for m in batch:
+                self._floor[m.key] = max(self._floor.get(m.key, -1), m.step)
+        return True
+
+    def flush(self, policy=None) -> None:
+        """Wait (retrying) until every pending metric is in the store; raise TrackingError if it never comes back."""
+        if not self.active or not self.pending:
+            return
+        from pipeline.retry import RetryPolicy, with_retries
+
+        def attempt() -> None:
+            if not self._send():
+                raise ConnectionError(f"{len(self.pending)} metrics still pending")
+        try:
+            with_retries("send pending MLflow metrics", attempt, policy or RetryPolicy(max_attempts=8, backoff_max_s=8.0))
+        except OSError as e:
+            raise TrackingError(f"tracking.uri: {len(self.pending)} metrics could not be written: {e}") from e
+
+    def _floor_of(self, key: str) -> int:
+        if key not in self._floor:  # first use after a (re)start: ask the store what this run already holds
+            history = self.client.get_metric_history(self.run_id, key)
+            self._floor[key] = max((m.step for m in history), default=-1)
+        return self._floor[key]
+
+    def log_curves(self, keys: list[str], artifact_file: str = "curves/loss.png") -> None:
+        """Plot these metrics' full history in this run (all restarts included) and log the PNG."""
+        if not self.active:
+            return
+        from pipeline.registry.curves import plot_curves
+        self.flush()  # the curves show every step, including any kept through an outage
+        histories = {k: [(m.step, m.value) for m in self._retried(
+            f"read {k}", lambda k=k: self.client.get_metric_history(self.run_id, k))] for k in keys}
+        with tempfile.TemporaryDirectory() as d:
+            path = plot_curves(histories, pathlib.Path(d) / pathlib.Path(artifact_file).name)
+            self.log_artifact(path, str(pathlib.Path(artifact_file).parent))
+
+    def log_artifact(self, local_path: str | pathlib.Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            self._retried(f"log artifact {local_path}",
+                          lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_path))
+
+    def log_dict(self, d: dict[str, Any], artifact_file: str) -> None:
+        if self.active:
+            self._retried(f"log {artifact_file}", lambda: self.client.log_dict(self.run_id, d, artifact_file))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            from mlflow.entities import RunTag
+            self._retried("set tags", lambda: self.client.log_batch(
+                self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()]))
+
+    @staticmethod
+    def _retried(what: str, action):
+        from pipeline.retry import RetryPolicy, with_retries
+        try:
+            return with_retries(what, action, RetryPolicy(max_attempts=8, backoff_max_s=8.0))
+        except OSError as e:
+            raise TrackingError(f"tracking.uri: {what} failed: {e}") from e
