@@ -208,6 +208,18 @@ class RayHead(Service):
     def ready(self, timeout_s: float) -> None:
         wait_http(f"{self.dashboard_url}/api/version", self.proc, timeout_s, "ray head (dashboard)")
 
+    def stop(self) -> None:
+        super().stop()
+        # `ray start` records its GCS in <temp>/ray_current_cluster, and Ray's "auto" address (the State API inside
+        # any later cluster's processes, e.g. Train's placement-group cleaner) reads it: left pointing at this dead
+        # head it makes those calls hang. `ray stop` removes it; so do we, if it is still ours.
+        current = pathlib.Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "ray_current_cluster"
+        try:
+            if current.read_text().strip().endswith(f":{self.port}"):
+                current.unlink()
+        except OSError:
+            pass
+
 
 @dataclass
 class LocalStack:

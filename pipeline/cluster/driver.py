@@ -126,12 +126,13 @@ def connect(cfg: JobConfig) -> None:
     for k, v in RAY_ENV.items():  # the local raylet and every process it starts inherit the driver's env
         os.environ.setdefault(k, v)
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    # no dashboard here, so no State API: its one consumer in Train V2 is told not to complain every second
     env = {"env_vars": dict(RAY_ENV),
            "worker_process_setup_hook": "pipeline.cluster.ray_logging.quiet_state_api_warnings"}
-    # address="local": a new cluster, never one that happens to run on this machine already
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
-             runtime_env=env)
+    # address="local": a new cluster, never one that happens to run on this machine already. With the dashboard
+    # (ray[default]) on 127.0.0.1: Train V2's placement-group cleaner asks the State API, which the dashboard
+    # serves; without it each ask blocks until its timeout and the job's tear-down fails to stop the cleaner.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=True,
+             dashboard_host="127.0.0.1", runtime_env=env)
 
 
 def check_resources(cfg: JobConfig) -> None:
@@ -139,45 +140,18 @@ def check_resources(cfg: JobConfig) -> None:
     await_worker_resources(cfg.scaling)
 
 
-PG_CLEANER_STATE_API_TIMEOUT_S = 1
-
-
-def _torch_trainer_class():
-    """TorchTrainer with a placement-group cleaner that gives up on the State API after 1 s instead of 10.
-
-    Train V2 starts a detached cleaner that asks the State API every second whether the controller is alive, to
-    free the workers' placement group if the controller dies. The State API is served by the dashboard; where it
-    is absent (a local cluster of ray[train] without ray[default]) each ask blocks for its full timeout, and the
-    controller waits 2 x 1 s + that timeout for the cleaner to stop: 12 s added to every job's tear-down
-    (measured: 30.4 s of fit() around a 6.3 s step loop). With a dashboard the ask takes milliseconds either way.
-    The hook is private (Ray 2.60, pinned); if it moves, the stock trainer is used unchanged."""
-    from ray.train.torch import TorchTrainer
-    try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    except ImportError:
-        return TorchTrainer
-    if not hasattr(TorchTrainer, "_create_default_callbacks"):
-        return TorchTrainer
-
-    class Trainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            return [PlacementGroupCleanerCallback(get_actor_timeout_s=PG_CLEANER_STATE_API_TIMEOUT_S)
-                    if isinstance(c, PlacementGroupCleanerCallback) else c
-                    for c in super()._create_default_callbacks()]
-    return Trainer
-
-
-def build_trainer(cfg: JobConfig, loop_config: dict[str, Any]):
+def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], options: "RunOptions | None" = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
     from pipeline.cluster.progress import ProgressPrinter
     from pipeline.cluster.retrying_fs import retrying
     from pipeline.cluster.session import train_worker
+    from ray.train.torch import TorchTrainer
     s, c = cfg.scaling, cfg.checkpoint
     path, fs = storage(cfg)
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
-    return _torch_trainer_class()(
+    return TorchTrainer(
         train_worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=s.timeout_s),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
@@ -189,11 +163,26 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any]):
                 num_to_keep=c.keep,
                 checkpoint_score_attribute="valid_neg_elbo" if c.keep_by == "valid" else None,
                 checkpoint_score_order="min"),
-            callbacks=[ProgressPrinter()]))
+            callbacks=[*([ProgressPrinter()] if options is None or options.progress else []),
+                       *(options.callbacks if options is not None else ())]))
 
 
 # -- the job ---------------------------------------------------------------------------------------------------
-def run(cfg: JobConfig) -> Outcome:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a caller other than jobs.train (a Tune trial) runs a job: more Train callbacks (Tune's report
+    callback), tags and a parent MLflow run for its run, and no registration (a trial never touches the registry)."""
+    callbacks: tuple = ()
+    tags: dict[str, str] = field(default_factory=dict)
+    parent_run_id: str = ""
+    register: bool = True
+    progress: bool = True  # the driver's progress line (a sweep prints its own)
+    # a Tune trial's run is closed by the sweep's driver (pipeline.tune.sweep): a trial ASHA stops is ended from
+    # outside and could not set its own status; one owner of the status avoids a race between the two
+    close_run: bool = True
+
+
+def run(cfg: JobConfig, options: RunOptions = RunOptions()) -> Outcome:
     cfg = resolved(cfg.validate())
     preflight(cfg)
     uri = tracking.resolve_uri(cfg.tracking.uri) if cfg.tracking.enabled else ""
@@ -204,7 +193,9 @@ def run(cfg: JobConfig) -> Outcome:
     run_id = ""
     if cfg.tracking.enabled:
         manifest = cfg.data.shards.rstrip("/") + "/manifest.parquet" if cfg.data.shards else ""
-        tags = tracking.run_tags(cfg.hash(), manifest)
+        tags = {**tracking.run_tags(cfg.hash(), manifest), **options.tags}
+        if options.parent_run_id:
+            tags["mlflow.parentRunId"] = options.parent_run_id  # MLflow's own nesting: the UI shows it under the parent
         run_id, _ = tracking.open_job_run(uri, cfg.tracking.experiment, cfg.name, cfg.flat(), tags,
                                           tracking.config_yaml(cfg.to_dict()), fresh=not has_checkpoint(cfg))
     ok = False
@@ -213,7 +204,7 @@ def run(cfg: JobConfig) -> Outcome:
         import pyarrow.fs
         run_folder = (fs or pyarrow.fs.LocalFileSystem(), f"{path}/{cfg.name}")
         result = build_trainer(cfg, {"job": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
-                                     "storage": run_folder}).fit()
+                                     "storage": run_folder}, options).fit()
         if result.error is not None:
             raise result.error
         _prune_unregistered(run_folder, result)
@@ -225,12 +216,12 @@ def run(cfg: JobConfig) -> Outcome:
             # a submitted job's working dir is a temporary copy: the grid stays in MLflow, named by its URI
             out.grid = (f"runs:/{run_id}/samples/final.png" if submitted_job_runtime_env() is not None
                         else _download_grid(uri, run_id))
-            if cfg.tracking.registered_model and result.checkpoint is not None:
+            if options.register and cfg.tracking.registered_model and result.checkpoint is not None:
                 out.model_version = _register(cfg, uri, run_id, result.checkpoint)
         ok = True
         return out
     finally:
-        if run_id:
+        if run_id and options.close_run:
             if ok and not out.finished:
                 tracking.MlflowClient(uri).set_terminated(run_id, "KILLED")  # halted: a re-run resumes it
             else:

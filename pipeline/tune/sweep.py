@@ -1,0 +1,315 @@
+"""A sweep: Ray Tune over trials that are each a Ray Train run of the training driver, tracked in MLflow.
+
+The pattern is the one Ray 2.60 documents for Tune + Train V2: the Tuner's trainable is a function that builds
+and fits a TorchTrainer (pipeline.cluster.driver.run) with Tune's TuneReportCallback, under a run name derived
+from the trial. The trial function itself holds almost nothing (0.001 CPU); its worker group asks for its own
+resources, so the number of trials at once is what the cluster holds of worker groups (max_concurrent_trials).
+
+- ASHA stops trials on the validation bound the loop reports (time axis: the optimiser step).
+- Optuna's TPE proposes the values (random search where asked, or where the space has a grid).
+- MLflow: the sweep has one parent run; each trial's run is its child (mlflow.parentRunId). A trial never
+  registers a model; the sweep registers its best finished trial and promotes it only if it beats the champion.
+- A sweep whose driver died resumes with the same command: Tuner.restore from its storage path, finished trials
+  are kept, unfinished ones continue from their last Train checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.train.config import ConfigError
+from pipeline.tune.space import Sweep
+
+SWEEP_TAG = "kpp.sweep"
+TRIAL_TAG = "kpp.trial_id"
+OUTCOME_TAG = "kpp.trial.outcome"
+
+
+def trial_name(sweep_name: str, trial_id: str) -> str:
+    return f"{sweep_name}-{trial_id}"
+
+
+# -- one trial (runs inside Ray, in the trial's actor) ---------------------------------------------------------
+def run_trial(values: dict[str, Any], *, base_raw: dict[str, Any], sweep_name: str, parent_run_id: str) -> None:
+    """The Tune trainable: one training job with these values, reporting to Tune through TuneReportCallback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.cluster import driver
+    from pipeline.tune.space import with_values
+    trial_id = tune.get_context().get_trial_id()
+    cfg = with_values(base_raw, {**values, "name": trial_name(sweep_name, trial_id)})
+    tags = {SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id,
+            "kpp.trial.values": json.dumps(values, sort_keys=True, default=str)}
+    driver.run(cfg, driver.RunOptions(callbacks=(TuneReportCallback(),), tags=tags, parent_run_id=parent_run_id,
+                                      register=False, progress=False, close_run=False))
+
+
+# -- capacity --------------------------------------------------------------------------------------------------
+def concurrent_trials(sweep: Sweep, resources: dict[str, float]) -> int:
+    """How many trials run at once: as asked, or as many worker groups as the cluster holds; ConfigError naming
+    the number when the cluster cannot hold what is asked (Ray would wait forever)."""
+    s = sweep.base.scaling
+    per_trial_cpu = s.num_workers * s.cpus_per_worker + 0.001  # + the trial function's own reservation
+    fits = math.floor(resources.get("CPU", 0) / per_trial_cpu + 1e-9)
+    if s.use_gpu:
+        fits = min(fits, math.floor(resources.get("GPU", 0) / s.num_workers + 1e-9))
+    if fits < 1:
+        raise ConfigError(f"scaling: one trial needs {s.num_workers} workers x {s.cpus_per_worker} CPUs"
+                          f"{' and 1 GPU each' if s.use_gpu else ''}; the cluster has {resources.get('CPU', 0):g} "
+                          f"CPUs and {resources.get('GPU', 0):g} GPUs")
+    asked = sweep.cfg.max_concurrent_trials
+    if asked > fits:
+        raise ConfigError(f"max_concurrent_trials: {asked} trials at once need {asked} x {per_trial_cpu:g} CPUs"
+                          f"{f' and {asked * s.num_workers} GPUs' if s.use_gpu else ''}; the cluster holds "
+                          f"{fits} (CPU {resources.get('CPU', 0):g}, GPU {resources.get('GPU', 0):g})")
+    return min(asked or fits, sweep.cfg.num_trials)
+
+
+# -- the Tuner -------------------------------------------------------------------------------------------------
+def param_space(sweep: Sweep) -> dict[str, Any]:
+    from ray import tune
+    make = {"choice": tune.choice, "grid": tune.grid_search,
+            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+            "randint": lambda a: tune.randint(int(a[0]), int(a[1]))}
+    return {field: make[kind](arg) for field, (kind, arg) in sweep.domains.items()}
+
+
+def search_algorithm(sweep: Sweep):
+    """Optuna TPE, or Tune's random/grid generator (also for a space with a grid, which TPE cannot take)."""
+    if sweep.cfg.algorithm == "optuna" and not sweep.has_grid:
+        from ray.tune.search.optuna import OptunaSearch
+        return OptunaSearch(metric=sweep.cfg.metric, mode=sweep.cfg.mode, seed=sweep.cfg.seed)
+    from ray.tune.search import BasicVariantGenerator
+    return BasicVariantGenerator(random_state=sweep.cfg.seed)
+
+
+def scheduler(sweep: Sweep):
+    from ray.tune.schedulers import ASHAScheduler
+    # max_t one past the last step: a trial that reaches its last step ends by itself (its final test bounds are
+    # reported with it) instead of being stopped by ASHA at the same moment
+    return ASHAScheduler(time_attr="step", max_t=sweep.base.train.max_steps + 1, grace_period=sweep.cfg.asha.grace_steps,
+                         reduction_factor=sweep.cfg.asha.reduction_factor)
+
+
+def make_close_trial_runs_callback(uri: str):
+    """A Tune callback on the sweep's driver that closes each trial's MLflow run when Tune is done with it.
+
+    A trial ASHA stops is ended by Tune from outside, so the run its driver opened would stay RUNNING (stack notes
+    §3); here it is marked KILLED with the reason, a finished trial FINISHED, a failed one FAILED."""
+    from ray.tune import Callback
+
+    class CloseTrialRuns(Callback):
+        def _close(self, trial, outcome: str, status: str) -> None:
+            from mlflow import MlflowClient
+            try:
+                client = MlflowClient(uri)
+                for run in client.search_runs(
+                        [e.experiment_id for e in client.search_experiments()],
+                        filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}'"):
+                    client.set_tag(run.info.run_id, OUTCOME_TAG, outcome)
+                    client.set_terminated(run.info.run_id, status)
+            except Exception as e:  # noqa: BLE001 - bookkeeping must not fail the sweep; the report names it
+                print(f"[tune] could not close the MLflow run of trial {trial.trial_id}: {e}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            finished = "test/neg_elbo" in (trial.last_result or {})
+            self._close(trial, "finished" if finished else "stopped_by_asha", "FINISHED" if finished else "KILLED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._close(trial, "failed", "FAILED")
+
+    return CloseTrialRuns()
+
+
+@dataclass
+class TunerSetup:
+    path: str  # the experiment's folder in storage (Tuner.restore takes it)
+    filesystem: Any
+
+
+def tuner_storage(sweep: Sweep) -> TunerSetup:
+    from pipeline.cluster.driver import storage
+    from pipeline.cluster.retrying_fs import retrying
+    path, fs = storage(sweep.base)
+    return TunerSetup(path=f"{path}/{sweep.cfg.name}", filesystem=retrying(fs) if fs is not None else None)
+
+
+def build_tuner(sweep: Sweep, parent_run_id: str, uri: str, max_concurrent: int):
+    """A new Tuner, or the one in storage restored when the sweep ran before (its driver died)."""
+    from ray import tune
+
+    from pipeline.cluster.driver import storage
+    from pipeline.cluster.retrying_fs import retrying
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base_raw=sweep.base_raw, sweep_name=sweep.cfg.name,
+                             parent_run_id=parent_run_id),
+        {"cpu": 0.001})  # the function only drives a TorchTrainer; a whole CPU each would starve the workers
+    setup = tuner_storage(sweep)
+    if tune.Tuner.can_restore(setup.path, storage_filesystem=setup.filesystem):
+        print(f"[tune] resuming the sweep stored at {setup.path}: finished trials are kept", flush=True)
+        return tune.Tuner.restore(setup.path, trainable=trainable, param_space=param_space(sweep),
+                                  resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=setup.filesystem), True
+    path, fs = storage(sweep.base)
+    samples = sweep.cfg.num_trials // sweep.grid_size if sweep.has_grid else sweep.cfg.num_trials
+    tuner = tune.Tuner(
+        trainable, param_space=param_space(sweep),
+        tune_config=tune.TuneConfig(metric=sweep.cfg.metric, mode=sweep.cfg.mode, search_alg=search_algorithm(sweep),
+                                    scheduler=scheduler(sweep), num_samples=samples,
+                                    max_concurrent_trials=max_concurrent),
+        run_config=tune.RunConfig(name=sweep.cfg.name, storage_path=path,
+                                  storage_filesystem=retrying(fs) if fs is not None else None,
+                                  callbacks=[make_close_trial_runs_callback(uri)] if uri else [],
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+    return tuner, False
+
+
+# -- the best trial's checkpoint -------------------------------------------------------------------------------
+def best_checkpoint(sweep: Sweep, trial_id: str, dst: pathlib.Path) -> pathlib.Path:
+    import pyarrow.fs
+
+    from pipeline.cluster.driver import storage
+    from pipeline.train import checkpointing
+    path, fs = storage(sweep.base)
+    folder = checkpointing.fetch_latest_complete(fs or pyarrow.fs.LocalFileSystem(),
+                                                 f"{path}/{trial_name(sweep.cfg.name, trial_id)}", dst)
+    if folder is None:
+        raise RuntimeError(f"trial {trial_id}: no complete checkpoint in storage")
+    return folder
+
+
+def registered_weights(folder: pathlib.Path, tmp: pathlib.Path) -> pathlib.Path:
+    import torch
+
+    from pipeline.train import checkpointing
+    weights = tmp / "weights.pt"
+    torch.save(checkpointing.load(folder)["model"], weights)  # a plain state_dict: loads with weights_only=True
+    return weights
+
+
+def new_tmp() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="kpp-sweep-")
+
+
+# -- the whole sweep -------------------------------------------------------------------------------------------
+@dataclass
+class SweepOutcome:
+    parent_run_id: str
+    rows: list[dict[str, Any]]
+    table: str  # Markdown
+    best_trial: str = ""
+    model_name: str = ""
+    model_version: str = ""
+    decision: Any = None  # pipeline.registry.promotion.Decision
+    resumed: bool = False
+
+
+def registry_name(sweep: Sweep) -> str:
+    """One registered model per dataset: a digits model and an Omniglot model never share a name."""
+    base = sweep.base.tracking.registered_model or "kpp"
+    return f"{base}-{sweep.base.data.dataset}"
+
+
+def run(sweep: Sweep, sweep_yaml: str) -> SweepOutcome:
+    import ray
+
+    from pipeline.cluster import driver
+    from pipeline.registry import tracking
+    from pipeline.tune import report
+    from ray import tune
+    base = driver.resolved(sweep.base)
+    driver.preflight(base)
+    uri = tracking.resolve_uri(base.tracking.uri) if base.tracking.enabled else ""
+    if uri:
+        tracking.check_reachable(uri)
+    driver.connect(base)
+    max_concurrent = concurrent_trials(sweep, ray.cluster_resources())
+    setup = tuner_storage(sweep)
+    restoring = tune.Tuner.can_restore(setup.path, storage_filesystem=setup.filesystem)
+    parent = ""
+    if uri:
+        params = {"sweep.name": sweep.cfg.name, "sweep.metric": sweep.cfg.metric, "sweep.mode": sweep.cfg.mode,
+                  "sweep.num_trials": sweep.cfg.num_trials, "sweep.algorithm": sweep.cfg.algorithm,
+                  "sweep.asha.grace_steps": sweep.cfg.asha.grace_steps,
+                  "sweep.asha.reduction_factor": sweep.cfg.asha.reduction_factor,
+                  "sweep.max_concurrent_trials": max_concurrent,
+                  **{f"search.{k}": json.dumps(v) for k, v in sweep.cfg.search.items()}}
+        parent, _ = tracking.open_job_run(uri, base.tracking.experiment, f"sweep:{sweep.cfg.name}", params,
+                                          {SWEEP_TAG: sweep.cfg.name, "kpp.kind": "sweep"}, sweep_yaml,
+                                          fresh=not restoring)
+    print(f"[tune] sweep {sweep.cfg.name}: {sweep.cfg.num_trials} trials, {max_concurrent} at once, "
+          f"{'TPE (Optuna)' if sweep.cfg.algorithm == 'optuna' and not sweep.has_grid else 'random/grid'} search, "
+          f"ASHA on {sweep.cfg.metric} from step {sweep.cfg.asha.grace_steps}", flush=True)
+    ok = False
+    try:
+        tuner, resumed = build_tuner(sweep, parent, uri, max_concurrent)
+        results = tuner.fit()
+        rows = report.results_rows(sweep, results)
+        out = SweepOutcome(parent_run_id=parent, rows=rows, table=report.markdown_table(rows, list(sweep.domains)),
+                           resumed=resumed)
+        if uri:
+            _log_report(sweep, results, rows, out.table, uri, parent)
+        finished = [r for r in rows if r["outcome"] == "finished"]
+        if finished:
+            out.best_trial = finished[0]["trial_id"]  # rows are sorted: the lowest validation bound first
+            if uri:
+                client = tracking.MlflowClient(uri)
+                client.set_tag(parent, "kpp.sweep.best_trial", out.best_trial)
+                if sweep.cfg.register_best and base.tracking.registered_model:
+                    _register_best(sweep, results, finished[0], uri, parent, out)
+        ok = True
+        return out
+    finally:
+        if parent:
+            tracking.finish_run(uri, parent, ok)
+
+
+def _log_report(sweep: Sweep, results, rows, table: str, uri: str, parent: str) -> None:
+    from pipeline.registry import tracking
+    from pipeline.tune import report
+    client = tracking.MlflowClient(uri)
+    with new_tmp() as d:
+        d = pathlib.Path(d)
+        files = report.write_table(rows, d)
+        (d / "results.md").write_text(table + "\n")
+        files += [d / "results.md", report.plot_hyperparameters(sweep, rows, d / "hyperparameters_vs_bound.png"),
+                  report.plot_curves(sweep, results, d / "bound_curves.png")]
+        for f in files:
+            client.log_artifact(parent, str(f), "sweep")
+
+
+def _register_best(sweep: Sweep, results, best_row: dict[str, Any], uri: str, parent: str,
+                   out: SweepOutcome) -> None:
+    from pipeline.cluster import driver
+    from pipeline.registry import promotion, tracking
+    from pipeline.tune.space import with_values
+    client = tracking.MlflowClient(uri)
+    trial_id = best_row["trial_id"]
+    runs = client.search_runs([client.get_experiment_by_name(sweep.base.tracking.experiment).experiment_id],
+                              filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'")
+    if not runs:
+        raise RuntimeError(f"trial {trial_id}: its MLflow run is missing")
+    child = runs[0]
+    values = {k: best_row[k] for k in sweep.domains}
+    cfg = driver.resolved(with_values(sweep.base_raw, {**values, "name": trial_name(sweep.cfg.name, trial_id)}))
+    name = registry_name(sweep)
+    with new_tmp() as d:
+        d = pathlib.Path(d)
+        weights = registered_weights(best_checkpoint(sweep, trial_id, d / "ckpt"), d)
+        version = tracking.register_model(uri, child.info.run_id, weights, cfg.model.to_dict(), name, "candidate")
+    bound = float(best_row["test/neg_elbo"])
+    tags = {"sweep.parent_run_id": parent, "sweep.name": sweep.cfg.name, "sweep.trial_id": trial_id,
+            "dataset": cfg.data.dataset, promotion.BOUND_TAG: f"{bound:.6f}",
+            promotion.EPISODES_TAG: promotion.episodes_fingerprint(cfg, child.data.tags.get("data.manifest_hash", "")),
+            promotion.UNIT_TAG: cfg.model.unit, "test.swap_gap": f"{float(best_row['test/swap_gap']):.6f}",
+            "training_run_id": child.info.run_id, "git.commit": child.data.tags.get("git.commit", "unknown")}
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    out.model_name, out.model_version = name, version
+    out.decision = promotion.promote(uri, name, version)
+    client.set_tag(parent, "kpp.sweep.registered", f"{name}/{version}")

@@ -1,0 +1,201 @@
+"""Sweeps (jobs.tune): bad sweeps refused before anything starts; a real sweep on the session's Ray cluster and
+MLflow server, killed mid-way and resumed with the same command; champion promotion both ways."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from pipeline.train.config import ConfigError
+from pipeline.tune import space
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TRAIN = {"train.max_steps": 30, "train.warmup_steps": 2, "train.log_every": 5, "eval.every_steps": 5,
+              "checkpoint.every_steps": 10, "data.valid_episodes": 8, "data.test_episodes": 8, "eval.iwae_samples": 4,
+              "scaling.num_workers": 1}
+
+
+def sweep_yaml(tmp_path, **fields) -> str:
+    doc = {"name": "s", "train": {"config": "jobs/configs/local.yaml", "overrides": dict(TINY_TRAIN)},
+           "search": {"train.lr": {"grid": [3e-3, 1e-7]}, "model.memory.channels": {"grid": [4, 8]}},
+           "num_trials": 4, "algorithm": "random", "asha": {"grace_steps": 10, "reduction_factor": 2},
+           "max_concurrent_trials": 1}
+    for k, v in fields.items():
+        doc[k] = v
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+# -- bad input: named, before Ray is imported ------------------------------------------------------------------
+BAD = [
+    ({"search": {"train.nosuch": {"choice": [1]}}}, "search.train.nosuch: the training config has no field"),
+    ({"search": {"train.lr": {"choice": []}}}, "search.train.lr.choice: needs a non-empty list"),
+    ({"search": {"train.lr": {"uniform": [0.1, 0.01]}}}, "search.train.lr.uniform: low 0.1 > high 0.01"),
+    ({"search": {"train.lr": {"loguniform": [0.0, 0.01]}}}, "search.train.lr.loguniform: low must be > 0"),
+    ({"search": {"model.memory.channels": {"choice": [4, "many"]}}},
+     "search.model.memory.channels: value 'many' is not accepted"),
+    ({"search": {"train.lr": {"between": [1, 2]}}}, "search.train.lr: expected one of"),
+    ({"metric": "test/neg_elbo"}, "metric: 'test/neg_elbo' is not reported by the training loop"),
+    ({"num_trials": 3}, "num_trials: 3 is not a multiple of the grid's 4 points"),
+    ({"asha": {"grace_steps": 30}}, "asha.grace_steps: 30 must be < train.max_steps"),
+    ({"search": {}}, "search: empty"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_sweeps_are_named(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        space.load(sweep_yaml(tmp_path, **fields), [], root=pathlib.Path(ROOT))
+    assert message in str(e.value)
+
+
+def test_cli_refuses_a_bad_sweep_before_ray(tmp_path):
+    code = ("import sys\nfrom jobs import tune\nrc = tune.main(sys.argv[1:])\n"
+            "print('ray imported' if 'ray' in sys.modules else 'ray never imported')\nsys.exit(rc)\n")
+    bad = sweep_yaml(tmp_path, search={"train.lr": {"loguniform": [-1, 1]}})
+    r = subprocess.run([sys.executable, "-c", code, "--config", bad], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "search.train.lr.loguniform: low must be > 0" in r.stderr, r.stderr
+    assert "ray never imported" in r.stdout
+
+
+def test_more_concurrent_trials_than_the_cluster_holds(tmp_path):
+    from pipeline.tune.sweep import concurrent_trials
+    sweep = space.load(sweep_yaml(tmp_path, max_concurrent_trials=5), [], root=pathlib.Path(ROOT))
+    with pytest.raises(ConfigError, match=r"max_concurrent_trials: 5 trials at once .* the cluster holds 2 \(CPU 1, GPU 0\)"):
+        concurrent_trials(sweep, {"CPU": 1.0})
+    auto = space.load(sweep_yaml(tmp_path, max_concurrent_trials=0), [], root=pathlib.Path(ROOT))
+    assert concurrent_trials(auto, {"CPU": 2.0}) == 4  # each trial: 1 worker x 0.49 CPU (+ 0.001)
+    gpu = space.load(sweep_yaml(tmp_path), ["train.overrides.scaling.use_gpu=true"], root=pathlib.Path(ROOT))
+    with pytest.raises(ConfigError, match=r"one trial needs 1 workers x 0.49 CPUs and 1 GPU each"):
+        concurrent_trials(gpu, {"CPU": 16.0, "GPU": 0.0})
+
+
+# -- the real sweep ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    subprocess.run([sys.executable, "-m", "jobs.prepare", "--dataset", "digits", "--out", str(out),
+                    "--episode-length", "8", "--no-progress"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return str(out)
+
+
+def _children(client, exp_id: str, parent: str):
+    return client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+@pytest.mark.slow
+def test_sweep_killed_midway_resumes_and_registers_the_best(ray_cluster, mlflow_server, digits_shards, tmp_path):
+    from mlflow import MlflowClient
+    overrides = {**TINY_TRAIN, "data.shards": digits_shards, "checkpoint.storage_path": str(tmp_path / "runs"),
+                 "tracking.uri": mlflow_server, "tracking.experiment": "sweeps"}
+    path = sweep_yaml(tmp_path, name="resume", train={"config": "jobs/configs/local.yaml", "overrides": overrides})
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    client = MlflowClient(mlflow_server)
+    cmd = [sys.executable, "-m", "jobs.tune", "--config", path]
+
+    # 1. start, and kill the driver (SIGKILL, no clean-up) once the first trial has finished
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, finished_first = time.monotonic() + 400, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        exp = client.get_experiment_by_name("sweeps")
+        if exp:
+            done = client.search_runs([exp.experiment_id], filter_string="tags.`kpp.trial.outcome` = 'finished'")
+            if done:
+                finished_first = done[0]
+                break
+        time.sleep(1)
+    assert finished_first is not None, (tmp_path / "first.log").read_text()[-4000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    first_id = finished_first.data.tags["kpp.trial_id"]
+    steps_before = [m.step for m in client.get_metric_history(finished_first.info.run_id, "train/loss")]
+
+    # 2. the same command again: the sweep is restored, the finished trial is not run again
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+    assert "resuming the sweep stored at" in r.stdout
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["resumed"] is True
+    assert [m.step for m in client.get_metric_history(finished_first.info.run_id, "train/loss")] == steps_before
+
+    # 3. one parent run, four tagged children: finished ones FINISHED, ASHA-stopped ones KILLED
+    exp_id = client.get_experiment_by_name("sweeps").experiment_id
+    parents = client.search_runs([exp_id], filter_string="tags.`kpp.kind` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.run_id == out["parent_run_id"]
+    assert parents[0].info.status == "FINISHED"
+    children = _children(client, exp_id, out["parent_run_id"])
+    assert len(children) == 4 and len({c.data.tags["kpp.trial_id"] for c in children}) == 4
+    assert sum(c.data.tags["kpp.trial_id"] == first_id for c in children) == 1
+    outcomes = {c.data.tags["kpp.trial_id"]: (c.data.tags.get("kpp.trial.outcome"), c.info.status) for c in children}
+    assert ("stopped_by_asha", "KILLED") in outcomes.values(), outcomes  # lr 1e-7 after a trial with lr 3e-3
+    assert all(o in {("finished", "FINISHED"), ("stopped_by_asha", "KILLED")} for o in outcomes.values()), outcomes
+
+    # 4. the parent's table and figures; the best finished trial registered once, under the dataset's name
+    arts = {a.path for a in client.list_artifacts(out["parent_run_id"], "sweep")}
+    assert {"sweep/results.parquet", "sweep/results.csv", "sweep/hyperparameters_vs_bound.png",
+            "sweep/bound_curves.png"} <= arts
+    import pandas as pd
+    table = pd.read_parquet(client.download_artifacts(out["parent_run_id"], "sweep/results.parquet",
+                                                       str(tmp_path)))
+    assert len(table) == 4 and set(table["outcome"]) <= {"finished", "stopped_by_asha"}
+    best = table[table["outcome"] == "finished"].sort_values("valid_neg_elbo").iloc[0]
+    assert out["best_trial"] == best["trial_id"] and out["model"] == "kpp-digits"
+    versions = client.search_model_versions("name='kpp-digits'")
+    assert len(versions) == 1
+    tags = versions[0].tags
+    assert tags["sweep.parent_run_id"] == out["parent_run_id"] and tags["dataset"] == "digits"
+    assert abs(float(tags["test.neg_elbo"]) - float(best["test/neg_elbo"])) < 1e-3
+    assert client.get_model_version_by_alias("kpp-digits", "champion").version == versions[0].version
+
+
+def test_champion_moves_only_for_a_better_bound(mlflow_server, tmp_path):
+    """Versions with measured bounds as their tags (what a sweep or jobs.train writes); promotion both ways."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline.registry import promotion
+    client = MlflowClient(mlflow_server)
+    name = f"kpp-promotion-{int(time.time() * 1000)}"
+    exp = client.get_experiment_by_name("promotion") or client.get_experiment(
+        client.create_experiment("promotion"))
+    run = client.create_run(exp.experiment_id)
+    (tmp_path / "weights.txt").write_text("stand-in artifact: promotion reads tags only")
+    client.log_artifact(run.info.run_id, str(tmp_path / "weights.txt"), "model")
+    client.create_registered_model(name)
+
+    def version(bound: float, episodes: str = "fp1") -> str:
+        v = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version
+        for k, val in {promotion.BOUND_TAG: f"{bound}", promotion.EPISODES_TAG: episodes,
+                       promotion.UNIT_TAG: "nats/image"}.items():
+            client.set_model_version_tag(name, v, k, val)
+        return v
+
+    v1 = version(100.0)
+    d = promotion.promote(mlflow_server, name, v1)
+    assert d.promoted and client.get_model_version_by_alias(name, "champion").version == v1
+    v2 = version(101.5)  # worse: champion stays, both numbers on v2
+    d = promotion.promote(mlflow_server, name, v2)
+    assert not d.promoted and d.champion_bound == 100.0 and d.bound == 101.5
+    assert client.get_model_version_by_alias(name, "champion").version == v1
+    t = client.get_model_version(name, v2).tags
+    assert t["champion.decision"] == "kept" and t["champion.bound_at_decision"] == "100.000000"
+    assert "101.500 does not beat champion version" in t["champion.reason"]
+    v3 = version(99.25)  # better: champion moves
+    d = promotion.promote(mlflow_server, name, v3)
+    assert d.promoted and client.get_model_version_by_alias(name, "champion").version == v3
+    assert client.get_model_version(name, v3).tags["champion.decision"] == "promoted"
+    v4 = version(50.0, episodes="fp-other")  # better number, other episodes: not comparable, not moved
+    d = promotion.promote(mlflow_server, name, v4)
+    assert not d.promoted and "other test episodes" in d.reason
+    assert client.get_model_version_by_alias(name, "champion").version == v3
+    mlflow.set_tracking_uri(None)
