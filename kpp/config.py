@@ -124,6 +124,10 @@ class ObjectiveConfig:
     # objective. On episodes that share structure this trains the memory to predict the episode's unseen members
     # (the leave-one-out bound); it costs one more encoder pass per step.
     held_out: int = _f(0, "images per episode scored under a memory written without them (0: the paper's objective)")
+    # The memory enters the ELBO only through the prior p(z | reads), which matters only as far as KL_z is paid
+    # for: while the warm-up discounts KL_z, z can carry the image without the memory. False keeps KL_z at full
+    # weight from step 0 and warms up only the key KL (docs/memory-experiments.md, the pick-up).
+    kl_z_warmup: bool = _f(True, "apply the KL warm-up to KL_z as well as to the key KL (false: KL_z at weight 1 from step 0)")
 
 
 @dataclass(kw_only=True)

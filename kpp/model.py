@@ -180,7 +180,8 @@ class KanervaPlusPlus(nn.Module):
             out = self.terms(x, memory=self.held_out_memories(x, enc, self.cfg.objective.held_out), enc=enc)
         else:
             out = self.terms(x)
-        out["loss"] = training_loss(out, beta, self.cfg.objective.key_free_bits)
+        obj = self.cfg.objective
+        out["loss"] = training_loss(out, beta, obj.key_free_bits, beta_z=None if obj.kl_z_warmup else 1.0)
         return out
 
     def log_weights(self, x: torch.Tensor, num_samples: int, memory: torch.Tensor | None = None,

@@ -31,13 +31,15 @@ def kl_beta(step: int, cfg: ObjectiveConfig) -> float:
     return cfg.kl_warmup_start + (1.0 - cfg.kl_warmup_start) * step / cfg.kl_warmup_steps
 
 
-def training_loss(terms: dict[str, torch.Tensor], beta: float, key_free_bits: float) -> torch.Tensor:
-    """Mean over images of recon + beta * (KL_z + KL_y), where each key's KL (batch mean) is not penalised below
-    key_free_bits nats: that keeps the keys from collapsing onto the prior early in training."""
+def training_loss(terms: dict[str, torch.Tensor], beta: float, key_free_bits: float,
+                  beta_z: float | None = None) -> torch.Tensor:
+    """Mean over images of recon + beta_z * KL_z + beta * KL_y (beta_z = beta unless given), where each key's KL
+    (batch mean) is not penalised below key_free_bits nats: that keeps the keys from collapsing onto the prior
+    early in training."""
     kl_y = terms["kl_y_per_key"].flatten(0, 1).mean(0)  # [K]
     if key_free_bits > 0:
         kl_y = torch.clamp(kl_y, min=key_free_bits)
-    return terms["recon"].mean() + beta * (terms["kl_z"].mean() + kl_y.sum())
+    return terms["recon"].mean() + (beta if beta_z is None else beta_z) * terms["kl_z"].mean() + beta * kl_y.sum()
 
 
 def keys_at_floor(max_kl_per_key: list[float], key_free_bits: float, margin: float = 0.25) -> list[int]:
