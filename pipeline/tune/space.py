@@ -118,6 +118,10 @@ class Sweep:
     def has_grid(self) -> bool:
         return any(k == "grid" for k, _ in self.domains.values())
 
+    def pin_tracking_uri(self, uri: str) -> None:
+        self.base_raw = _set(self.base_raw, "tracking.uri", uri)
+        self.base = with_values(self.base_raw, {})
+
     def trial_config(self, values: dict[str, Any]) -> JobConfig:
         return with_values(self.base_raw, values)
 
@@ -174,6 +178,9 @@ def load(path: str | None, overrides: list[str], root: pathlib.Path | None = Non
         value = (base_raw.get(section) or {}).get(leaf)
         if isinstance(value, str) and value and "://" not in value and not pathlib.Path(value).is_absolute():
             base_raw = _set(base_raw, key, str((root / value).resolve()))
+    uri = (base_raw.get("tracking") or {}).get("uri")
+    if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        base_raw = _set(base_raw, "tracking.uri", f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}")
     base = with_values(base_raw, {})
     known = set(base.flat())
     domains = {}

@@ -82,8 +82,13 @@ def param_space(sweep: Sweep) -> dict[str, Any]:
 def search_algorithm(sweep: Sweep):
     """Optuna TPE, or Tune's random/grid generator (also for a space with a grid, which TPE cannot take)."""
     if sweep.cfg.algorithm == "optuna" and not sweep.has_grid:
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
-        return OptunaSearch(metric=sweep.cfg.metric, mode=sweep.cfg.mode, seed=sweep.cfg.seed)
+        # TPE samples at random until n_startup_trials have finished (Optuna's default 10): in a small sweep that
+        # would be all of it, so half the trials explore and the rest follow the model
+        startup = max(2, min(10, sweep.cfg.num_trials // 2))
+        return OptunaSearch(metric=sweep.cfg.metric, mode=sweep.cfg.mode,
+                            sampler=optuna.samplers.TPESampler(seed=sweep.cfg.seed, n_startup_trials=startup))
     from ray.tune.search import BasicVariantGenerator
     return BasicVariantGenerator(random_state=sweep.cfg.seed)
 
@@ -210,9 +215,9 @@ class SweepOutcome:
 
 
 def registry_name(sweep: Sweep) -> str:
-    """One registered model per dataset: a digits model and an Omniglot model never share a name."""
-    base = sweep.base.tracking.registered_model or "kpp"
-    return f"{base}-{sweep.base.data.dataset}"
+    """One registered model per dataset (pipeline.registry.naming, the same name jobs.train registers under)."""
+    from pipeline.registry import naming
+    return naming.model_name(sweep.base.tracking.registered_model or "kpp", naming.dataset_of(sweep.base))
 
 
 def run(sweep: Sweep, sweep_yaml: str) -> SweepOutcome:
@@ -227,6 +232,9 @@ def run(sweep: Sweep, sweep_yaml: str) -> SweepOutcome:
     uri = tracking.resolve_uri(base.tracking.uri) if base.tracking.enabled else ""
     if uri:
         tracking.check_reachable(uri)
+        # every trial logs to this store: resolved here, since a trial runs in a working directory of its own and
+        # would resolve '' (or a relative sqlite path) to a store of its own
+        sweep.pin_tracking_uri(uri)
     driver.connect(base)
     max_concurrent = concurrent_trials(sweep, ray.cluster_resources())
     setup = tuner_storage(sweep)
@@ -286,7 +294,7 @@ def _log_report(sweep: Sweep, results, rows, table: str, uri: str, parent: str) 
 def _register_best(sweep: Sweep, results, best_row: dict[str, Any], uri: str, parent: str,
                    out: SweepOutcome) -> None:
     from pipeline.cluster import driver
-    from pipeline.registry import promotion, tracking
+    from pipeline.registry import naming, promotion, tracking
     from pipeline.tune.space import with_values
     client = tracking.MlflowClient(uri)
     trial_id = best_row["trial_id"]
@@ -302,14 +310,10 @@ def _register_best(sweep: Sweep, results, best_row: dict[str, Any], uri: str, pa
         d = pathlib.Path(d)
         weights = registered_weights(best_checkpoint(sweep, trial_id, d / "ckpt"), d)
         version = tracking.register_model(uri, child.info.run_id, weights, cfg.model.to_dict(), name, "candidate")
-    bound = float(best_row["test/neg_elbo"])
-    tags = {"sweep.parent_run_id": parent, "sweep.name": sweep.cfg.name, "sweep.trial_id": trial_id,
-            "dataset": cfg.data.dataset, promotion.BOUND_TAG: f"{bound:.6f}",
-            promotion.EPISODES_TAG: promotion.episodes_fingerprint(cfg, child.data.tags.get("data.manifest_hash", "")),
-            promotion.UNIT_TAG: cfg.model.unit, "test.swap_gap": f"{float(best_row['test/swap_gap']):.6f}",
-            "training_run_id": child.info.run_id, "git.commit": child.data.tags.get("git.commit", "unknown")}
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v)
+    metrics = {k: v for k, v in best_row.items() if k.startswith("test/")}
+    tags = {**naming.version_tags(cfg, metrics, child.info.run_id, child.data.tags),
+            "sweep.parent_run_id": parent, "sweep.name": sweep.cfg.name, "sweep.trial_id": trial_id}
+    naming.tag_version(uri, name, version, tags)
     out.model_name, out.model_version = name, version
     out.decision = promotion.promote(uri, name, version)
     client.set_tag(parent, "kpp.sweep.registered", f"{name}/{version}")
