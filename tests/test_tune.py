@@ -199,3 +199,14 @@ def test_champion_moves_only_for_a_better_bound(mlflow_server, tmp_path):
     assert not d.promoted and "other test episodes" in d.reason
     assert client.get_model_version_by_alias(name, "champion").version == v3
     mlflow.set_tracking_uri(None)
+
+
+def test_trials_log_to_the_sweeps_store(tmp_path):
+    """A trial runs in a working dir of its own: a relative or empty tracking URI must be fixed on the driver."""
+    overrides = {**TINY_TRAIN, "tracking.uri": "sqlite:///outputs/sweeps.db"}
+    sweep = space.load(sweep_yaml(tmp_path, train={"config": "jobs/configs/local.yaml", "overrides": overrides}), [],
+                       root=pathlib.Path(ROOT))
+    assert sweep.base.tracking.uri == f"sqlite:///{pathlib.Path(ROOT) / 'outputs' / 'sweeps.db'}"
+    sweep.pin_tracking_uri("http://127.0.0.1:5000")
+    trial = sweep.trial_config({"train.lr": 1e-3, "model.memory.channels": 4})
+    assert trial.tracking.uri == "http://127.0.0.1:5000" and trial.model.memory.channels == 4
