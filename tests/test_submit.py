@@ -90,6 +90,15 @@ def test_driver_refuses_relative_storage_inside_a_job(stack):
     assert "runtime_resources" in logs  # it names the temporary copy the path would have landed in
 
 
+def test_a_sweep_with_local_storage_is_refused_before_upload(stack):
+    r = submit(stack, "python", "-m", "jobs.tune", "--config", "jobs/configs/tune_cpu.yaml")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "checkpoint.storage_path: 'outputs/ray' is not durable storage" in r.stderr \
+        or "data.shards: 'outputs/shards/digits' is not durable storage" in r.stderr, r.stderr
+    r = submit(stack, "python", "-m", "jobs.tune", "--config", "jobs/configs/tune_cpu.yaml", "num_trials=0")
+    assert r.returncode == 2 and "num_trials: must be >= 1" in r.stderr
+
+
 # -- the real thing: prepare, then train, through the Jobs API; then the stack goes away completely --------------
 def test_prepare_then_train_through_the_jobs_api(stack):
     import boto3

@@ -87,7 +87,12 @@ def check_entrypoint(cmd: list[str], cwd: pathlib.Path) -> train_config.JobConfi
         if ns.config and not (cwd / ns.config).is_file() and not pathlib.Path(ns.config).is_absolute():
             raise SubmitError(f"--config: {ns.config} is not in the working dir {cwd}")
         try:
-            cfg = train_config.load(str(cwd / ns.config) if ns.config else None, ns.overrides)
+            if job == "jobs.tune":  # a sweep: its training config is what the trials run
+                from pipeline.tune import space
+                cfg = space.load(str(cwd / ns.config) if ns.config else None, ns.overrides, root=cwd,
+                                 resolve_paths=False).base
+            else:
+                cfg = train_config.load(str(cwd / ns.config) if ns.config else None, ns.overrides)
         except ConfigError as e:
             raise SubmitError(f"entrypoint: invalid config: {e}") from None
         fields = storage_fields(cfg)

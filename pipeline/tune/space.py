@@ -126,8 +126,11 @@ class Sweep:
         return with_values(self.base_raw, values)
 
 
-def load(path: str | None, overrides: list[str], root: pathlib.Path | None = None) -> Sweep:
-    """Read and validate a sweep YAML plus `field=value` overrides of the sweep (e.g. num_trials=8)."""
+def load(path: str | None, overrides: list[str], root: pathlib.Path | None = None,
+         resolve_paths: bool = True) -> Sweep:
+    """Read and validate a sweep YAML plus `field=value` overrides of the sweep (e.g. num_trials=8). Local paths
+    of the training config are made absolute against `root` unless resolve_paths is False (jobs.submit checks
+    them as written)."""
     root = root or pathlib.Path.cwd()
     raw: dict[str, Any] = {}
     if path:
@@ -173,13 +176,13 @@ def load(path: str | None, overrides: list[str], root: pathlib.Path | None = Non
     for key, value in cfg.train.overrides.items():
         base_raw = _set(base_raw, key, value)
     # trials run in Tune's own working directories: local paths are fixed here, against the sweep's directory
-    for key in ("data.shards", "data.source", "checkpoint.storage_path"):
+    for key in ("data.shards", "data.source", "checkpoint.storage_path") if resolve_paths else ():
         section, leaf = key.split(".")
         value = (base_raw.get(section) or {}).get(leaf)
         if isinstance(value, str) and value and "://" not in value and not pathlib.Path(value).is_absolute():
             base_raw = _set(base_raw, key, str((root / value).resolve()))
     uri = (base_raw.get("tracking") or {}).get("uri")
-    if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+    if resolve_paths and isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         base_raw = _set(base_raw, "tracking.uri", f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}")
     base = with_values(base_raw, {})
     known = set(base.flat())
