@@ -201,6 +201,8 @@ class RayHead(Service):
     def env(self) -> dict[str, str]:
         env = {**os.environ, **self.extra_env}
         env.pop("RAY_ADDRESS", None)  # `ray start --head` must not try to join another cluster
+        # the State API inside this cluster must find this head's dashboard, not resolve "auto" among several
+        env["RAY_API_SERVER_ADDRESS"] = self.dashboard_url
         # the job driver's Python must find this venv's packages and the project even outside the repo
         env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
         return env

@@ -131,8 +131,27 @@ def connect(cfg: JobConfig) -> None:
     # address="local": a new cluster, never one that happens to run on this machine already. With the dashboard
     # (ray[default]) on 127.0.0.1: Train V2's placement-group cleaner asks the State API, which the dashboard
     # serves; without it each ask blocks until its timeout and the job's tear-down fails to stop the cleaner.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=True,
-             dashboard_host="127.0.0.1", runtime_env=env)
+    # The State API inside the cluster (Train's placement-group cleaner) finds the dashboard through Ray's "auto"
+    # address, which fails when other Ray clusters run on the machine ("Found multiple active Ray instances") or
+    # a dead one is recorded; RAY_API_SERVER_ADDRESS, inherited by the cluster's processes, names ours.
+    dashboard_port = _free_port()
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port, runtime_env=env)
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_resources(cfg: JobConfig) -> None:
