@@ -86,7 +86,7 @@ def main() -> None:
     result = evaluate(model, test_x, iwae_samples=args.iwae_samples, seed=0)
     print(describe(result))
     idle = history[-1]["keys_at_floor"]
-    per_key = ", ".join(f"{result[f'kl_y_key{k}']:.2f}" for k in range(cfg.keys.num_reads))
+    per_key = ", ".join(f"{result[f'kl_y_key{k}']:.2f}" for k in range(cfg.key_terms))
     print(f"KL_y per key (test): {per_key}; keys at the free-bits floor for the whole run: {idle or 'none'}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -54,13 +54,22 @@ class MemoryConfig:
     # episode on a learned base map. "dense": each image writes a memory-sized map from its embedding, summed,
     # then a conv stack. "none": an ablation, M is a learned map the episode does not write to (a VAE with a
     # learned, key-conditioned prior). See docs/memory-experiments.md for what each does to the memory's use.
-    writer: Literal["key", "dense", "none"] = _f("key", "how the episode writes M: at its key means, densely, or not at all (ablation)")
+    # The baselines are two more values of this switch rather than another model class: every path that builds,
+    # trains, saves, registers and evaluates a model builds KanervaPlusPlus from this config, so a baseline is a
+    # one-field override everywhere (the memory is what differs; encoder, decoder and likelihood are shared).
+    # "dkm": the Dynamic Kanerva Machine's matrix-normal memory and least-squares addressing in place of the 2-D
+    # memory and its keys (the paper's "DKM w/ TSM", kpp/dkm.py). "vae": no memory, z ~ N(0, I): the control every
+    # memory must beat.
+    writer: Literal["key", "dense", "none", "dkm", "vae"] = _f("key", "how the episode writes M: at its key means, densely, not at all (ablation); or a baseline: dkm (Dynamic Kanerva Machine), vae (no memory, N(0, I) prior)")
     # How the key writer places a block (kpp/memory.py: place). "sample": the block resampled at the memory's
     # pixels (a read at the write's key returns it where the read's region spans at least `window` memory pixels,
     # and little of it at the smallest scales). "splat": the read's transpose normalised by coverage, so the read
     # returns the block at every scale. Measured at 2,280 steps, sample 86.06 vs splat 89.15 nats/image (swap gap
     # +112 vs +54): the consistent write learned to use the memory more slowly (docs/memory-experiments.md).
     placement: Literal["sample", "splat"] = _f("sample", "how the key writer places a block: resampled at the memory's pixels, or the read's transpose")
+    # DKM only (writer=dkm): the memory is K_m x d_z (the authors' DKM: 32 x 100).
+    slots: int = _f(32, "writer=dkm: K_m, rows of the matrix-normal memory (its columns are the latent dim)")
+    address_reg: float = _f(0.1, "writer=dkm: lambda of the least-squares addressing w = (M M^T + lambda I)^-1 M z")
 
 
 @dataclass(kw_only=True)
@@ -151,6 +160,17 @@ class KanervaConfig:
         return (self.image_channels, self.image_height, self.image_width)
 
     @property
+    def kind(self) -> str:
+        """"kpp" (the 2-D memory with keys: writers key, dense, none), "dkm" or "vae" (the baselines)."""
+        return self.memory.writer if self.memory.writer in ("dkm", "vae") else "kpp"
+
+    @property
+    def key_terms(self) -> int:
+        """How many per-key KL terms an image has (kl_y_per_key's last dim): K reads for K++, one addressing
+        vector w for DKM, none for the VAE."""
+        return {"kpp": self.keys.num_reads, "dkm": 1, "vae": 0}[self.kind]
+
+    @property
     def unit(self) -> str:
         """The unit the paper reports for this kind of data."""
         return "nats/image" if self.bit_depth == 1 else "bits/dim"
@@ -182,8 +202,11 @@ class KanervaConfig:
             raise ConfigError("encoder.shift_fraction", f"must be in [0, 0.5], got {e.shift_fraction}")
         m = self.memory
         _check_positive(m, ["channels", "height", "width"], "memory")
-        if m.writer not in ("key", "dense", "none"):
-            raise ConfigError("memory.writer", f"must be 'key', 'dense' or 'none', got {m.writer!r}")
+        if m.writer not in ("key", "dense", "none", "dkm", "vae"):
+            raise ConfigError("memory.writer", f"must be 'key', 'dense', 'none', 'dkm' or 'vae', got {m.writer!r}")
+        _check_positive(m, ["slots"], "memory")
+        if not (m.address_reg > 0 and math.isfinite(m.address_reg)):
+            raise ConfigError("memory.address_reg", f"must be a finite number > 0, got {m.address_reg}")
         if m.placement not in ("splat", "sample"):
             raise ConfigError("memory.placement", f"must be 'splat' or 'sample', got {m.placement!r}")
         k = self.keys
@@ -219,6 +242,8 @@ class KanervaConfig:
         o = self.objective
         if o.kl_warmup_steps < 0 or not 0.0 <= o.kl_warmup_start <= 1.0:
             raise ConfigError("objective.kl_warmup_steps", "need kl_warmup_steps >= 0 and 0 <= kl_warmup_start <= 1")
+        if o.held_out and self.kind != "kpp":
+            raise ConfigError("objective.held_out", f"held-out images need the K++ memory, not memory.writer={m.writer!r}")
         if not 0 <= o.held_out < self.episode_length:
             raise ConfigError("objective.held_out", f"must be in [0, episode_length={self.episode_length}), got {o.held_out}")
         if o.key_free_bits < 0 or not math.isfinite(o.key_free_bits):

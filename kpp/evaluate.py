@@ -4,7 +4,7 @@ measurements of whether the memory is used at all.
 - neg_elbo (the paper's quantity): -ELBO of x_t with M written from its own episode, x_t included.
 - iwae: the importance-weighted bound on the same quantity, S samples of (y, z) from q; never looser than neg_elbo.
 - swap_gap: neg_elbo with the next episode's memory minus neg_elbo with the own memory, both with the same draws of
-  y and z (paired) so sampling noise cancels. ~0 means the memory content is ignored.
+  y and z (paired) so sampling noise cancels. ~0 means the memory content is ignored (the VAE baseline: exactly 0).
 - loo_neg_elbo / loo_iwae: x_t under a memory written from the other T-1 images of its episode (leave-one-out).
   A proper conditional bound on -log p(x_t | x_{-t}): it measures what the memory knows about the rest of the
   episode, not x_t reading back its own write.
@@ -61,7 +61,7 @@ def evaluate(model: KanervaPlusPlus, episodes: torch.Tensor, *, iwae_samples: in
     others = memories.roll(-1, dims=0)  # episode i gets episode i+1's memory
 
     sums: dict[str, float] = defaultdict(float)
-    kl_y_per_key = torch.zeros(model.cfg.keys.num_reads)
+    kl_y_per_key = torch.zeros(model.cfg.key_terms)
     images = 0
     start = 0
     for batch in batches:
@@ -74,8 +74,9 @@ def evaluate(model: KanervaPlusPlus, episodes: torch.Tensor, *, iwae_samples: in
         own = model.terms(batch, memory=own_memory, noise=noise, enc=enc)
         swapped = model.terms(batch, memory=other_memory, noise=noise, enc=enc)
         iwae = iwae_bound(model.log_weights(batch, iwae_samples, memory=own_memory, generator=generator))
-        for name in ("total", "recon", "kl_z", "kl_y"):
-            sums[name] += own[name].sum().item()
+        for name in ("total", "recon", "kl_z", "kl_y", "kl_m"):
+            if name in own:
+                sums[name] += own[name].sum().item()
         sums["swapped"] += swapped["total"].sum().item()
         sums["iwae"] += iwae.sum().item()
         kl_y_per_key += own["kl_y_per_key"].sum((0, 1)).cpu()
@@ -100,6 +101,8 @@ def evaluate(model: KanervaPlusPlus, episodes: torch.Tensor, *, iwae_samples: in
         "iwae_samples": iwae_samples,
         "num_images": images,
     }
+    if "kl_m" in sums:  # DKM: the memory's KL against its prior, per image
+        result["kl_m"] = sums["kl_m"] / images * scale
     for k, v in enumerate((kl_y_per_key / images).tolist()):
         result[f"kl_y_key{k}"] = v * scale
     if leave_one_out:

@@ -9,6 +9,13 @@
 
 Per image:  -ELBO = -log p(x_t | z_t) + KL[q(z_t|X) || p(z_t|M_hat_t, y_t)] + sum_k KL[q(y_tk|X) || N(0, I)].
 One reparameterised sample of y and z; analytic Gaussian KLs. See kpp/objective.py for warm-up and free bits.
+
+The baselines share this class, its encoder, decoder and likelihood, and its interface (encode, write, terms,
+log_weights, leave-one-out memories), switched by memory.writer (cfg.kind):
+- "dkm": DKM w/ TSM, the Dynamic Kanerva Machine's memory (kpp/dkm.py) in place of the 2-D memory and its keys;
+  kl_y is the KL of the addressing weights w, kl_m the memory's KL against its prior (per image: / T).
+- "vae": no memory, p(z) = N(0, I); kl_y = 0. Its memory is a placeholder, so its swap gap is 0 by construction
+  and its leave-one-out bound equals its -ELBO.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from kpp.config import KanervaConfig
+from kpp.dkm import DynamicMemory
 from kpp.encoder import EpisodeEncoder
 from kpp.likelihood import build_likelihood
 from kpp.memory import build_writer, key_to_affine, read
@@ -52,9 +60,11 @@ class Noise:
     def draw(cfg: KanervaConfig, batch: int, length: int, generator: torch.Generator | None = None,
              device=None) -> "Noise":
         t, k, dz = length, cfg.keys.num_reads, cfg.latent.dim
+        # The key noise: K++'s keys y [B, T, K, 3], DKM's addressing weights w [B, T, K_m], none for the VAE.
+        key_shape = {"kpp": (k, KEY_DIM), "dkm": (cfg.memory.slots,), "vae": (0,)}[cfg.kind]
         # Drawn on the CPU from the (CPU) generator so a seed gives the same draws on any device.
         return Noise(
-            key=torch.randn(batch, t, k, KEY_DIM, generator=generator).to(device),
+            key=torch.randn(batch, t, *key_shape, generator=generator).to(device),
             z=torch.randn(batch, t, dz, generator=generator).to(device),
         )
 
@@ -108,15 +118,20 @@ class KanervaPlusPlus(nn.Module):
     def __init__(self, cfg: KanervaConfig):
         super().__init__()
         self.cfg = cfg.validate()
+        self.kind = cfg.kind
         k, f, dz = cfg.keys.num_reads, cfg.encoder.embedding_dim, cfg.latent.dim
         self.encoder = EpisodeEncoder(cfg.encoder, cfg.image_channels, (cfg.image_height, cfg.image_width))
-        self.key_posterior = nn.Linear(f, 2 * k * KEY_DIM)
-        with torch.no_grad():  # output layout is [K, (mean, logvar), 3]
-            self.key_posterior.bias.view(k, 2, KEY_DIM)[:, 1].fill_(cfg.keys.init_logvar)
-            self.key_posterior.weight.view(k, 2, KEY_DIM, f)[:, 0].mul_(cfg.keys.init_mean_gain)
-        self.writer = build_writer(cfg)
+        if self.kind == "kpp":  # (modules are created in this order so that a seed gives the same initial weights)
+            self.key_posterior = nn.Linear(f, 2 * k * KEY_DIM)
+            with torch.no_grad():  # output layout is [K, (mean, logvar), 3]
+                self.key_posterior.bias.view(k, 2, KEY_DIM)[:, 1].fill_(cfg.keys.init_logvar)
+                self.key_posterior.weight.view(k, 2, KEY_DIM, f)[:, 0].mul_(cfg.keys.init_mean_gain)
+            self.writer = build_writer(cfg)
         self.z_posterior = nn.Linear(f, 2 * dz)
-        self.z_prior = LatentPrior(cfg)
+        if self.kind == "kpp":
+            self.z_prior = LatentPrior(cfg)
+        elif self.kind == "dkm":
+            self.memory = DynamicMemory(cfg)
         self.likelihood = build_likelihood(cfg.likelihood, cfg.image_channels)
         self.decoder = Decoder(cfg, self.likelihood.params_per_channel)
 
@@ -125,12 +140,20 @@ class KanervaPlusPlus(nn.Module):
         self._check_input(x)
         b, t = x.shape[:2]
         e = self.encoder(x)
-        key_mean, key_logvar = self.key_posterior(e).view(b, t, self.cfg.keys.num_reads, 2, KEY_DIM).unbind(3)
+        if self.kind == "kpp":
+            key_mean, key_logvar = self.key_posterior(e).view(b, t, self.cfg.keys.num_reads, 2, KEY_DIM).unbind(3)
+        else:  # the baselines have no keys (DKM's addressing depends on the memory: see _baseline_terms)
+            key_mean = key_logvar = e.new_zeros(b, t, 0, KEY_DIM)
         z_mean, z_logvar = self.z_posterior(e).chunk(2, dim=-1)
         return Encoding(e, key_mean, key_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX), z_mean, z_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
 
     def write(self, enc: Encoding) -> torch.Tensor:
-        """f_mem: the memory M [B, C_m, H_m, W_m] of an episode, deterministic in E."""
+        """f_mem: the memory M [B, C_m, H_m, W_m] of an episode, deterministic in E. DKM: the posterior q(M | X),
+        packed [B, K_m, d_z + K_m + 1] (kpp/dkm.py); VAE: a placeholder [B, 1] that nothing reads."""
+        if self.kind == "dkm":
+            return self.memory.write(enc.z_mean)
+        if self.kind == "vae":
+            return enc.z_mean.new_zeros(enc.z_mean.shape[0], 1)
         return self.writer(enc.embedding, enc.key_mean)
 
     def read_prior(self, memory: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +184,8 @@ class KanervaPlusPlus(nn.Module):
             memory = self.write(enc)
         if noise is None:
             noise = Noise.draw(self.cfg, b, t, device=x.device)
+        if self.kind != "kpp":
+            return self._baseline_terms(x, memory, noise, enc)
         y = enc.key_mean + torch.exp(0.5 * enc.key_logvar) * noise.key
         z = enc.z_mean + torch.exp(0.5 * enc.z_logvar) * noise.z
         prior_mean, prior_logvar = self.read_prior(memory, y)
@@ -192,6 +217,8 @@ class KanervaPlusPlus(nn.Module):
         enc = self.encode(x)
         if memory is None:
             memory = self.write(enc)
+        if self.kind != "kpp":
+            return self._baseline_log_weights(x, num_samples, memory, enc, generator)
         flat_x = x.flatten(0, 1)
         out = []
         for _ in range(num_samples):
@@ -222,11 +249,81 @@ class KanervaPlusPlus(nn.Module):
         """For each image t, the memory written from the other T-1 images of its episode (re-encoded without t,
         so nothing of x_t reaches it through the temporal shift either): [B, T, C_m, H_m, W_m]."""
         t = x.shape[1]
+        if self.kind == "vae":  # nothing to leave out of
+            return x.new_zeros(x.shape[0], t, 1)
         memories = []
         for i in range(t):
             rest = torch.cat([x[:, :i], x[:, i + 1 :]], dim=1)
             memories.append(self.write(self.encode(rest)))
         return torch.stack(memories, dim=1)
+
+    # -- the baselines (cfg.kind "dkm", "vae") ----------------------------------------------------------------
+    def _baseline_terms(self, x: torch.Tensor, memory: torch.Tensor, noise: Noise, enc: Encoding) -> dict[str, torch.Tensor]:
+        b, t = x.shape[:2]
+        z = enc.z_mean + torch.exp(0.5 * enc.z_logvar) * noise.z
+        recon = self.likelihood.nll(self.decode(z), x.flatten(0, 1)).view(b, t)
+        if self.kind == "vae":
+            zero = torch.zeros_like(enc.z_mean)
+            kl_z = gaussian_kl(enc.z_mean, enc.z_logvar, zero, zero).sum(-1)
+            kl_y_per_key = recon.new_zeros(b, t, 0)
+            kl_m = torch.zeros_like(recon)
+        else:
+            mem = self.memory
+            w_mean, w_logvar = mem.addressing(memory, enc.z_mean)
+            w = w_mean + torch.exp(0.5 * w_logvar) * noise.key
+            read, spread = mem.read(memory, w)
+            obs_var = mem.obs_var()
+            # E over q(M) of KL[q(z) || N(M^T w, sigma^2 I)]: the KL at M's mean plus C w^T U w / (2 sigma^2).
+            kl_z = (gaussian_kl(enc.z_mean, enc.z_logvar, read, obs_var.log().expand_as(read)).sum(-1)
+                    + read.shape[-1] * spread / (2 * obs_var))
+            zero = torch.zeros_like(w)
+            kl_y_per_key = gaussian_kl(w_mean, w_logvar, zero, zero).sum(-1, keepdim=True)
+            # The episode's memory KL, 1/T per image. A per-image memory (leave-one-out) is the posterior of the
+            # other images, used as the prior of x_t: no memory KL (the predictive bound under q(M | x_-t)).
+            kl_m = (mem.kl(memory) / t).unsqueeze(1).expand(b, t) if memory.dim() == 3 else torch.zeros_like(recon)
+        kl_y = kl_y_per_key.sum(-1)
+        out = {"recon": recon, "kl_z": kl_z, "kl_y": kl_y, "kl_y_per_key": kl_y_per_key,
+               "total": recon + kl_z + kl_y + kl_m}
+        if self.kind == "dkm":
+            out["kl_m"] = kl_m
+        return out
+
+    def _baseline_log_weights(self, x: torch.Tensor, num_samples: int, memory: torch.Tensor, enc: Encoding,
+                              generator: torch.Generator | None) -> torch.Tensor:
+        """VAE: log p(x | z) + log N(z; 0, I) - log q(z | X). DKM: one draw M_s ~ q(M) shared by the S samples of
+        (w, z), log p(x | z) + log p(z | w, M_s) + log p(w) - log q(z) - log q(w), minus the memory KL / T: its
+        log-mean-exp is, in expectation over M_s, a bound on the episode's -log p(X) / T per image at least as
+        tight as the ELBO (kl_m enters both alike)."""
+        b, t = x.shape[:2]
+        flat_x = x.flatten(0, 1)
+        if self.kind == "dkm":
+            mem = self.memory
+            m_sample = mem.sample(memory, generator)
+            if memory.dim() == 3:
+                m_sample = m_sample.unsqueeze(1)
+                kl_m = (mem.kl(memory) / t).unsqueeze(1)
+            else:
+                kl_m = torch.zeros(b, 1, device=x.device)
+            w_mean, w_logvar = mem.addressing(memory, enc.z_mean)
+            obs_logvar = mem.obs_var().log()
+        out = []
+        for _ in range(num_samples):
+            noise = Noise.draw(self.cfg, b, t, generator=generator, device=x.device)
+            z = enc.z_mean + torch.exp(0.5 * enc.z_logvar) * noise.z
+            log_px = -self.likelihood.nll(self.decode(z), flat_x).view(b, t)
+            log_qz = gaussian_log_prob(z, enc.z_mean, enc.z_logvar).sum(-1)
+            if self.kind == "vae":
+                zero = torch.zeros_like(z)
+                out.append(log_px + gaussian_log_prob(z, zero, zero).sum(-1) - log_qz)
+                continue
+            w = w_mean + torch.exp(0.5 * w_logvar) * noise.key
+            read = (w.unsqueeze(-2) @ m_sample).squeeze(-2)
+            log_pz = gaussian_log_prob(z, read, obs_logvar.expand_as(read)).sum(-1)
+            zero = torch.zeros_like(w)
+            log_pw = gaussian_log_prob(w, zero, zero).sum(-1)
+            log_qw = gaussian_log_prob(w, w_mean, w_logvar).sum(-1)
+            out.append(log_px + log_pz + log_pw - log_qz - log_qw - kl_m)
+        return torch.stack(out)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or tuple(x.shape[2:]) != self.cfg.image_shape:

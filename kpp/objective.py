@@ -39,7 +39,10 @@ def training_loss(terms: dict[str, torch.Tensor], beta: float, key_free_bits: fl
     kl_y = terms["kl_y_per_key"].flatten(0, 1).mean(0)  # [K]
     if key_free_bits > 0:
         kl_y = torch.clamp(kl_y, min=key_free_bits)
-    return terms["recon"].mean() + (beta if beta_z is None else beta_z) * terms["kl_z"].mean() + beta * kl_y.sum()
+    loss = terms["recon"].mean() + (beta if beta_z is None else beta_z) * terms["kl_z"].mean() + beta * kl_y.sum()
+    if "kl_m" in terms:  # DKM's memory KL (already 1/T per image), warmed up with the key (addressing) KL
+        loss = loss + beta * terms["kl_m"].mean()
+    return loss
 
 
 def keys_at_floor(max_kl_per_key: list[float], key_free_bits: float, margin: float = 0.25) -> list[int]:

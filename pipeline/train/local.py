@@ -79,7 +79,7 @@ def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainCon
         if not r.ok:
             raise FloatingPointError(f"non-finite loss or gradient at step {step}")
         grad_norm = r.grad_norm
-        per_key = torch.stack([r.terms[f"kl_y_key{k}"] for k in range(model.cfg.keys.num_reads)])
+        per_key = torch.stack([r.terms[f"kl_y_key{k}"] for k in range(model.cfg.key_terms)]) if model.cfg.key_terms else torch.zeros(0)
         if step == 0 or step == model.cfg.objective.kl_warmup_steps:  # idle keys are judged after the warm-up
             max_per_key = per_key
         max_per_key = torch.maximum(max_per_key, per_key)

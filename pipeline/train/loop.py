@@ -188,7 +188,7 @@ class Loop:
         episodes_per_s = steps * self.job.data.batch_episodes * self.s.world_size / max(now - window.t, 1e-9)
         window.t, window.step = now, self.step
         m = {f"train/{k}": v for k, v in zip(names, vec.tolist())}
-        per_key = [m[f"train/kl_y_key{k}"] for k in range(self.mcfg.keys.num_reads)]
+        per_key = [m[f"train/kl_y_key{k}"] for k in range(self.mcfg.key_terms)]
         restart = self.step - self.job.train.log_every < self.mcfg.objective.kl_warmup_steps <= self.step
         if not self.key_kl_max or restart:  # idle keys are judged from the end of the KL warm-up on
             self.key_kl_max = per_key

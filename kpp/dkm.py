@@ -1,0 +1,145 @@
+"""The Dynamic Kanerva Machine memory (Wu, Wayne, Graves, Lillicrap 2018) as the baseline "DKM w/ TSM": the same
+TSM encoder and decoder as Kanerva++, with DKM's matrix-normal memory in place of the 2-D memory and its keys.
+
+    memory M in R^{K_m x C} (C = d_z), prior  p(M) = MN(R_0, U_0, I)   R_0 learned, U_0 = diag(exp(prior_logvar)) learned
+    addressing   w_t = (R R^T + lambda I)^-1 R z_t  (regularised least squares against the memory mean R)
+                 q(w_t) = N(w_t, sigma_w^2 I)  (a variance, not a std: the public port's mistake),  p(w) = N(0, I)
+    write        per image, in episode order, the Kalman update of (R, U) observing z_t = M^T w_t + N(0, sigma_xi^2 I)
+                 with z_t = the mean of q(z_t | X)                                                         (choice)
+    read         p(z_t | w_t, M) = N(M^T w_t, sigma_xi^2 I)
+    bound        recon + E_q(M)[KL(q(z_t) || p(z_t | w_t, M))] + KL(q(w_t) || p(w)) + KL(q(M | X) || p(M)) / T
+
+E over q(M) of the z term is analytic: KL(q(z) || N(R^T w, sigma^2 I)) + C w^T U w / (2 sigma^2); the memory KL is
+shared by the episode's T images and charged 1/T to each (every term per image, divided once).
+
+A memory is passed around as one tensor so that the evaluation code can stack, roll and slice memories of any kind
+alike: [..., K_m, C + K_m + 1] = [R | U | log det U] (the log-determinant, accumulated exactly by the matrix
+determinant lemma during the write, repeated on every row). [B, K_m, ...] is one memory per episode;
+[B, T, K_m, ...] one per image (leave-one-out).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kpp.config import KanervaConfig
+
+LOGVAR_MIN, LOGVAR_MAX = -9.0, 4.0  # observation noise and addressing variance: keep the write well conditioned
+
+
+def address(mean: torch.Tensor, z: torch.Tensor, reg: float) -> torch.Tensor:
+    """w = argmin_w ||z - mean^T w||^2 + reg ||w||^2 = (R R^T + reg I)^-1 R z.
+    mean [..., K, C] (broadcast over z's extra dims), z [..., C] -> w [..., K]."""
+    k = mean.shape[-2]
+    gram = mean @ mean.transpose(-1, -2) + reg * torch.eye(k, dtype=mean.dtype, device=mean.device)
+    rhs = (mean @ z.unsqueeze(-1))  # [..., K, 1]
+    return torch.linalg.solve(gram, rhs).squeeze(-1)
+
+
+def write(prior_mean: torch.Tensor, prior_var: torch.Tensor, codes: torch.Tensor, obs_var: torch.Tensor | float,
+          reg: float) -> torch.Tensor:
+    """The sequential Bayesian write of codes [B, T, C] into MN(prior_mean [K, C], diag(prior_var [K]), I):
+    returns the packed posterior memory [B, K, C + K + 1]."""
+    b, t, c = codes.shape
+    k = prior_mean.shape[0]
+    obs_var = torch.as_tensor(obs_var, dtype=codes.dtype, device=codes.device)
+    mean = prior_mean.unsqueeze(0).expand(b, k, c)
+    cov = torch.diag_embed(prior_var).unsqueeze(0).expand(b, k, k)
+    logdet = prior_var.log().sum().expand(b)
+    for i in range(t):
+        z = codes[:, i]
+        w = address(mean, z, reg)                               # [B, K]
+        uw = (cov @ w.unsqueeze(-1)).squeeze(-1)                # U w
+        s = (w * uw).sum(-1) + obs_var                          # predictive variance of each code entry
+        delta = z - (mean.transpose(1, 2) @ w.unsqueeze(-1)).squeeze(-1)  # z - R^T w
+        gain = uw / s.unsqueeze(-1)
+        mean = mean + gain.unsqueeze(-1) * delta.unsqueeze(1)
+        cov = cov - gain.unsqueeze(-1) * uw.unsqueeze(1)
+        logdet = logdet + torch.log(obs_var) - torch.log(s)     # det(U - U w w^T U / s) = det(U) sigma^2 / s
+    return pack(mean, cov, logdet)
+
+
+def pack(mean: torch.Tensor, cov: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
+    k = mean.shape[-2]
+    return torch.cat([mean, cov, logdet[..., None, None].expand(*logdet.shape, k, 1)], dim=-1)
+
+
+def unpack(memory: torch.Tensor, code_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> mean [..., K, C], cov [..., K, K], logdet [...]."""
+    k = memory.shape[-2]
+    return memory[..., :code_dim], memory[..., code_dim : code_dim + k], memory[..., 0, code_dim + k]
+
+
+def memory_kl(mean: torch.Tensor, cov: torch.Tensor, logdet: torch.Tensor, prior_mean: torch.Tensor,
+              prior_var: torch.Tensor) -> torch.Tensor:
+    """KL[MN(mean, cov, I_C) || MN(prior_mean, diag(prior_var), I_C)] per memory, in nats:
+    0.5 [C tr(U0^-1 U) + tr((R - R0)^T U0^-1 (R - R0)) - C K + C (log det U0 - log det U)]."""
+    k, c = prior_mean.shape
+    trace = (torch.diagonal(cov, dim1=-2, dim2=-1) / prior_var).sum(-1)
+    maha = ((mean - prior_mean) ** 2 / prior_var.unsqueeze(-1)).sum((-1, -2))
+    return 0.5 * (c * trace + maha - c * k + c * (prior_var.log().sum() - logdet))
+
+
+class DynamicMemory(nn.Module):
+    """The DKM memory's parameters (prior mean and scale, observation noise, addressing variance) and its write,
+    read prior and KLs. Codes are the latent z (C = latent.dim); K_m = memory.slots."""
+
+    def __init__(self, cfg: KanervaConfig):
+        super().__init__()
+        k, c = cfg.memory.slots, cfg.latent.dim
+        self.code_dim, self.reg = c, cfg.memory.address_reg
+        # Rows of R_0 ~ N(0, 1/K): a read w^T R_0 with w ~ p(w) = N(0, I) has about unit variance, like z's.
+        self.prior_mean = nn.Parameter(torch.randn(k, c) / math.sqrt(k))
+        self.prior_logvar = nn.Parameter(torch.full((k,), -math.log(k)))
+        self.obs_logvar = nn.Parameter(torch.zeros(()))      # sigma_xi^2, learned
+        self.address_logvar = nn.Parameter(torch.zeros(()))  # sigma_w^2, learned
+
+    def prior_var(self) -> torch.Tensor:
+        return self.prior_logvar.exp()
+
+    def obs_var(self) -> torch.Tensor:
+        return self.obs_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX).exp()
+
+    def write(self, codes: torch.Tensor) -> torch.Tensor:
+        return write(self.prior_mean, self.prior_var(), codes, self.obs_var(), self.reg)
+
+    def empty(self, batch: int) -> torch.Tensor:
+        """The prior as a memory (nothing written)."""
+        k = self.prior_mean.shape[0]
+        var = self.prior_var()
+        return pack(self.prior_mean, torch.diag_embed(var), var.log().sum()).expand(batch, k, -1)
+
+    def kl(self, memory: torch.Tensor) -> torch.Tensor:
+        mean, cov, logdet = unpack(memory, self.code_dim)
+        return memory_kl(mean, cov, logdet, self.prior_mean, self.prior_var())
+
+    def addressing(self, memory: torch.Tensor, z_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(w_t): mean [B, T, K] (least squares of z_t's posterior mean against the memory mean), log-variance
+        [B, T, K]. memory [B, K, ...] (per episode) or [B, T, K, ...] (per image)."""
+        mean = unpack(memory, self.code_dim)[0]
+        if memory.dim() == 3:
+            mean = mean.unsqueeze(1)
+        w = address(mean, z_mean, self.reg)
+        logvar = self.address_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX).expand_as(w)
+        return w, logvar
+
+    def read(self, memory: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z_t | w_t, M) with M at its mean: mean M^T w [B, T, C], and the read's variance under q(M), w^T U w
+        [B, T] (each of the C entries of M^T w has that variance)."""
+        mean, cov, _ = unpack(memory, self.code_dim)
+        if memory.dim() == 3:
+            mean, cov = mean.unsqueeze(1), cov.unsqueeze(1)
+        read = (w.unsqueeze(-2) @ mean).squeeze(-2)
+        spread = (w.unsqueeze(-2) @ cov @ w.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        return read, spread
+
+    def sample(self, memory: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One draw of M ~ MN(R, U, I), [..., K, C] (for the importance-weighted bound)."""
+        mean, cov, _ = unpack(memory, self.code_dim)
+        k = cov.shape[-1]
+        jitter = 1e-6 * torch.eye(k, dtype=torch.float64, device=cov.device)
+        chol = torch.linalg.cholesky(0.5 * (cov + cov.transpose(-1, -2)).double() + jitter).to(cov.dtype)
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return mean + chol @ eps
