@@ -59,10 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"key reads {', '.join(map(str, idle))} of {cfg.model.keys.num_reads} stayed at the "
                   f"free-bits floor for the whole run (KL_y per key: train/kl_y_key<k>): they carried no address")
         if out.model_version:
-            print(f"registered model {cfg.tracking.registered_model} version {out.model_version} "
-                  f"(alias {cfg.tracking.alias}); sample grid {out.grid}")
+            print(f"registered model {out.model_name} version {out.model_version} "
+                  f"(alias {cfg.tracking.alias}, models:/{out.model_name}@{cfg.tracking.alias}); sample grid {out.grid}")
+            if out.champion is not None:
+                print(f"champion: {'moved' if out.champion.promoted else 'not moved'}: {out.champion.reason}")
     print(json.dumps({"run_id": out.run_id, "step": out.step, "finished": out.finished,
-                      "model_version": out.model_version, "grid": out.grid, "checkpoint": out.checkpoint,
+                      "model": out.model_name, "model_version": out.model_version,
+                      "champion_moved": bool(out.champion and out.champion.promoted),
+                      "grid": out.grid, "checkpoint": out.checkpoint,
                       **{k: v for k, v in m.items() if k.startswith("test/")}}))
     return 0
 

@@ -108,8 +108,12 @@ def test_short_run_learns_checkpoints_on_s3_and_registers(ray_cluster, mlflow_ur
             for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"samples/final.png", "config/resolved.yaml", "curves/loss.png"} <= arts
     assert pathlib.Path(out.grid).is_file()
-    mv = client.get_model_version_by_alias("kpp-t", "candidate")
+    # registered under the prefix and the dataset, tagged with its test bound, champion as the name's first version
+    assert out.model_name == "kpp-t-binarized_mnist"
+    mv = client.get_model_version_by_alias("kpp-t-binarized_mnist", "candidate")
     assert mv.version == out.model_version and mv.run_id == run.info.run_id
+    assert float(mv.tags["test.neg_elbo"]) == pytest.approx(out.metrics["test/neg_elbo"], abs=1e-5)
+    assert mv.tags["dataset"] == "binarized_mnist" and out.champion.promoted
 
 
 def _descends_from_me(pid):

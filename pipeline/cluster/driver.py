@@ -33,6 +33,8 @@ class Outcome:
     finished: bool  # False when the job halted early (train.halt_at_step)
     metrics: dict[str, Any] = field(default_factory=dict)
     model_version: str = ""
+    model_name: str = ""  # the registry name: <tracking.registered_model>-<dataset> (pipeline.registry.naming)
+    champion: Any = None  # pipeline.registry.promotion.Decision: whether the new version became champion
     checkpoint: str = ""  # storage path of the last checkpoint
     grid: str = ""  # local copy of the final sample grid
 
@@ -236,7 +238,8 @@ def run(cfg: JobConfig, options: RunOptions = RunOptions()) -> Outcome:
             out.grid = (f"runs:/{run_id}/samples/final.png" if submitted_job_runtime_env() is not None
                         else _download_grid(uri, run_id))
             if options.register and cfg.tracking.registered_model and result.checkpoint is not None:
-                out.model_version = _register(cfg, uri, run_id, result.checkpoint)
+                out.model_name, out.model_version, out.champion = _register(cfg, uri, run_id, result.checkpoint,
+                                                                            metrics)
         ok = True
         return out
     finally:
@@ -264,13 +267,20 @@ def _url(cfg: JobConfig, path: str) -> str:
     return f"s3://{path}" if cfg.checkpoint.storage_path.startswith("s3://") else path
 
 
-def _register(cfg: JobConfig, uri: str, run_id: str, checkpoint) -> str:
+def _register(cfg: JobConfig, uri: str, run_id: str, checkpoint, metrics: dict[str, Any]):
+    """Register the final model as a new version of <prefix>-<dataset> (alias tracking.alias), tag it with what it
+    was trained on and its test bound (pipeline.registry.naming.version_tags), then let it take `champion` only if
+    its bound beats the champion's on the same test episodes. Returns (name, version, promotion decision)."""
+    from pipeline.registry import naming, promotion
+    name = naming.registered_name(cfg)
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
         payload = checkpointing.load(d)
         weights = pathlib.Path(tmp) / "weights.pt"
         torch.save(payload["model"], weights)  # a plain state_dict: loads with weights_only=True
-        return tracking.register_model(uri, run_id, weights, cfg.model.to_dict(), cfg.tracking.registered_model,
-                                       cfg.tracking.alias)
+        version = tracking.register_model(uri, run_id, weights, cfg.model.to_dict(), name, cfg.tracking.alias)
+    run_tags = tracking.MlflowClient(uri).get_run(run_id).data.tags
+    naming.tag_version(uri, name, version, naming.version_tags(cfg, metrics, run_id, run_tags))
+    return name, version, promotion.promote(uri, name, version)
 
 
 def _download_grid(uri: str, run_id: str) -> str:

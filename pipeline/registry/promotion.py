@@ -23,9 +23,16 @@ def episodes_fingerprint(cfg: JobConfig, manifest_hash: str) -> str:
     """What decides the fixed test episodes: the prepared data (its manifest's hash, or the source), how many
     episodes and of what length, how they are drawn, and the evaluation's seed."""
     d = cfg.data
-    key = {"data": manifest_hash if d.shards else f"{d.dataset}:{d.source}", "test_episodes": d.test_episodes,
-           "episode_length": cfg.model.episode_length, "episodes": d.episodes, "eval_seed": cfg.eval.seed,
-           "seed": cfg.seed if not d.shards else None}
+    return fingerprint(manifest_hash if d.shards else f"{d.dataset}:{d.source}", d.test_episodes,
+                       cfg.model.episode_length, d.episodes, cfg.eval.seed, cfg.seed if not d.shards else None)
+
+
+def fingerprint(data: str, test_episodes: int, episode_length: int, episodes: str, eval_seed: int,
+                seed: int | None) -> str:
+    """The fingerprint itself: `data` is the prepared data's manifest hash (or "dataset:source" for a raw source,
+    whose episodes also depend on the job's `seed`). pipeline.registry.evaluation computes it for a data URL."""
+    key = {"data": data, "test_episodes": int(test_episodes), "episode_length": int(episode_length),
+           "episodes": episodes, "eval_seed": int(eval_seed), "seed": seed}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -38,8 +45,12 @@ class Decision:
     reason: str
 
 
-def promote(uri: str, name: str, version: str, alias: str = CHAMPION) -> Decision:
-    """Move `alias` to `version` if its bound is lower than the alias holder's on the same episodes."""
+def promote(uri: str, name: str, version: str, alias: str = CHAMPION, measure=None) -> Decision:
+    """Move `alias` to `version` if its bound is lower than the alias holder's on the same episodes.
+
+    measure: optional `measure(champion_version) -> (bound, champion_bound, what)`, both bounds recomputed now on
+    the same test episodes (jobs.promote --data); then the tags' numbers are not compared and `what` (the episodes
+    used) goes into the reason."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     client = MlflowClient(uri)
@@ -65,6 +76,14 @@ def promote(uri: str, name: str, version: str, alias: str = CHAMPION) -> Decisio
         return decide(True, None, f"no {alias} yet: version {version} ({bound:.3f}) becomes {alias}")
     if str(champ.version) == str(version):
         return Decision(True, bound, bound, str(version), f"version {version} already is {alias}")
+    if measure is not None:
+        bound, champ_bound, what = measure(str(champ.version))
+        if bound < champ_bound:
+            return decide(True, champ_bound, f"{bound:.3f} beats {alias} version {champ.version} ({champ_bound:.3f}) "
+                                             f"{mv.tags.get(UNIT_TAG, '')}, both recomputed on {what}")
+        return decide(False, champ_bound, f"{bound:.3f} does not beat {alias} version {champ.version} "
+                                          f"({champ_bound:.3f}) {mv.tags.get(UNIT_TAG, '')}, both recomputed on "
+                                          f"{what}; {alias} stays")
     champ_bound = float(champ.tags[BOUND_TAG]) if BOUND_TAG in champ.tags else None
     if champ.tags.get(EPISODES_TAG) != mv.tags[EPISODES_TAG] or champ_bound is None:
         return decide(False, champ_bound, f"{alias} (version {champ.version}) was measured on other test episodes "

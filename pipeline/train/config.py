@@ -112,9 +112,12 @@ class TrackingConfig(Section):
     enabled: bool = _f(True, "log to MLflow (from rank 0)")
     uri: str = _f("", "MLflow tracking URI ('' = MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
     experiment: str = _f("kpp", "MLflow experiment name")
-    registered_model: str = _f("kpp", "registry name the final model is registered under ('' = don't register)")
+    registered_model: str = _f("kpp", "prefix of the registry name: the final model is registered as "
+                                      "<prefix>-<dataset>, e.g. kpp-binarized_mnist ('' = don't register); it "
+                                      "becomes `champion` only if its test bound beats the champion's")
     alias: str = _f("candidate", "alias set on the new model version")
-    images_every_steps: int = _f(0, "log a labelled sample grid PNG every this many steps (0 = only the final one)")
+    images_every_steps: int = _f(0, "log the labelled sample grid and the memory/keys figure (mlflow.log_image, "
+                                    "one point per step in the UI) every this many steps (0 = only the final ones)")
 
 
 class EvalConfig(Section):

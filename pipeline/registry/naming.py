@@ -1,0 +1,107 @@
+"""Registry names and version tags: one registered model per dataset, and what every version records about itself.
+
+A registered model's name is `<prefix>-<dataset>` (`tracking.registered_model` is the prefix): a digits model and
+an Omniglot model never share a name, so `models:/kpp-digits@champion` cannot silently start meaning a model of
+other data. jobs.train (pipeline.cluster.driver) and the sweep (pipeline.tune.sweep) both name and tag versions
+here.
+
+Every version carries the tags a consumer needs to check its input and to reproduce its test bound
+(`version_tags`): the dataset, image shape, bit depth and likelihood; the test bound with the fingerprint of the
+test episodes it was measured on, the swap gap and the unit; how the fixed test episodes are drawn (count, mode,
+seeds); the git commit and the training run. pipeline.registry.loading refuses data that disagrees with them.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from pipeline.registry import promotion
+
+# version tags (names shared with pipeline.registry.promotion for the bound and the episodes)
+DATASET = "dataset"
+IMAGE_SHAPE = "image_shape"
+BIT_DEPTH = "bit_depth"
+LIKELIHOOD = "likelihood"
+EPISODE_LENGTH = "episode_length"
+TEST_EPISODES = "data.test_episodes"
+EPISODES_MODE = "data.episodes"
+DATA_SEED = "data.seed"
+EVAL_SEED = "eval.seed"
+IWAE_SAMPLES = "eval.iwae_samples"
+MANIFEST_HASH = "data.manifest_hash"
+DATA_URL = "data.shards"
+SWAP_GAP = "test.swap_gap"
+IWAE = "test.iwae"
+LOO = "test.loo_neg_elbo"
+GIT_COMMIT = "git.commit"
+TRAINING_RUN = "training_run_id"
+
+_NAME_OK = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def model_name(prefix: str, dataset: str) -> str:
+    """`<prefix>-<dataset>`, e.g. kpp-binarized_mnist. Both parts must be set: a name without its dataset is
+    exactly what let two datasets share one registered model."""
+    prefix, dataset = prefix.strip(), _NAME_OK.sub("_", dataset.strip())
+    if not prefix:
+        raise ValueError("tracking.registered_model: the registry name's prefix is empty")
+    if not dataset:
+        raise ValueError("data.dataset: a registered model's name needs the dataset")
+    return f"{prefix}-{dataset}"
+
+
+def dataset_of(cfg) -> str:
+    """The dataset a job trains on: the prepared data's card when data.shards is set (it knows what it holds,
+    whatever data.dataset says), else data.dataset."""
+    if cfg.data.shards:
+        from pipeline.data.shards.manifest import read_card
+        try:
+            return str(read_card(cfg.data.shards)["dataset"])
+        except Exception:  # noqa: BLE001 - unreadable: preflight has already named the problem
+            pass
+    return cfg.data.dataset
+
+
+def registered_name(cfg) -> str:
+    """The registry name of a job's model ('' when the job does not register)."""
+    if not cfg.tracking.registered_model:
+        return ""
+    return model_name(cfg.tracking.registered_model, dataset_of(cfg))
+
+
+def image_shape_tag(shape) -> str:
+    return "x".join(str(int(v)) for v in shape)
+
+
+def parse_image_shape(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split("x"))
+
+
+def version_tags(cfg, metrics: Mapping[str, Any], run_id: str, run_tags: Mapping[str, str]) -> dict[str, str]:
+    """The tags of a version trained by job `cfg` (resolved) in MLflow run `run_id`, whose final metrics are
+    `metrics` (test/neg_elbo, ...) and whose run carries `run_tags` (git.commit, data.manifest_hash)."""
+    m = cfg.model
+    manifest = run_tags.get(MANIFEST_HASH, "none")
+    tags = {
+        DATASET: dataset_of(cfg), IMAGE_SHAPE: image_shape_tag(m.image_shape), BIT_DEPTH: str(m.bit_depth),
+        LIKELIHOOD: m.likelihood.kind, EPISODE_LENGTH: str(m.episode_length),
+        TEST_EPISODES: str(cfg.data.test_episodes), EPISODES_MODE: cfg.data.episodes, DATA_SEED: str(cfg.seed),
+        EVAL_SEED: str(cfg.eval.seed), IWAE_SAMPLES: str(cfg.eval.iwae_samples), MANIFEST_HASH: manifest,
+        promotion.EPISODES_TAG: promotion.episodes_fingerprint(cfg, manifest if manifest != "none" else ""),
+        promotion.UNIT_TAG: m.unit, GIT_COMMIT: run_tags.get(GIT_COMMIT, "unknown"), TRAINING_RUN: run_id,
+    }
+    if cfg.data.shards:
+        from pipeline.urls import redact
+        tags[DATA_URL] = redact(cfg.data.shards)
+    for tag, key in ((promotion.BOUND_TAG, "test/neg_elbo"), (SWAP_GAP, "test/swap_gap"), (IWAE, "test/iwae"),
+                     (LOO, "test/loo_neg_elbo")):
+        if metrics.get(key) is not None:
+            tags[tag] = f"{float(metrics[key]):.6f}"
+    return tags
+
+
+def tag_version(uri: str, name: str, version: str, tags: Mapping[str, str]) -> None:
+    from mlflow import MlflowClient
+    client = MlflowClient(uri)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
