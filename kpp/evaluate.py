@@ -124,3 +124,68 @@ def describe(result: dict[str, float]) -> str:
         lines.append(f"leave-one-out -ELBO (x_t from a memory of the other T-1 images): {result['loo_neg_elbo']:.3f} {u}"
                      f"  (IWAE {result['loo_iwae']:.3f})")
     return "\n".join(lines)
+
+
+EPISODE_BOUNDS = ("neg_elbo", "recon", "kl_z", "kl_y", "neg_elbo_swapped", "swap_gap", "iwae", "loo_neg_elbo",
+                  "loo_iwae")  # and kl_m for DKM
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """Seed of the draws of batch `batch` in episode_bounds: `seed` itself for the first batch (so a set of at most
+    batch_size episodes gets evaluate()'s draws exactly), a seed derived from (seed, batch) for the others."""
+    if batch == 0:
+        return int(seed)
+    import numpy as np
+    return int(np.random.SeedSequence([int(seed), int(batch)]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+@torch.no_grad()
+def episode_bounds(model: KanervaPlusPlus, episodes: torch.Tensor, *, partner: torch.Tensor | None = None,
+                   iwae_samples: int = 16, seed: int = 0, batch_size: int = 16, first_batch: int = 0,
+                   leave_one_out: bool = True) -> dict[str, torch.Tensor]:
+    """The bounds of `evaluate`, one value per episode: each [E], nats per image (the mean over the episode's T
+    images; every episode has T images, so the mean over episodes is evaluate()'s mean over images), for intervals
+    over episodes. Keys: EPISODE_BOUNDS (the loo_* ones only with leave_one_out).
+
+    Draws: batch j of the set (batch_size episodes) draws from its own generator seeded with batch_seed(seed, j),
+    in evaluate()'s order within the batch, so a set of at most batch_size episodes gets evaluate()'s numbers and
+    any run of whole batches evaluated elsewhere (first_batch = its index) gets the numbers it has in the whole
+    set: an evaluation can be split over processes. The swap gap gives episode i the memory of episode i + 1; the
+    last episode gets `partner`'s ([1, T, C, H, W]: the episode after this run of batches; default the first
+    episode, as evaluate's wrap-around)."""
+    if episodes.shape[0] + (partner is not None) < 2:
+        raise ValueError("evaluation needs at least 2 episodes (the swap gap gives each the next one's memory)")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    partner = episodes[:1] if partner is None else partner
+    batches = [episodes[i: i + batch_size] for i in range(0, episodes.shape[0], batch_size)]
+    memories = torch.cat([model.write(model.encode(b.to(device))) for b in batches])
+    others = torch.cat([memories[1:], model.write(model.encode(partner.to(device)))])
+    out: dict[str, list[torch.Tensor]] = defaultdict(list)
+    start = 0
+    for j, batch in enumerate(batches):
+        generator = torch.Generator().manual_seed(batch_seed(seed, first_batch + j))
+        batch = batch.to(device)
+        b, t = batch.shape[:2]
+        own_memory, other_memory = memories[start: start + b], others[start: start + b]
+        start += b
+        enc = model.encode(batch)
+        noise = Noise.draw(model.cfg, b, t, generator=generator, device=device)
+        own = model.terms(batch, memory=own_memory, noise=noise, enc=enc)
+        swapped = model.terms(batch, memory=other_memory, noise=noise, enc=enc)["total"]
+        iwae = iwae_bound(model.log_weights(batch, iwae_samples, memory=own_memory, generator=generator))
+        for name in ("recon", "kl_z", "kl_y", "kl_m"):  # kl_m: DKM's memory KL per image (the baselines)
+            if name in own:
+                out[name].append(own[name].mean(1))
+        out["neg_elbo"].append(own["total"].mean(1))
+        out["neg_elbo_swapped"].append(swapped.mean(1))
+        out["swap_gap"].append((swapped - own["total"]).mean(1))
+        out["iwae"].append(iwae.mean(1))
+        if leave_one_out:
+            loo_memory = model.leave_one_out_memories(batch)
+            out["loo_neg_elbo"].append(model.terms(batch, memory=loo_memory, noise=noise, enc=enc)["total"].mean(1))
+            loo_lw = model.log_weights(batch, iwae_samples, memory=loo_memory, generator=generator)
+            out["loo_iwae"].append(iwae_bound(loo_lw).mean(1))
+    model.train(was_training)
+    return {k: torch.cat(v).cpu() for k, v in out.items()}

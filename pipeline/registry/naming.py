@@ -33,6 +33,7 @@ DATA_URL = "data.shards"
 SWAP_GAP = "test.swap_gap"
 IWAE = "test.iwae"
 LOO = "test.loo_neg_elbo"
+LOO_IWAE = "test.loo_iwae"
 GIT_COMMIT = "git.commit"
 TRAINING_RUN = "training_run_id"
 
@@ -94,7 +95,7 @@ def version_tags(cfg, metrics: Mapping[str, Any], run_id: str, run_tags: Mapping
         from pipeline.urls import redact
         tags[DATA_URL] = redact(cfg.data.shards)
     for tag, key in ((promotion.BOUND_TAG, "test/neg_elbo"), (SWAP_GAP, "test/swap_gap"), (IWAE, "test/iwae"),
-                     (LOO, "test/loo_neg_elbo")):
+                     (LOO, "test/loo_neg_elbo"), (LOO_IWAE, "test/loo_iwae")):
         if metrics.get(key) is not None:
             tags[tag] = f"{float(metrics[key]):.6f}"
     return tags

@@ -99,6 +99,13 @@ class RankZeroLogger:
             self._retried(f"log artifact {local_path}",
                           lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_path))
 
+    def log_image(self, image, key: str, step: int) -> None:
+        """An image (uint8 [H, W, 3]) as one step of the image series `key` (MlflowClient.log_image): the MLflow UI
+        shows the series with a step slider."""
+        if self.active:
+            self._retried(f"log image {key} at step {step}",
+                          lambda: self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True))
+
     def log_dict(self, d: dict[str, Any], artifact_file: str) -> None:
         if self.active:
             self._retried(f"log {artifact_file}", lambda: self.client.log_dict(self.run_id, d, artifact_file))

@@ -141,8 +141,8 @@ class Loop:
             if self.rank0:
                 self.last_valid = self._validate()
                 self.best_valid = min(self.best_valid, self.last_valid)
-        if self.grids.due(self.step, False):
-            self._log_grid()
+        if self.grids.due(self.step, False) and not (done and self.step == self.job.train.max_steps):
+            self._log_grid()  # (the last step's figures come with the final bounds)
         if not (save or self.step % self.job.train.log_every == 0):
             return None
         metrics = self._metrics(terms, grad_norm, window)
@@ -228,13 +228,25 @@ class Loop:
         return out
 
     def _log_grid(self, final: bool = False) -> None:
+        """The labelled sample grid (samples/<step or final>.png) and, as image series over steps (log_image), the
+        same grid and the memory/keys figure of the first test episode."""
         if not self.log.active:
             return
-        from kpp.viz import save_sample_grid
+        from kpp import viz
+        episode = self.test[:1]
+        fig = viz.labelled_sample_figure(self.net, episode, seed=self.job.eval.seed, step=self.step)
         with tempfile.TemporaryDirectory() as d:
             name = "final.png" if final else f"step_{self.step:09d}.png"
-            save_sample_grid(self.net, self.test[:1], pathlib.Path(d) / name, seed=self.job.eval.seed)
+            viz.save_figure(fig, pathlib.Path(d) / name)
             self.log.log_artifact(pathlib.Path(d) / name, "samples")
+        self.log.log_image(viz.figure_array(fig), "samples", self.step)
+        try:
+            memory = viz.memory_keys_figure(self.net, episode, seed=self.job.eval.seed,
+                                            title=f"Memory and keys of test episode 0 at step {self.step}")
+        except ValueError as e:  # a memory that is no 2-D map has no such figure; training goes on
+            print(f"[train] no memory/keys figure: {e}", flush=True)
+            return
+        self.log.log_image(viz.figure_array(memory), "memory_keys", self.step)
 
     def _report(self, metrics: dict[str, Any], save: bool) -> None:
         if not save:
