@@ -9,13 +9,23 @@ import pytest
 
 from pipeline.train import config as C
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ALL_CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+SWEEPS = [p for p in ALL_CONFIGS if p.name.startswith("tune_")]  # sweep configs (jobs.tune), not training configs
+CONFIGS = [p for p in ALL_CONFIGS if p not in SWEEPS]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     cfg = C.load(path)
     assert cfg.name and cfg.train.max_steps >= 1
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweeps_validate(path):
+    from pipeline.tune import space
+    sweep = space.load(str(path), [], root=ROOT)
+    assert sweep.cfg.num_trials >= 1 and sweep.domains and sweep.base.train.max_steps > sweep.cfg.asha.grace_steps
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
