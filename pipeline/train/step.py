@@ -37,7 +37,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    ok = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(out["loss"]))
+    # one host sync for both checks (a GPU waits for the step once, not twice)
+    ok = bool(torch.isfinite(grad_norm.detach() + out["loss"].detach().float()))
     if ok:
         optimizer.step()
     scheduler.step()
