@@ -19,6 +19,7 @@ determinant lemma during the write, repeated on every row). [B, K_m, ...] is one
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -82,6 +83,18 @@ def memory_kl(mean: torch.Tensor, cov: torch.Tensor, logdet: torch.Tensor, prior
     return 0.5 * (c * trace + maha - c * k + c * (prior_var.log().sum() - logdet))
 
 
+def full_precision(method):
+    """Run a memory method in float32 outside autocast (the least-squares solves and the Kalman update need it;
+    under bf16 autocast the codes arrive in bf16)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        device = self.prior_mean.device.type
+        with torch.autocast(device_type=device, enabled=False):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class DynamicMemory(nn.Module):
     """The DKM memory's parameters (prior mean and scale, observation noise, addressing variance) and its write,
     read prior and KLs. Codes are the latent z (C = latent.dim); K_m = memory.slots."""
@@ -102,6 +115,7 @@ class DynamicMemory(nn.Module):
     def obs_var(self) -> torch.Tensor:
         return self.obs_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX).exp()
 
+    @full_precision
     def write(self, codes: torch.Tensor) -> torch.Tensor:
         return write(self.prior_mean, self.prior_var(), codes, self.obs_var(), self.reg)
 
@@ -111,10 +125,12 @@ class DynamicMemory(nn.Module):
         var = self.prior_var()
         return pack(self.prior_mean, torch.diag_embed(var), var.log().sum()).expand(batch, k, -1)
 
+    @full_precision
     def kl(self, memory: torch.Tensor) -> torch.Tensor:
         mean, cov, logdet = unpack(memory, self.code_dim)
         return memory_kl(mean, cov, logdet, self.prior_mean, self.prior_var())
 
+    @full_precision
     def addressing(self, memory: torch.Tensor, z_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(w_t): mean [B, T, K] (least squares of z_t's posterior mean against the memory mean), log-variance
         [B, T, K]. memory [B, K, ...] (per episode) or [B, T, K, ...] (per image)."""
@@ -125,6 +141,7 @@ class DynamicMemory(nn.Module):
         logvar = self.address_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX).expand_as(w)
         return w, logvar
 
+    @full_precision
     def read(self, memory: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """p(z_t | w_t, M) with M at its mean: mean M^T w [B, T, C], and the read's variance under q(M), w^T U w
         [B, T] (each of the C entries of M^T w has that variance)."""
