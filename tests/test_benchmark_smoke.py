@@ -2,6 +2,7 @@
 and the Markdown table; bad input is refused (exit 2, a clear message) before anything trains. The real profiles
 (cpu-small, gpu) are never run by the test suite. Times are reported, never asserted."""
 import json
+import math
 import subprocess
 import sys
 
@@ -23,7 +24,8 @@ def test_tiny_profile_writes_json_and_table(tmp_path):
             assert run["unit"] == unit
             for budget in ("equal_steps", "equal_time"):
                 b = run[budget]
-                assert b["iwae"] <= b["neg_elbo"] + 1e-3 and b["train_s"] > 0
+                # S = 2 samples on 8 images: the sampled IWAE may sit a little above the analytic-KL ELBO
+                assert math.isfinite(b["neg_elbo"]) and b["iwae"] <= 1.01 * b["neg_elbo"] and b["train_s"] > 0
             assert run["equal_steps"]["steps"] == 3 if dataset == "binarized_mnist" else 2
         assert runs["vae"]["equal_steps"]["swap_gap"] == 0.0  # no memory: 0 by construction
     assert set(report["speed"]["models"]) == {"kpp", "dkm", "vae"}
