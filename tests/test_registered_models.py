@@ -209,7 +209,8 @@ def test_champion_moves_only_for_a_better_bound(trained, uri, data, capsys):
 
     def run(*args):
         assert promote.main(["--model", NAME, *args]) == 0
-        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        # the session's Ray cluster forwards worker log lines to stdout asynchronously: take the JSON line
+        return json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][-1])
 
     worse = version(bound + 5)
     d = run("--version", worse)
