@@ -15,20 +15,15 @@ model or alias, data that does not match the model, tracking server down).
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import sys
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    from pipeline.registry.figures import add_episode_arguments
+    add_episode_arguments(ap)
     ap.add_argument("--out", required=True, help="folder for the PNGs")
-    which = ap.add_mutually_exclusive_group()
-    which.add_argument("--episode", default="", help="prepared dataset URL (or .npy file) holding the episode")
-    which.add_argument("--random", action="store_true", help="a random test episode of the version's own data")
-    ap.add_argument("--index", type=int, default=0, help="which fixed test episode of --episode (default 0)")
     ap.add_argument("--rounds", type=int, default=3, help="iterative inference rounds (default 3)")
     ap.add_argument("--samples", type=int, default=4, help="sample rows per memory (default 4)")
     ap.add_argument("--perturbations", type=int, default=5, help="key-perturbed rows (default 5)")
@@ -56,12 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     paths = figures.generate(reg, ep, args.out, rounds=args.rounds, samples=args.samples,
                              perturbations=args.perturbations, std=args.std, seed=args.seed)
-    print(f"{reg.label}, {redact_text(ep.where)}:")
-    for fig in paths.values():
-        print(f"  {fig['path']}")
-    print(json.dumps({"model": args.model, "name": reg.name, "version": reg.version, "episode": redact_text(ep.where),
-                      "figures": paths}))
-    (pathlib.Path(args.out) / "generate.json").write_text(json.dumps(paths, indent=1) + "\n")
+    figures.report("generate", args, reg, ep, paths)
     return 0
 
 

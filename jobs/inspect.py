@@ -11,19 +11,14 @@ The model loads through the tracking server (MLFLOW_TRACKING_URI) only. Exit sta
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import sys
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m jobs.inspect", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    which = ap.add_mutually_exclusive_group()
-    which.add_argument("--episode", default="", help="prepared dataset URL (or .npy file) holding the episode")
-    which.add_argument("--random", action="store_true", help="a random test episode of the version's own data")
-    ap.add_argument("--index", type=int, default=0, help="which fixed test episode of --episode (default 0)")
+    from pipeline.registry.figures import add_episode_arguments
+    add_episode_arguments(ap)
     ap.add_argument("--out", default="outputs/inspect", help="folder for the PNGs (default outputs/inspect)")
     ap.add_argument("--grid", type=int, default=7, help="read positions per axis in the key sweep (default 7)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the key draws (and of --random)")
@@ -45,12 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except (loading.RegistryError, ValueError) as e:  # ValueError: a memory that is no 2-D map
         print(f"jobs.inspect: {redact_text(str(e))}", file=sys.stderr)
         return 2
-    print(f"{reg.label}, {redact_text(ep.where)}:")
-    for fig in paths.values():
-        print(f"  {fig['path']}")
-    print(json.dumps({"model": args.model, "name": reg.name, "version": reg.version, "episode": redact_text(ep.where),
-                      "figures": paths}))
-    (pathlib.Path(args.out) / "inspect.json").write_text(json.dumps(paths, indent=1) + "\n")
+    figures.report("inspect", args, reg, ep, paths)
     return 0
 
 
