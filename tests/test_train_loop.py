@@ -166,3 +166,30 @@ def test_checkpoints_and_validation_follow_their_step_schedules_not_epoch_ends(t
     CountingLoop(cfg, LocalSession(tmp_path), data=(stream, valid, test)).run()
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == [checkpointing.folder_name(20)]
     assert validated == [0, 20]  # the step-0 baseline and the last step, not steps 8 and 16
+
+
+def test_a_job_restored_from_its_last_checkpoint_reports_its_last_step_again(tmp_path):
+    """Killed after the last checkpoint was stored but before its report reached the driver (a sweep driver killed
+    at that moment): the rerun restores at max_steps, trains nothing, and reports the last step with its test
+    bounds, so Tune and the registry see a finished run rather than an older result."""
+    loop, first = _loop(tmp_path, (), "train.max_steps=4")
+    loop.run()
+    final = first.reports[-1]
+    assert "test/neg_elbo" in final and final["step"] == 4
+    again, second = _loop(tmp_path, (), "train.max_steps=4")
+    last = again.run()
+    assert again.step == 4 and len(second.reports) == 1
+    report = second.reports[0]
+    assert report["resumed_from_step"] == 4 and report["step"] == 4
+    assert report["test/neg_elbo"] == final["test/neg_elbo"] and report["valid_neg_elbo"] == final["valid_neg_elbo"]
+    assert last == report
+    # a checkpoint written before reports were kept in it: the last step is evaluated again, to the same bound
+    folder = checkpointing.latest_complete(tmp_path)
+    payload = checkpointing.load(folder)
+    del payload["extra"]["report"]
+    checkpointing.save(folder, model=again.net, optimizer=again.opt, scheduler=again.sched, step=4,
+                       cursor=payload["cursor"], extra=payload["extra"])
+    old, third = _loop(tmp_path, (), "train.max_steps=4")
+    old.run()
+    assert len(third.reports) == 1 and third.reports[0]["step"] == 4
+    assert third.reports[0]["test/neg_elbo"] == pytest.approx(final["test/neg_elbo"], rel=1e-5)

@@ -3,6 +3,7 @@ endpoint (moto server), a real MLflow server: learning, checkpoints, a killed wo
 
 Runs are a few dozen steps of a small model; the figures asserted are stated where they are checked.
 """
+import json
 import os
 import pathlib
 import signal
@@ -14,6 +15,7 @@ import time
 
 import pyarrow.fs
 import pytest
+import ray.train
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -201,6 +203,17 @@ def _final_weights(storage, name):
     return checkpointing.load(folder)
 
 
+class RecordReports(ray.train.UserCallback):
+    """Appends rank 0's metrics of every report to a file (the callback runs in the Train controller actor)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics[0], default=str) + "\n")
+
+
 def test_halt_and_resume_equals_straight_run(ray_cluster, tmp_path):
     # digits: 43 batches per epoch, so the resumed half crosses an epoch boundary (new order, cursor roll-over)
     common = ["data.dataset=digits", "train.max_steps=60", "checkpoint.every_steps=10",
@@ -217,6 +230,15 @@ def test_halt_and_resume_equals_straight_run(ray_cluster, tmp_path):
     assert rest.metrics["train/loss"] == pytest.approx(straight.metrics["train/loss"], rel=1e-6, abs=1e-6)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-6, atol=1e-7)
+    # the same command once more, on a run already at its last checkpoint (as a sweep trial whose driver was killed
+    # between that checkpoint and its report): nothing is trained, the last step's result comes back with its bounds
+    # (Tune's TuneReportCallback sees it the same way: as the reports reaching a Train callback on the controller)
+    seen = tmp_path / "reports.jsonl"
+    again = driver.run(job("name=split", *common), driver.RunOptions(callbacks=(RecordReports(str(seen)),)))
+    assert again.finished and again.step == 60
+    (report,) = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert report["step"] == 60 and report["resumed_from_step"] == 60
+    assert report["test/neg_elbo"] == rest.metrics["test/neg_elbo"]
 
 
 def test_stopped_job_rerun_with_the_same_command_resumes(ray_cluster, mlflow_uri, tmp_path):

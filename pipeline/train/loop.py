@@ -96,6 +96,7 @@ class Loop:
         self.device = next(self.net.parameters()).device
         self._last_report_t = time.perf_counter()  # rank 0's clock; shared with all ranks through _metrics
         self._report_due = False
+        self._restored_report: dict[str, Any] = {}
 
     # -- the whole job ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -109,6 +110,8 @@ class Loop:
                 print(f"[train] resumed from the checkpoint of step {resumed_from} (epoch {self.data.epoch}, "
                       f"{self.data.batches_seen} batches in)", flush=True)
             self.log.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
+            if self.step >= stop:
+                return self._report_again(resumed_from)
         window = _Window(time.perf_counter(), self.step)
         self._loop_t0 = window.t  # wall time of the step loop of this process: benchmarks compare it
         # CPU time of this (the training) thread in the loop: with wall time, the share of the loop this rank was
@@ -132,6 +135,20 @@ class Loop:
                 self.data = self.stream.start(epoch + 1)
         self.log.flush()  # metrics kept through a tracking-server outage reach the store before the job ends
         return last
+
+    def _report_again(self, resumed_from: int) -> dict[str, Any]:
+        """Restored from the checkpoint of the last step: that step is trained, evaluated and saved, but the job ended
+        (was killed) before its report reached the driver. Report it again, so that the run's last result is its
+        last step's (with the test bounds) and not an older one. Every rank reports: a report is a barrier."""
+        metrics = dict(self._restored_report)
+        if not metrics:  # a checkpoint from before reports were kept in it: evaluate again
+            metrics = {"step": self.step, "max_steps": self.job.train.max_steps, "valid_neg_elbo": self.last_valid}
+            if self.step == self.job.train.max_steps:
+                metrics.update(self._final())
+        metrics["resumed_from_step"] = resumed_from
+        self._report(metrics, save=False)
+        self.log.flush()
+        return metrics
 
     def _after_step(self, terms, grad_norm, window: "_Window", done: bool) -> dict[str, Any] | None:
         """Whatever is due at this step: validation, the sample grid, metrics, the checkpoint (in that order)."""
@@ -258,7 +275,8 @@ class Loop:
                 checkpointing.save(d, model=self.net, optimizer=self.opt, scheduler=self.sched,
                                    step=self.step, cursor=self.data.to_dict(),
                                    extra={"best_valid": self.best_valid, "last_valid": self.last_valid,
-                                          "skipped": self.skipped, "key_kl_max": self.key_kl_max})
+                                          "skipped": self.skipped, "key_kl_max": self.key_kl_max,
+                                          "report": metrics})
                 folder = d
             self.s.report(metrics, folder, checkpointing.folder_name(self.step))
 
@@ -275,6 +293,7 @@ class Loop:
         e = payload["extra"]
         self.best_valid, self.last_valid, self.skipped = e["best_valid"], e["last_valid"], e["skipped"]
         self.key_kl_max = list(e.get("key_kl_max", []))
+        self._restored_report = dict(e.get("report", {}))  # what the step of this checkpoint reported
         return self.step
 
 
