@@ -40,6 +40,14 @@ def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
     return model, train
 
 
+def device_name(device: torch.device) -> str:
+    """What the run trained on, for tables and figures: the GPU's name, or the CPU's."""
+    import platform
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True)
@@ -90,7 +98,8 @@ def main() -> None:
     print(f"KL_y per key (test): {per_key}; keys at the free-bits floor for the whole run: {idle or 'none'}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"name": args.name, "device": str(torch.device(args.device)), "model_config": cfg.to_dict(), "train_config": vars(tcfg), "train_seconds": train_seconds,
+    record = {"name": args.name, "device": str(torch.device(args.device)),
+              "device_name": device_name(torch.device(args.device)), "model_config": cfg.to_dict(), "train_config": vars(tcfg), "train_seconds": train_seconds,
               "test_images": int(test_x.shape[0] * test_x.shape[1]), "episodes": args.episodes,
               "dataset": args.dataset + ("-binarized" if args.binarize else ""), "keys_at_floor": idle,
               "test": result, "history": history}

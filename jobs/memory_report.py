@@ -74,7 +74,10 @@ def plot_curve(records: list[dict], out: str) -> str:
     images = {r["test_images"] for r in records}
     ax.set_xlabel("training steps (16 episodes x 16 images each)")
     ax.set_ylabel("test bound, nats/image (lower is better)")
-    ax.set_title(f"Binarized MNIST, memory-conditional bounds on {'/'.join(map(str, sorted(images)))} test images")
+    reads = "/".join(map(str, sorted({r["model_config"]["keys"]["num_reads"] for r in records})))
+    devices = "/".join(sorted({r.get("device_name") or r.get("device", "cpu") for r in records}))
+    ax.set_title(f"Binarized MNIST, memory-conditional bounds on {'/'.join(map(str, sorted(images)))} test images\n"
+                 f"K = {reads} reads, trained on {devices}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
