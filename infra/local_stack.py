@@ -21,23 +21,20 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
 
+if not __package__:  # run as a script (python infra/local_stack.py): `pipeline` is in the repository root
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from pipeline.net import free_port  # noqa: E402
+
 BIN = pathlib.Path(sys.executable).parent
 BUCKETS = ("kpp-data", "kpp-runs")
 # moto accepts any credentials; these name a loopback test endpoint and are no secret
 S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, what: str) -> None:

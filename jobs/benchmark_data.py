@@ -25,17 +25,12 @@ import time
 
 from pipeline.data.shards.prepare import PrepareConfig, prepare
 from pipeline.data.shards.reader import Cursor, StreamConfig, make_loader
+from pipeline.net import free_port
 
 SHARED_DATA = pathlib.Path(os.environ.get("KPP_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
 # name -> (dataset, source folder, gzip the image blocks)
 DATASETS = {"binarized_mnist": ("binarized_mnist", "binarized_mnist", False), "mnist": ("mnist", "mnist", False),
             "mnist_gzip": ("mnist", "mnist", True)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:

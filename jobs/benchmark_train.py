@@ -21,11 +21,11 @@ import argparse
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pipeline.net import free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # real data beside the repository (../shared/data), or KPP_SHARED_DATA, as for the tests
@@ -83,12 +83,6 @@ def plain_worker(args) -> None:
                                                          "peak_rss_mb": peak_rss_mb(),
                                                          "loss": loss.item()}))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_torchrun(steps: int, source: str, workers: int) -> dict:

@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipeline.cluster.job_env import check_durable_output
+    from pipeline.job_env import check_durable_output
     from pipeline.train.config import ConfigError
     try:
         check_durable_output({"--out": args.out})  # under `ray job submit` a relative --out is deleted with the job

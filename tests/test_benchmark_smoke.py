@@ -56,3 +56,20 @@ def test_a_gpu_profile_on_a_machine_without_enough_gpus_is_refused(tmp_path):
         return
     r = bench("--profile", "gpu", "--out", str(tmp_path), timeout=120)
     assert r.returncode == 2 and "needs 1 GPU(s); this machine has 0" in r.stderr, r.stderr[-2000:]
+
+
+def test_step_speed_against_another_tree_writes_every_ratio(tmp_path):
+    """jobs.step_speed_vs_tree with this tree as its own 'before' (one round, one timed step): the four timings
+    run, each in its own process, and the JSON holds every ratio (equal trees: after/before near 1 is not asserted,
+    times on shared cores are not)."""
+    out = tmp_path / "before_after.json"
+    r = subprocess.run([sys.executable, "-m", "jobs.step_speed_vs_tree", "--before", ".", "--rounds", "1",
+                        "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"before", "after", "vae_after", "reference"}
+    assert report["runs"]["after"][0]["num_reads"] == 2 and report["runs"]["reference"][0]["num_reads"] is None
+    assert all(v > 0 and math.isfinite(v) for v in report["ratios"].values()), report["ratios"]
+    bad = subprocess.run([sys.executable, "-m", "jobs.step_speed_vs_tree", "--before", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--before: no kpp/ in it" in bad.stderr

@@ -1,4 +1,4 @@
-"""What the driver does differently as a submitted job's entrypoint (pipeline.cluster.job_env). The Jobs API end
+"""What the driver does differently as a submitted job's entrypoint (pipeline.job_env). The Jobs API end
 to end is in test_submit.py; here each rule on its own, with the job environment Ray's job supervisor sets."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipeline.cluster import job_env
+from pipeline import job_env
 from pipeline.train import config
 
 

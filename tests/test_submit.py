@@ -47,7 +47,7 @@ def test_relative_storage_refused_before_upload(stack):
 
 
 def test_unreachable_address_is_named(stack, tmp_path):
-    from infra.local_stack import free_port
+    from pipeline.net import free_port
     dead = f"http://127.0.0.1:{free_port()}"
     r = subprocess.run([sys.executable, "-m", "jobs.submit", "--address", dead, "--", "python", "-m", "jobs.train",
                         *TINY, "checkpoint.storage_path=s3://kpp-runs/ray"], cwd=ROOT, capture_output=True,

@@ -18,7 +18,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from pipeline.cluster.job_env import submitted_job_runtime_env
+from pipeline.net import free_port
+from pipeline.job_env import submitted_job_runtime_env
 from pipeline.train import checkpointing
 from pipeline.registry import tracking
 from pipeline.train.config import ConfigError, JobConfig
@@ -117,7 +118,7 @@ def connect(cfg: JobConfig) -> None:
     """RAY_ADDRESS (a cluster, or the one a submitted job runs on), else a local cluster sized to hold the request."""
     import ray
 
-    from pipeline.cluster.job_env import driver_env_vars
+    from pipeline.job_env import driver_env_vars
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -136,7 +137,7 @@ def connect(cfg: JobConfig) -> None:
     # The State API inside the cluster (Train's placement-group cleaner) finds the dashboard through Ray's "auto"
     # address, which fails when other Ray clusters run on the machine ("Found multiple active Ray instances") or
     # a dead one is recorded; RAY_API_SERVER_ADDRESS, inherited by the cluster's processes, names ours.
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     try:
@@ -147,13 +148,6 @@ def connect(cfg: JobConfig) -> None:
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         else:
             os.environ["RAY_API_SERVER_ADDRESS"] = saved
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_resources(cfg: JobConfig) -> None:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import yaml
 
-from pipeline.cluster.job_env import require_durable, storage_fields
+from pipeline.job_env import require_durable, storage_fields
 from pipeline.train import config as train_config
 from pipeline.train.config import ConfigError
 

@@ -14,9 +14,9 @@ def resolved(cfg: JobConfig) -> JobConfig:
     """The config as the job runs it: the image shape, bit depth and likelihood taken from the prepared data's card
     where the config leaves them unset, every other model field filled in from kpp's defaults (logged as params,
     hashed, saved as config/resolved.yaml), and local paths made absolute (Ray workers run in another directory).
-    Under a submitted job storage must be durable first (pipeline.cluster.job_env): a relative path made absolute
+    Under a submitted job storage must be durable first (pipeline.job_env): a relative path made absolute
     would point into the job's temporary working-dir copy."""
-    from pipeline.cluster.job_env import check_durable_storage
+    from pipeline.job_env import check_durable_storage
     check_durable_storage(cfg)
     return with_data_card(absolute_paths(cfg)).validate()
 

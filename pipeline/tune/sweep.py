@@ -133,42 +133,41 @@ def make_close_trial_runs_callback(uri: str):
 
 @dataclass
 class TunerSetup:
-    path: str  # the experiment's folder in storage (Tuner.restore takes it)
-    filesystem: Any
+    root: str  # the storage path the Tuner writes under (RunConfig.storage_path)
+    path: str  # the experiment's folder in it (Tuner.restore takes it)
+    filesystem: Any  # retried pyarrow filesystem, or None for local paths
+
+    def can_restore(self) -> bool:
+        from ray import tune
+        return tune.Tuner.can_restore(self.path, storage_filesystem=self.filesystem)
 
 
 def tuner_storage(sweep: Sweep) -> TunerSetup:
     from pipeline.cluster.driver import storage
     from pipeline.cluster.retrying_fs import retrying
     path, fs = storage(sweep.base)
-    return TunerSetup(path=f"{path}/{sweep.cfg.name}", filesystem=retrying(fs) if fs is not None else None)
+    return TunerSetup(root=path, path=f"{path}/{sweep.cfg.name}", filesystem=retrying(fs) if fs is not None else None)
 
 
-def build_tuner(sweep: Sweep, parent_run_id: str, uri: str, max_concurrent: int):
+def build_tuner(sweep: Sweep, setup: TunerSetup, restoring: bool, parent_run_id: str, uri: str, max_concurrent: int):
     """A new Tuner, or the one in storage restored when the sweep ran before (its driver died)."""
     from ray import tune
-
-    from pipeline.cluster.driver import storage
-    from pipeline.cluster.retrying_fs import retrying
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_raw=sweep.base_raw, sweep_name=sweep.cfg.name,
                              parent_run_id=parent_run_id),
         {"cpu": 0.001})  # the function only drives a TorchTrainer; a whole CPU each would starve the workers
-    setup = tuner_storage(sweep)
-    if tune.Tuner.can_restore(setup.path, storage_filesystem=setup.filesystem):
+    if restoring:
         print(f"[tune] resuming the sweep stored at {setup.path}: finished trials are kept", flush=True)
         return tune.Tuner.restore(setup.path, trainable=trainable, param_space=param_space(sweep),
                                   resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=setup.filesystem), True
-    path, fs = storage(sweep.base)
     samples = sweep.cfg.num_trials // sweep.grid_size if sweep.has_grid else sweep.cfg.num_trials
     tuner = tune.Tuner(
         trainable, param_space=param_space(sweep),
         tune_config=tune.TuneConfig(metric=sweep.cfg.metric, mode=sweep.cfg.mode, search_alg=search_algorithm(sweep),
                                     scheduler=scheduler(sweep), num_samples=samples,
                                     max_concurrent_trials=max_concurrent),
-        run_config=tune.RunConfig(name=sweep.cfg.name, storage_path=path,
-                                  storage_filesystem=retrying(fs) if fs is not None else None,
+        run_config=tune.RunConfig(name=sweep.cfg.name, storage_path=setup.root, storage_filesystem=setup.filesystem,
                                   callbacks=[make_close_trial_runs_callback(uri)] if uri else [],
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1))
     return tuner, False
@@ -226,7 +225,6 @@ def run(sweep: Sweep, sweep_yaml: str) -> SweepOutcome:
     from pipeline.cluster import driver
     from pipeline.registry import tracking
     from pipeline.tune import report
-    from ray import tune
     base = driver.resolved(sweep.base)
     driver.preflight(base)
     uri = tracking.resolve_uri(base.tracking.uri) if base.tracking.enabled else ""
@@ -238,7 +236,7 @@ def run(sweep: Sweep, sweep_yaml: str) -> SweepOutcome:
     driver.connect(base)
     max_concurrent = concurrent_trials(sweep, ray.cluster_resources())
     setup = tuner_storage(sweep)
-    restoring = tune.Tuner.can_restore(setup.path, storage_filesystem=setup.filesystem)
+    restoring = setup.can_restore()
     parent = ""
     if uri:
         params = {"sweep.name": sweep.cfg.name, "sweep.metric": sweep.cfg.metric, "sweep.mode": sweep.cfg.mode,
@@ -255,7 +253,7 @@ def run(sweep: Sweep, sweep_yaml: str) -> SweepOutcome:
           f"ASHA on {sweep.cfg.metric} from step {sweep.cfg.asha.grace_steps}", flush=True)
     ok = False
     try:
-        tuner, resumed = build_tuner(sweep, parent, uri, max_concurrent)
+        tuner, resumed = build_tuner(sweep, setup, restoring, parent, uri, max_concurrent)
         results = tuner.fit()
         rows = report.results_rows(sweep, results)
         out = SweepOutcome(parent_run_id=parent, rows=rows, table=report.markdown_table(rows, list(sweep.domains)),
