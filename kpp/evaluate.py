@@ -45,6 +45,26 @@ def batch_swap_gap(model: KanervaPlusPlus, x: torch.Tensor, seed: int = 0) -> fl
     return (swapped - own).mean().item()
 
 
+def _batch_terms(model: KanervaPlusPlus, batch: torch.Tensor, own_memory, other_memory, generator: torch.Generator,
+                 iwae_samples: int, leave_one_out: bool) -> dict[str, torch.Tensor]:
+    """Every bound of one batch of episodes, per image [B, T] (nats), its draws from `generator` in a fixed order
+    (z/y noise, own-memory IWAE, then leave-one-out IWAE): evaluate and episode_bounds share it, and with it their
+    numbers."""
+    b, t = batch.shape[:2]
+    enc = model.encode(batch)
+    noise = Noise.draw(model.cfg, b, t, generator=generator, device=batch.device)
+    own = model.terms(batch, memory=own_memory, noise=noise, enc=enc)
+    out = {name: own[name] for name in ("recon", "kl_z", "kl_y", "kl_m", "kl_y_per_key") if name in own}
+    out["neg_elbo"] = own["total"]
+    out["neg_elbo_swapped"] = model.terms(batch, memory=other_memory, noise=noise, enc=enc)["total"]
+    out["iwae"] = iwae_bound(model.log_weights(batch, iwae_samples, memory=own_memory, generator=generator))
+    if leave_one_out:
+        loo_memory = model.leave_one_out_memories(batch)
+        out["loo_neg_elbo"] = model.terms(batch, memory=loo_memory, noise=noise, enc=enc)["total"]
+        out["loo_iwae"] = iwae_bound(model.log_weights(batch, iwae_samples, memory=loo_memory, generator=generator))
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: KanervaPlusPlus, episodes: torch.Tensor, *, iwae_samples: int = 16, seed: int = 0,
              batch_size: int = 16, leave_one_out: bool = True) -> dict[str, float]:
@@ -67,36 +87,24 @@ def evaluate(model: KanervaPlusPlus, episodes: torch.Tensor, *, iwae_samples: in
     for batch in batches:
         batch = batch.to(device)
         b, t = batch.shape[:2]
-        own_memory, other_memory = memories[start : start + b], others[start : start + b]
+        terms = _batch_terms(model, batch, memories[start: start + b], others[start: start + b], generator,
+                             iwae_samples, leave_one_out)
         start += b
-        enc = model.encode(batch)
-        noise = Noise.draw(model.cfg, b, t, generator=generator, device=device)
-        own = model.terms(batch, memory=own_memory, noise=noise, enc=enc)
-        swapped = model.terms(batch, memory=other_memory, noise=noise, enc=enc)
-        iwae = iwae_bound(model.log_weights(batch, iwae_samples, memory=own_memory, generator=generator))
-        for name in ("total", "recon", "kl_z", "kl_y", "kl_m"):
-            if name in own:
-                sums[name] += own[name].sum().item()
-        sums["swapped"] += swapped["total"].sum().item()
-        sums["iwae"] += iwae.sum().item()
-        kl_y_per_key += own["kl_y_per_key"].sum((0, 1)).cpu()
-        if leave_one_out:
-            loo_memory = model.leave_one_out_memories(batch)
-            sums["loo"] += model.terms(batch, memory=loo_memory, noise=noise, enc=enc)["total"].sum().item()
-            loo_lw = model.log_weights(batch, iwae_samples, memory=loo_memory, generator=generator)
-            sums["loo_iwae"] += iwae_bound(loo_lw).sum().item()
+        kl_y_per_key += terms.pop("kl_y_per_key").sum((0, 1)).cpu()
+        for name, value in terms.items():
+            sums[name] += value.sum().item()
         images += b * t
     model.train(was_training)
 
     scale = unit_scale(model)
     result = {
-        "neg_elbo": sums["total"] / images * scale,
+        "neg_elbo": sums["neg_elbo"] / images * scale,
         "iwae": sums["iwae"] / images * scale,
         "recon": sums["recon"] / images * scale,
         "kl_z": sums["kl_z"] / images * scale,
         "kl_y": sums["kl_y"] / images * scale,
-        "neg_elbo_swapped": sums["swapped"] / images * scale,
-        "swap_gap": (sums["swapped"] - sums["total"]) / images * scale,
+        "neg_elbo_swapped": sums["neg_elbo_swapped"] / images * scale,
+        "swap_gap": (sums["neg_elbo_swapped"] - sums["neg_elbo"]) / images * scale,
         "unit": model.cfg.unit,
         "iwae_samples": iwae_samples,
         "num_images": images,
@@ -106,7 +114,7 @@ def evaluate(model: KanervaPlusPlus, episodes: torch.Tensor, *, iwae_samples: in
     for k, v in enumerate((kl_y_per_key / images).tolist()):
         result[f"kl_y_key{k}"] = v * scale
     if leave_one_out:
-        result["loo_neg_elbo"] = sums["loo"] / images * scale
+        result["loo_neg_elbo"] = sums["loo_neg_elbo"] / images * scale
         result["loo_iwae"] = sums["loo_iwae"] / images * scale
     return result
 
@@ -167,25 +175,13 @@ def episode_bounds(model: KanervaPlusPlus, episodes: torch.Tensor, *, partner: t
     for j, batch in enumerate(batches):
         generator = torch.Generator().manual_seed(batch_seed(seed, first_batch + j))
         batch = batch.to(device)
-        b, t = batch.shape[:2]
-        own_memory, other_memory = memories[start: start + b], others[start: start + b]
+        b = batch.shape[0]
+        terms = _batch_terms(model, batch, memories[start: start + b], others[start: start + b], generator,
+                             iwae_samples, leave_one_out)
         start += b
-        enc = model.encode(batch)
-        noise = Noise.draw(model.cfg, b, t, generator=generator, device=device)
-        own = model.terms(batch, memory=own_memory, noise=noise, enc=enc)
-        swapped = model.terms(batch, memory=other_memory, noise=noise, enc=enc)["total"]
-        iwae = iwae_bound(model.log_weights(batch, iwae_samples, memory=own_memory, generator=generator))
-        for name in ("recon", "kl_z", "kl_y", "kl_m"):  # kl_m: DKM's memory KL per image (the baselines)
-            if name in own:
-                out[name].append(own[name].mean(1))
-        out["neg_elbo"].append(own["total"].mean(1))
-        out["neg_elbo_swapped"].append(swapped.mean(1))
-        out["swap_gap"].append((swapped - own["total"]).mean(1))
-        out["iwae"].append(iwae.mean(1))
-        if leave_one_out:
-            loo_memory = model.leave_one_out_memories(batch)
-            out["loo_neg_elbo"].append(model.terms(batch, memory=loo_memory, noise=noise, enc=enc)["total"].mean(1))
-            loo_lw = model.log_weights(batch, iwae_samples, memory=loo_memory, generator=generator)
-            out["loo_iwae"].append(iwae_bound(loo_lw).mean(1))
+        terms.pop("kl_y_per_key")
+        terms["swap_gap"] = terms["neg_elbo_swapped"] - terms["neg_elbo"]
+        for name, value in terms.items():
+            out[name].append(value.mean(1))
     model.train(was_training)
     return {k: torch.cat(v).cpu() for k, v in out.items()}
