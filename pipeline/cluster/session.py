@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import pathlib
 import tempfile
 from typing import Any
 
@@ -50,15 +49,8 @@ class RaySession:
             if step.item() == -2:
                 raise error or checkpointing.CheckpointStoreError("rank 0 could not read the checkpoint store")
             if step.item() >= 0:
-                if found is None:
-                    found = pathlib.Path(tmp) / checkpointing.folder_name(step.item())
-                    fs, root = self.storage
-                    import pyarrow.fs
-                    found.mkdir(parents=True, exist_ok=True)
-                    from pipeline.retry import with_retries
-                    with_retries(f"download {root}/{found.name}", lambda: pyarrow.fs.copy_files(
-                        f"{root}/{found.name}", str(found), source_filesystem=fs,
-                        destination_filesystem=pyarrow.fs.LocalFileSystem()), checkpointing.STORE_RETRY)
+                if found is None:  # the other ranks fetch the folder rank 0 chose
+                    found = checkpointing.download(*self.storage, checkpointing.folder_name(step.item()), tmp)
                 yield str(found)
             elif ckpt is not None:
                 with ckpt.as_directory() as d:

@@ -145,6 +145,17 @@ def latest_complete(root: str | os.PathLike) -> pathlib.Path | None:
     return None
 
 
+def download(fs, root: str, name: str, dst: str | os.PathLike, policy: RetryPolicy = STORE_RETRY) -> pathlib.Path:
+    """Copy the checkpoint folder `root/name` on a pyarrow filesystem into `dst/name` (retried); its local path."""
+    import pyarrow.fs
+    local = pathlib.Path(dst) / name
+    local.mkdir(parents=True, exist_ok=True)  # copy_files does not create the destination
+    with_retries(f"download {root}/{name}", lambda: pyarrow.fs.copy_files(
+        f"{root}/{name}", str(local), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem()),
+        policy)
+    return local
+
+
 def fetch_latest_complete(fs, root: str, dst: str | os.PathLike,
                           policy: RetryPolicy = STORE_RETRY) -> pathlib.Path | None:
     """Copy the newest complete `checkpoint_*` folder under `root` on a pyarrow filesystem (local or S3) into `dst`
@@ -159,14 +170,8 @@ def fetch_latest_complete(fs, root: str, dst: str | os.PathLike,
     names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
                     and i.base_name.startswith("checkpoint_") and i.base_name[11:].isdigit()), reverse=True)
     for name in names:
-        local = pathlib.Path(dst) / name
-        local.mkdir(parents=True, exist_ok=True)  # copy_files does not create the destination
-
-        def download() -> None:
-            pyarrow.fs.copy_files(f"{root}/{name}", str(local), source_filesystem=fs,
-                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
         try:
-            with_retries(f"download {root}/{name}", download, policy)
+            local = download(fs, root, name, dst, policy)
         except FileNotFoundError:
             continue  # removed since the listing (a keep policy): the next older one
         except OSError as e:
