@@ -158,6 +158,14 @@ def test_sweep_killed_midway_resumes_and_registers_the_best(ray_cluster, mlflow_
     assert abs(float(tags["test.neg_elbo"]) - float(best["test/neg_elbo"])) < 1e-3
     assert client.get_model_version_by_alias("kpp-digits", "champion").version == versions[0].version
 
+    # 5. the same command once more, on a sweep that has ended: it is restored finished, nothing is trained and
+    # the best trial's version is reused, not registered a second time
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-5000:]
+    last = json.loads([line for line in again.stdout.splitlines() if line.startswith('{"parent_run_id"')][-1])
+    assert last["best_trial"] == out["best_trial"] and last["version"] == versions[0].version
+    assert len(client.search_model_versions("name='kpp-digits'")) == 1
+
 
 def test_champion_moves_only_for_a_better_bound(mlflow_server, tmp_path):
     """Versions with measured bounds as their tags (what a sweep or jobs.train writes); promotion both ways."""
