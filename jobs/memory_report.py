@@ -27,8 +27,8 @@ def load(paths: list[str]) -> list[dict]:
 
 def row(record: dict) -> str:
     t, m, tc = record["test"], record["model_config"], record["train_config"]
-    keys = m["keys"]["num_reads"]
-    per_key = " / ".join(f"{t[f'kl_y_key{k}']:.2f}" for k in range(keys))
+    keys = sum(1 for k in t if k.startswith("kl_y_key"))  # K reads for K++, 1 for DKM's w, none for the VAE
+    per_key = " / ".join(f"{t[f'kl_y_key{k}']:.2f}" for k in range(keys)) or "-"
     idle = record.get("keys_at_floor")
     if idle is None and record.get("history"):  # results written before the field existed: from the history
         after = [r for r in record["history"] if r["step"] > m["objective"]["kl_warmup_steps"]] or record["history"]
