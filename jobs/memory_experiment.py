@@ -98,8 +98,9 @@ def main() -> None:
     print(f"KL_y per key (test): {per_key}; keys at the free-bits floor for the whole run: {idle or 'none'}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"name": args.name, "device": str(torch.device(args.device)),
-              "device_name": device_name(torch.device(args.device)), "model_config": cfg.to_dict(), "train_config": vars(tcfg), "train_seconds": train_seconds,
+    device = torch.device(args.device)
+    record = {"name": args.name, "device": str(device), "device_name": device_name(device),
+              "model_config": cfg.to_dict(), "train_config": vars(tcfg), "train_seconds": train_seconds,
               "test_images": int(test_x.shape[0] * test_x.shape[1]), "episodes": args.episodes,
               "dataset": args.dataset + ("-binarized" if args.binarize else ""), "keys_at_floor": idle,
               "test": result, "history": history}

@@ -194,9 +194,8 @@ class Loop:
         # so all ranks agree on whether to report (a report is a barrier: one rank skipping it would hang the rest)
         since = time.perf_counter() - self._last_report_t if self.rank0 else 0.0
         names = list(terms)  # the same order on every rank
-        # terms live on the training device (a CPU scalar beside CUDA ones fails torch.stack): one vector there
-        vec = torch.stack([terms[k].to(self.device) for k in names]
-                          + [torch.tensor(since, dtype=terms[names[0]].dtype, device=self.device)])
+        # the clock reading joins the terms on their device (a CPU scalar beside CUDA ones fails torch.stack)
+        vec = torch.stack([terms[k] for k in names] + [terms[names[0]].new_tensor(since)]).to(self.device)
         if self.s.world_size > 1:  # collective: every rank calls _metrics at the same steps
             dist.all_reduce(vec)
             vec[:-1] /= self.s.world_size

@@ -301,8 +301,6 @@ def _register_best(sweep: Sweep, results, best_row: dict[str, Any], uri: str, pa
     if not runs:
         raise RuntimeError(f"trial {trial_id}: its MLflow run is missing")
     child = runs[0]
-    values = {k: best_row[k] for k in sweep.domains}
-    cfg = driver.resolved(with_values(sweep.base_raw, {**values, "name": trial_name(sweep.cfg.name, trial_id)}))
     name = registry_name(sweep)
     done = [v for v in client.search_model_versions(f"name='{name}'")
             if v.tags.get("sweep.parent_run_id") == parent and v.tags.get("sweep.trial_id") == trial_id]
@@ -311,6 +309,8 @@ def _register_best(sweep: Sweep, results, best_row: dict[str, Any], uri: str, pa
         out.decision = promotion.promote(uri, name, out.model_version)
         print(f"[tune] trial {trial_id} is registered already as {name} version {out.model_version}", flush=True)
         return
+    values = {k: best_row[k] for k in sweep.domains}
+    cfg = driver.resolved(with_values(sweep.base_raw, {**values, "name": trial_name(sweep.cfg.name, trial_id)}))
     with new_tmp() as d:
         d = pathlib.Path(d)
         weights = registered_weights(best_checkpoint(sweep, trial_id, d / "ckpt"), d)
