@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.registry.episode_args import add_episode_arguments
+
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    from pipeline.registry.figures import add_episode_arguments
     add_episode_arguments(ap)
     ap.add_argument("--out", required=True, help="folder for the PNGs")
     ap.add_argument("--rounds", type=int, default=3, help="iterative inference rounds (default 3)")

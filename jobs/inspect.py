@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.registry.episode_args import add_episode_arguments
+
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m jobs.inspect", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    from pipeline.registry.figures import add_episode_arguments
     add_episode_arguments(ap)
     ap.add_argument("--out", default="outputs/inspect", help="folder for the PNGs (default outputs/inspect)")
     ap.add_argument("--grid", type=int, default=7, help="read positions per axis in the key sweep (default 7)")

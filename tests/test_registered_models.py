@@ -256,3 +256,18 @@ def test_bad_input_exits_2_naming_the_mismatch(trained, uri, data, tmp_path):
         assert proc.returncode == 2, (name, proc.returncode, stderr[-2000:])
         assert cases[name][2] in stderr, (name, stderr[-2000:])
         assert "Traceback" not in stderr, (name, stderr[-2000:])
+
+
+@pytest.mark.parametrize("job, args, named", [
+    ("generate", ["--index", "-1", "--out", "/nonexistent"], "--index"),
+    ("inspect", ["--grid", "1"], "--grid"),
+    ("evaluate", ["--data", "/nonexistent", "--episodes", "0"], "--episodes")])
+def test_figure_and_evaluate_jobs_refuse_bad_flags_before_importing_torch(job, args, named):
+    """A typo on the command line answers at once (exit 2, the flag named), not after the seconds torch's import
+    takes: the flag parsing of these jobs imports nothing heavy."""
+    code = (f"import sys; from jobs import {job}\n"
+            f"try:\n    {job}.main(['--model', 'models:/x@y', *{args!r}])\n"
+            "except SystemExit as e:\n    print('EXIT', e.code, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "EXIT 2 False" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert named in r.stderr

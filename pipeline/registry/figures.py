@@ -106,16 +106,6 @@ def _save(fig, path: pathlib.Path, subtitle: str) -> dict:
     return {"path": viz.save_figure(fig, path), **getattr(fig, "kpp_grid", {})}
 
 
-# -- what jobs.generate and jobs.inspect share on the command line ---------------------------------------------
-def add_episode_arguments(ap) -> None:
-    """--model and which episode to draw: the same flags for every figure job."""
-    ap.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    which = ap.add_mutually_exclusive_group()
-    which.add_argument("--episode", default="", help="prepared dataset URL (or .npy file) holding the episode")
-    which.add_argument("--random", action="store_true", help="a random test episode of the version's own data")
-    ap.add_argument("--index", type=int, default=0, help="which fixed test episode of --episode (default 0)")
-
-
 def report(job: str, args, reg, ep, paths: dict) -> None:
     """Print the figures' paths and one JSON line, and write <out>/<job>.json."""
     import json
