@@ -16,7 +16,7 @@ Speed: training images/s per worker of each model (interleaved repeats, the medi
 (the memory's overhead) from the same run; a torch.profiler breakdown of one K++ step (encoder, write, STN read +
 prior, decoder, likelihood, backward, optimiser); the shard reader's supply against what training consumes; and
 (CPU profiles) Ray Train against plain torchrun on identical work, with 1 and 2 workers, peak memory per worker and
-the fixed start-up cost, from jobs.benchmark_train. The load average is recorded: these machines are shared.
+the fixed start-up cost and launch to first step, from jobs.benchmark_train. The load average is recorded: these machines are shared.
 """
 from __future__ import annotations
 
@@ -414,13 +414,15 @@ def markdown(report: dict) -> str:
         lines += ["## Ray Train vs plain torchrun (identical DDP work, gloo, 1 thread per worker)", "",
                   f"jobs.benchmark_train's model, {rv['steps']} steps of 8 episodes x 8 images per worker.", "",
                   "| workers | loop time Ray/torchrun | episodes/s per worker (Ray) | episodes/s per worker (torchrun) | "
-                  "peak RSS per worker MB (Ray) | start-up + tear-down s (Ray / torchrun) | same final loss |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "peak RSS per worker MB (Ray) | launch to first step s (Ray / torchrun) | "
+                  "start-up + tear-down s (Ray / torchrun) | same final loss |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for w, r in rv["by_workers"].items():
             s_ = r["summary_best_of_repeats"]
             lines.append(f"| {w} | {r['loop_time_ratio_ray_over_torchrun']:.2f} | "
                          f"{s_['ray_train']['episodes_per_s_per_worker']:.1f} | "
                          f"{s_['torchrun']['episodes_per_s_per_worker']:.1f} | {s_['ray_train']['peak_rss_mb_rank0']:.0f} | "
+                         f"{r['launch_to_first_step_s']['ray_train']:.1f} / {r['launch_to_first_step_s']['torchrun']:.1f} | "
                          f"{r['fixed_overhead_s']['ray_train']:.1f} / {r['fixed_overhead_s']['torchrun']:.1f} | "
                          f"{r['same_final_loss']} |")
         lines.append("")

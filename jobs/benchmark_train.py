@@ -7,7 +7,7 @@ N processes with gloo and 1 intra-op thread each, the same steps. The Ray side i
 tracking off and one checkpoint at the end; the baseline is `plain_worker` below under torchrun, no checkpoints.
 Reported as JSON, per worker count: the step-loop wall time of each and their ratio (goal <= 1.05; the median of
 the paired ratios of `--repeats` interleaved runs, and the ratio of the best runs), the fixed start-up + tear-down
-seconds (end-to-end wall minus loop), episodes/s per worker, peak RSS per worker (rank 0), the on-CPU share of
+seconds (end-to-end wall minus loop), the seconds from launch to the end of the first step, episodes/s per worker, peak RSS per worker (rank 0), the on-CPU share of
 the loop (training-thread CPU seconds / loop wall seconds, rank 0), and whether both sides ended at the same loss
 (the check that the work was identical). The load average is recorded: the machine may be shared.
 
@@ -67,11 +67,13 @@ def plain_worker(args) -> None:
     opt, sched = optim.build(model.parameters(), cfg.train)
     dist.barrier()
     t0, cpu0 = time.perf_counter(), time.thread_time()
+    first_step_unix = None
     for step, batch in enumerate(stream.batches(stream.start(0))):
         if step == args.steps:
             break
         r = train_step(model, opt, sched, batch.images, beta=kl_beta(step, mcfg.objective),
                        grad_clip=cfg.train.grad_clip, noise_seed=hash_seed(cfg.seed, rank, step))
+        first_step_unix = first_step_unix or time.time()
     loop_s = time.perf_counter() - t0
     loop_cpu_s = time.thread_time() - cpu0
     loss = r.terms["loss"].clone()
@@ -81,6 +83,7 @@ def plain_worker(args) -> None:
     if rank == 0:
         pathlib.Path(args.result).write_text(json.dumps({"loop_s": loop_s, "loop_cpu_s": loop_cpu_s,
                                                          "peak_rss_mb": peak_rss_mb(),
+                                                         "launch_to_first_step_s": first_step_unix - args.launched,
                                                          "loss": loss.item()}))
     dist.destroy_process_group()
 
@@ -92,21 +95,26 @@ def run_torchrun(steps: int, source: str, workers: int) -> dict:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={workers}",
                         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "jobs.benchmark_train",
                         "--worker", "--steps", str(steps), "--workers", str(workers), "--source", source,
-                        "--result", str(result)],
+                        "--result", str(result), "--launched", repr(time.time())],
                        cwd=REPO, check=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
         wall = time.perf_counter() - t0
         r = json.loads(result.read_text())
     return {"wall_s": wall, "loop_s": r["loop_s"], "fixed_s": wall - r["loop_s"], "peak_rss_mb_rank0": r["peak_rss_mb"],
-            "on_cpu_share_rank0": r["loop_cpu_s"] / r["loop_s"], "final_loss": r["loss"]}
+            "on_cpu_share_rank0": r["loop_cpu_s"] / r["loop_s"], "launch_to_first_step_s": r["launch_to_first_step_s"],
+            "final_loss": r["loss"]}
 
 
 def run_ray(steps: int, source: str, workers: int) -> dict:
+    # the launch time travels as the job's start: perf/start_to_first_step_s is then launch -> first step, as for
+    # torchrun below (interpreter, imports, the local Ray cluster, the worker group, data, model, one step)
     code = ("import json,sys,time; t0=time.perf_counter(); from pipeline.train import config; from pipeline.cluster import driver; "
-            "out=driver.run(config.load(None, json.loads(sys.argv[1]))); "
+            "out=driver.run(config.load(None, json.loads(sys.argv[1])), "
+            "driver.RunOptions(started=(float(sys.argv[2]), 'launch'))); "
             "print('RESULT', json.dumps({'wall_s': time.perf_counter()-t0, **out.metrics}))")
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", code, json.dumps(job_overrides(steps, d, source, workers))], cwd=REPO,
+        p = subprocess.run([sys.executable, "-c", code, json.dumps(job_overrides(steps, d, source, workers)),
+                            repr(time.time())], cwd=REPO,
                            capture_output=True, text=True, timeout=900,
                            env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""})
         wall = time.perf_counter() - t0  # includes the interpreter and imports, as torchrun's does
@@ -115,7 +123,7 @@ def run_ray(steps: int, source: str, workers: int) -> dict:
     m = json.loads(p.stdout.split("RESULT ", 1)[1].splitlines()[0])
     return {"wall_s": wall, "loop_s": m["perf/loop_s"], "fixed_s": wall - m["perf/loop_s"],
             "peak_rss_mb_rank0": m["perf/peak_rss_mb"], "on_cpu_share_rank0": m["perf/loop_cpu_s"] / m["perf/loop_s"],
-            "final_loss": m["train/loss"]}
+            "launch_to_first_step_s": m["perf/start_to_first_step_s"], "final_loss": m["train/loss"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -127,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="outputs/benchmarks/train.json", help="where the JSON goes")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         plain_worker(args)
@@ -152,6 +161,7 @@ def compare(steps: int, source: str, workers: int, repeats: int) -> dict:
     paired = sorted(r["loop_s"] / t["loop_s"] for t, r in zip(runs["torchrun"], runs["ray_train"]))
     best = {k: min(v, key=lambda r: r["loop_s"]) for k, v in runs.items()}  # least disturbed run of each
     summary = {k: {"loop_s": b["loop_s"], "fixed_s": min(r["fixed_s"] for r in runs[k]),
+                   "launch_to_first_step_s": min(r["launch_to_first_step_s"] for r in runs[k]),
                    "episodes_per_s_per_worker": steps * 8 / b["loop_s"], "peak_rss_mb_rank0": b["peak_rss_mb_rank0"],
                    "on_cpu_share_rank0": b["on_cpu_share_rank0"]}
                for k, b in best.items()}
@@ -161,6 +171,7 @@ def compare(steps: int, source: str, workers: int, repeats: int) -> dict:
         "loop_time_ratio_paired": paired,
         "loop_time_ratio_best_over_best": summary["ray_train"]["loop_s"] / summary["torchrun"]["loop_s"],
         "fixed_overhead_s": {k: v["fixed_s"] for k, v in summary.items()},
+        "launch_to_first_step_s": {k: v["launch_to_first_step_s"] for k, v in summary.items()},
         "summary_best_of_repeats": summary,
         "same_final_loss": all(abs(r["final_loss"] - runs["torchrun"][0]["final_loss"]) < 1e-3
                                for rs in runs.values() for r in rs),

@@ -15,6 +15,7 @@ import os
 import pathlib
 import shlex
 import sys
+import time
 
 from pipeline.urls import redact_text
 
@@ -56,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jobs.submit: {redact_text(str(e))}", file=sys.stderr)
         return 2
     from ray.job_submission import JobSubmissionClient
+
+    from pipeline.job_env import SUBMITTED_AT_KEY
     client = JobSubmissionClient(args.address)
-    job_id = client.submit_job(entrypoint=shlex.join(cmd), runtime_env=renv, submission_id=args.submission_id)
+    # the submit time travels with the job: the driver reports submit -> first step (pipeline.job_env.job_start)
+    job_id = client.submit_job(entrypoint=shlex.join(cmd), runtime_env=renv, submission_id=args.submission_id,
+                               metadata={SUBMITTED_AT_KEY: repr(time.time())})
     print(f"jobs.submit: submitted {job_id} to {args.address}: {shlex.join(cmd)}", flush=True)
     if args.no_wait:
         return 0

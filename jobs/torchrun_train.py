@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from pipeline.train import config
+    from pipeline.job_env import job_start
     from pipeline.train.loop import LocalSession, Loop
     try:
         cfg = config.load(args.config, args.overrides)
@@ -47,13 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     session = LocalSession(f"{cfg.checkpoint.storage_path}/{cfg.name}")
-    loop = Loop(cfg, session, tracking_uri=cfg.tracking.uri if cfg.tracking.enabled else "")
+    loop = Loop(cfg, session, tracking_uri=cfg.tracking.uri if cfg.tracking.enabled else "",
+                started_unix=job_start()[0])
     last = loop.run()
     rates = [r["perf/images_per_s"] for r in session.reports if "perf/images_per_s" in r][1:]
     if session.rank == 0:
         out = {"world_size": session.world_size, "device": str(loop.device), "precision": cfg.train.precision,
                "steps": loop.step, "images_per_step": cfg.data.batch_episodes * cfg.model.episode_length * session.world_size,
                "images_per_s_per_process": statistics.median(rates) / session.world_size if rates else None,
+               "start_to_first_step_s": loop.start_to_first_step_s,
                "peak_gpu_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
                **{k: v for k, v in last.items() if isinstance(v, (int, float)) and (k.startswith("test/") or
                                                                                   k.startswith("valid"))}}

@@ -39,10 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(redact_tree(cfg.to_dict()), indent=1))
         return 0
     from pipeline.cluster import driver  # after validation: importing Ray is slow and a bad config should not wait for it
+    from pipeline.job_env import job_start
     from pipeline.registry.tracking import TrackingError
     try:
         cfg = driver.resolved(cfg)  # as the job runs it: the model's image fields follow the data's card
-        out = driver.run(cfg)
+        # the clock of the submit-to-first-step figure: jobs.submit's stamp, else this process's start
+        out = driver.run(cfg, driver.RunOptions(started=job_start()))
     except (config.ConfigError, TrackingError) as e:
         print(f"jobs.train: {redact_text(str(e))}", file=sys.stderr)
         return 2

@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import time
 from typing import Any
 
 from pipeline.train.config import ConfigError, JobConfig
 
 # Set by Ray's job supervisor for the entrypoint process only (ray._private.runtime_env.constants).
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# jobs.submit's stamp in the job's metadata: the submitting machine's clock (time.time()) when it submitted.
+SUBMITTED_AT_KEY = "kpp.submitted_unix"
 
 
 def submitted_job_runtime_env() -> dict[str, Any] | None:
@@ -31,6 +34,31 @@ def submitted_job_runtime_env() -> dict[str, Any] | None:
         return dict(json.loads(raw).get("runtime_env") or {})
     except (ValueError, AttributeError):
         return {}
+
+
+def job_start(fallback: tuple[float, str] | None = None) -> tuple[float, str]:
+    """(unix time, what it is) the job's clock starts from, for the submit-to-first-step figure: the moment
+    jobs.submit submitted it (in the job's metadata; the submitting machine's clock, so a skewed client clock
+    skews the figure), else `fallback`, else the start of this process (a plain `ray job submit`, a local run)."""
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if raw is not None:
+        try:
+            return float((json.loads(raw).get("metadata") or {})[SUBMITTED_AT_KEY]), "submit"
+        except (ValueError, AttributeError, KeyError, TypeError):
+            pass
+    return fallback or (process_start_unix(), "driver process start")
+
+
+def process_start_unix() -> float:
+    """When this process started (psutil, which Ray brings; else when this module was imported)."""
+    try:
+        import psutil
+        return psutil.Process().create_time()
+    except ImportError:
+        return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
 
 
 def driver_env_vars(wanted: dict[str, str]) -> dict[str, str]:

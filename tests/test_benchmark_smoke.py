@@ -35,6 +35,10 @@ def test_tiny_profile_writes_json_and_table(tmp_path):
     assert report["loader"]["supply_over_consumption"] > 0
     one = report["ray_vs_torchrun"]["by_workers"]["1"]
     assert one["same_final_loss"]
+    # launch -> first step: positive, and less than the whole run (start-up, tear-down and loop)
+    for side, best in one["summary_best_of_repeats"].items():
+        first = one["launch_to_first_step_s"][side]
+        assert 0 < first < one["fixed_overhead_s"][side] + best["loop_s"], (side, first, one)
     assert "## Quality at equal budget" in table and "| DKM w/ TSM |" in table and "Ray Train vs plain torchrun" in table
 
 

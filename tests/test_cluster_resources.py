@@ -17,6 +17,7 @@ import pytest
 
 from infra.local_stack import RayHead
 from pipeline.cluster.resources import autoscaling_node_types, await_worker_resources, cluster_autoscales
+from pipeline.train import config
 from pipeline.train.config import ConfigError, ScalingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +35,35 @@ def test_fixed_cluster_fails_at_once(ray_cluster):
     with pytest.raises(ConfigError, match=r"need 2 GPUs, the cluster has 0 and it cannot autoscale"):
         await_worker_resources(ScalingConfig(num_workers=2, use_gpu=True, cpus_per_worker=0.1))
     assert time.monotonic() - t < 5
+
+
+def test_the_config_says_whether_the_cluster_autoscales_when_detection_cannot(ray_cluster):
+    """scaling.autoscaling overrides detection (which reads Ray internals): true waits on this fixed cluster (bounded
+    by resource_wait_s), false fails at once; the submit-time check follows the same word."""
+    from pipeline.cluster.submission import ClusterState, SubmitError, check_resources
+    said = []
+    with pytest.raises(ConfigError, match=r"need 1 GPUs, the cluster has 0, still after waiting 1 s"):
+        await_worker_resources(ScalingConfig(num_workers=1, use_gpu=True, cpus_per_worker=0.1, resource_wait_s=1,
+                                             autoscaling=True), poll_s=0.5, say=said.append)
+    assert said and "waiting up to 1 s" in said[0]
+    with pytest.raises(ConfigError, match=r"cannot autoscale \(scaling.autoscaling=false\)"):
+        await_worker_resources(ScalingConfig(num_workers=1, use_gpu=True, cpus_per_worker=0.1, autoscaling=False),
+                               say=said.append)
+    with pytest.raises(ConfigError, match=r"no autoscaler was detected; scaling.autoscaling=true if it has one"):
+        await_worker_resources(ScalingConfig(num_workers=1, use_gpu=True, cpus_per_worker=0.1))
+
+    def job(autoscaling):
+        return config.load(None, ["scaling.use_gpu=true", "scaling.num_workers=1",
+                                  f"scaling.autoscaling={autoscaling}"])
+    fixed, autoscaling = ClusterState({"CPU": 2.0}, autoscales=False), ClusterState({"CPU": 2.0}, autoscales=True)
+    check_resources(job("true"), fixed)
+    check_resources(job("auto"), autoscaling)
+    with pytest.raises(SubmitError, match="scaling.autoscaling=true if it has one"):
+        check_resources(job("auto"), fixed)
+    with pytest.raises(SubmitError, match="need 1 GPUs, the cluster has 0, and scaling.autoscaling=false"):
+        check_resources(job("false"), autoscaling)
+    with pytest.raises(config.ConfigError, match="scaling.autoscaling: must be 'auto' or a valid boolean, got 'maybe'"):
+        config.load(None, ["scaling.autoscaling=maybe"])
 
 
 def test_wait_is_bounded_and_names_what_is_missing(ray_cluster):

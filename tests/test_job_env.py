@@ -79,3 +79,18 @@ def test_an_absolute_path_inside_the_temporary_copy_is_refused(monkeypatch, tmp_
         job_env.check_durable_storage(cfg(**{"checkpoint.storage_path": str(copy / "ray")}))
     job_env.check_durable_storage(cfg(**{"checkpoint.storage_path": str(tmp_path / "shared")}))
     assert os.getcwd() == str(copy)
+
+
+def test_the_job_clock_starts_at_submission_when_jobs_submit_stamped_it(monkeypatch):
+    import time
+
+    monkeypatch.delenv(job_env.JOB_CONFIG_ENV, raising=False)
+    start, origin = job_env.job_start()
+    assert origin == "driver process start" and time.time() - 3600 < start <= time.time()
+    monkeypatch.setenv(job_env.JOB_CONFIG_ENV, json.dumps({"runtime_env": {}, "metadata": {
+        job_env.SUBMITTED_AT_KEY: "1700000000.5", "job_submission_id": "raysubmit_x"}}))
+    assert job_env.job_start() == (1700000000.5, "submit")
+    # a plain `ray job submit` (no stamp) or a stamp that is not a number: the driver's own start
+    monkeypatch.setenv(job_env.JOB_CONFIG_ENV, json.dumps({"runtime_env": {}, "metadata": {
+        job_env.SUBMITTED_AT_KEY: "yesterday"}}))
+    assert job_env.job_start() == (start, "driver process start")

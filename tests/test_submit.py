@@ -109,8 +109,10 @@ def test_prepare_then_train_through_the_jobs_api(stack):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SUCCEEDED" in r.stdout
     # the project's runtime env sets RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, which the driver also wants: no conflict
+    submitted_at = time.time()
     r = submit(stack, "python", "-m", "jobs.train", *TINY, "name=submitted", "data.shards=s3://kpp-data/digits",
                "checkpoint.storage_path=s3://kpp-runs/ray")
+    followed_s = time.time() - submitted_at
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
     assert "Failed to merge the Job's runtime env" not in r.stdout
     assert "finished at step 20" in r.stdout and "SUCCEEDED (exit 0)" in r.stdout
@@ -122,6 +124,10 @@ def test_prepare_then_train_through_the_jobs_api(stack):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
     assert run.data.metrics["test/neg_elbo"] > 0
+    # submit -> first step, from jobs.submit's stamp in the job's metadata: the upload, the driver's start, the
+    # worker group, data and model set-up, one step; within the time this test followed the job
+    assert run.data.tags["perf.first_step_from"] == "submit"
+    assert 0 < run.data.metrics["perf/start_to_first_step_s"] < followed_s
     versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
     assert len(versions) == 1
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],

@@ -193,3 +193,24 @@ def test_a_job_restored_from_its_last_checkpoint_reports_its_last_step_again(tmp
     old.run()
     assert len(third.reports) == 1 and third.reports[0]["step"] == 4
     assert third.reports[0]["test/neg_elbo"] == pytest.approx(final["test/neg_elbo"], rel=1e-5)
+
+
+def test_the_seconds_from_the_job_start_to_the_first_step_are_reported(tmp_path):
+    """started_unix (the submit time, or the driver's start) to the end of the first step, measured once: a start
+    10 s back reads 10 s plus the set-up and one step; every report carries the same figure; no start, no figure."""
+    import time
+    cfg = config.load(None, [*TINY, "train.max_steps=3"])
+    data = load_data("digits", "", 4, 4, 4, 4, 0, 0, 1)[:3]
+    before = time.time()
+    session = LocalSession(tmp_path / "a")
+    loop = Loop(cfg, session, data=data, started_unix=before - 10.0)
+    assert loop.start_to_first_step_s is None
+    loop.run()
+    took = time.time() - before
+    assert 10.0 < loop.start_to_first_step_s < 10.0 + took
+    figures = {r["perf/start_to_first_step_s"] for r in session.reports}
+    assert figures == {loop.start_to_first_step_s} and len(session.reports) == 3
+    plain = LocalSession(tmp_path / "b")
+    Loop(cfg, plain, data=data).run()
+    assert all("perf/start_to_first_step_s" not in r for r in plain.reports)
+

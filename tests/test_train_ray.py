@@ -102,6 +102,8 @@ def test_short_run_learns_checkpoints_on_s3_and_registers(ray_cluster, mlflow_ur
     tags = run.data.tags
     assert tags["config.hash"] == driver.resolved(cfg).hash() and len(tags["git.commit"]) == 40
     assert tags["data.manifest_hash"] != "none" and tags["version.torch"] == torch.__version__
+    # called as a library: the start-to-first-step clock starts at the driver.run call
+    assert tags["perf.first_step_from"] == "driver.run call" and run.data.metrics["perf/start_to_first_step_s"] > 0
     assert run.data.params["train.max_steps"] == "30"
     assert run.data.params["model.latent.dim"] == "8"  # overridden
     from kpp.config import KanervaConfig  # kpp's default, resolved before logging

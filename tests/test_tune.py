@@ -140,6 +140,9 @@ def test_sweep_killed_midway_resumes_and_registers_the_best(ray_cluster, mlflow_
     outcomes = {c.data.tags["kpp.trial_id"]: (c.data.tags.get("kpp.trial.outcome"), c.info.status) for c in children}
     assert ("stopped_by_asha", "KILLED") in outcomes.values(), outcomes  # lr 1e-7 after a trial with lr 3e-3
     assert all(o in {("finished", "FINISHED"), ("stopped_by_asha", "KILLED")} for o in outcomes.values()), outcomes
+    # each trial's start-to-first-step clock starts with the trial, not with the sweep's driver
+    assert {c.data.tags["perf.first_step_from"] for c in children} == {"trial start"}
+    assert all(c.data.metrics["perf/start_to_first_step_s"] > 0 for c in children)
 
     # 4. the parent's table and figures; the best finished trial registered once, under the dataset's name
     arts = {a.path for a in client.list_artifacts(out["parent_run_id"], "sweep")}

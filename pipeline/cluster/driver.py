@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -19,7 +20,7 @@ from urllib.parse import urlparse
 import torch
 
 from pipeline.net import free_port
-from pipeline.job_env import submitted_job_runtime_env
+from pipeline.job_env import job_start, submitted_job_runtime_env
 from pipeline.train import checkpointing
 from pipeline.registry import tracking
 from pipeline.train.config import ConfigError, JobConfig
@@ -195,9 +196,12 @@ class RunOptions:
     # a Tune trial's run is closed by the sweep's driver (pipeline.tune.sweep): a trial ASHA stops is ended from
     # outside and could not set its own status; one owner of the status avoids a race between the two
     close_run: bool = True
+    # (unix time, what it is) the submit-to-first-step clock starts from; None: jobs.submit's stamp, else now
+    started: tuple[float, str] | None = None
 
 
 def run(cfg: JobConfig, options: RunOptions = RunOptions()) -> Outcome:
+    started_unix, started_from = options.started or job_start(fallback=(time.time(), "driver.run call"))
     cfg = resolved(cfg.validate())
     preflight(cfg)
     uri = tracking.resolve_uri(cfg.tracking.uri) if cfg.tracking.enabled else ""
@@ -208,7 +212,7 @@ def run(cfg: JobConfig, options: RunOptions = RunOptions()) -> Outcome:
     run_id = ""
     if cfg.tracking.enabled:
         manifest = cfg.data.shards.rstrip("/") + "/manifest.parquet" if cfg.data.shards else ""
-        tags = {**tracking.run_tags(cfg.hash(), manifest), **options.tags}
+        tags = {**tracking.run_tags(cfg.hash(), manifest), "perf.first_step_from": started_from, **options.tags}
         if options.parent_run_id:
             tags["mlflow.parentRunId"] = options.parent_run_id  # MLflow's own nesting: the UI shows it under the parent
         run_id, _ = tracking.open_job_run(uri, cfg.tracking.experiment, cfg.name, cfg.flat(), tags,
@@ -219,7 +223,7 @@ def run(cfg: JobConfig, options: RunOptions = RunOptions()) -> Outcome:
         import pyarrow.fs
         run_folder = (fs or pyarrow.fs.LocalFileSystem(), f"{path}/{cfg.name}")
         result = build_trainer(cfg, {"job": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
-                                     "storage": run_folder}, options).fit()
+                                     "storage": run_folder, "started_unix": started_unix}, options).fit()
         if result.error is not None:
             raise result.error
         _prune_unregistered(run_folder, result)

@@ -63,9 +63,12 @@ def await_worker_resources(s: ScalingConfig, *, autoscales: bool | None = None,
     missing = shortfall(s, ray.cluster_resources())
     if not missing:
         return
-    autoscales = cluster_autoscales() if autoscales is None else autoscales
+    if autoscales is None:  # the config's word first; detection only when it leaves the question open
+        autoscales = cluster_autoscales() if s.autoscaling == "auto" else s.autoscaling
     if not autoscales or s.resource_wait_s <= 0:
-        raise ConfigError("; ".join(missing) + " and it cannot autoscale (Ray would wait forever)")
+        why = ("scaling.autoscaling=false" if s.autoscaling is False else "scaling.resource_wait_s=0"
+               if autoscales else "no autoscaler was detected; scaling.autoscaling=true if it has one")
+        raise ConfigError("; ".join(missing) + f" and it cannot autoscale ({why}): Ray would wait forever")
     from ray.autoscaler.sdk import request_resources
     bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     request_resources(bundles=[bundle] * s.num_workers)  # demand the autoscaler sees before any task exists

@@ -113,11 +113,13 @@ def _durable(fields: dict[str, str]) -> None:
 def check_resources(cfg: train_config.JobConfig, state: ClusterState) -> None:
     """A cluster without an autoscaler that lacks the GPUs never gets them: refuse before uploading."""
     from pipeline.cluster.resources import shortfall
-    if state.autoscales:
+    if cfg.scaling.autoscaling is True or (state.autoscales and cfg.scaling.autoscaling == "auto"):
         return
     gpu_missing = [m for m in shortfall(cfg.scaling, state.resources) if "GPU" in m]
     if gpu_missing:
-        raise SubmitError("; ".join(gpu_missing) + ", and it has no autoscaler to add GPU nodes")
+        raise SubmitError("; ".join(gpu_missing) + (", and scaling.autoscaling=false" if cfg.scaling.autoscaling is False
+                                                     else ", and it has no autoscaler to add GPU nodes (none was "
+                                                          "detected; scaling.autoscaling=true if it has one)"))
 
 
 def runtime_env(working_dir: pathlib.Path, path: pathlib.Path = RUNTIME_ENV) -> dict:

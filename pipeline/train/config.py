@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import pathlib
+import types
 import typing
 from typing import Annotated, Any, Literal
 
@@ -94,6 +95,9 @@ class ScalingConfig(Section):
     resource_wait_s: int = _f(900, "on an autoscaling cluster, how long the driver waits for the requested GPUs "
                                    "and CPUs to join before it gives up (a cluster without an autoscaler fails "
                                    "at once)")
+    autoscaling: Literal["auto"] | bool = _f(
+        "auto", "whether the cluster adds nodes on demand: auto (detect it from what `ray status` reads; Ray has no "
+                "public call for it), or say so: true (wait up to resource_wait_s), false (fail at once)")
 
 
 class CheckpointConfig(Section):
@@ -306,12 +310,24 @@ def _parse_scalar(text: str) -> Any:
 
 def _config_error(e: ValidationError) -> ConfigError:
     """pydantic's first error as a ConfigError that starts with the dotted field name."""
-    err = e.errors()[0]
-    path = ".".join(str(part) for part in err["loc"]) or "<root>"
+    errors = e.errors()
+    err = errors[0]
+    loc = err["loc"]
+    if _union_member(loc):  # a union field (auto|bool): pydantic reports each member; say them as one
+        loc = loc[:-1]
+        members = [x for x in errors if x["loc"][:-1] == loc and _union_member(x["loc"])]
+        what = "must be " + " or ".join(x["msg"].replace("Input should be ", "") for x in members)
+    else:
+        what = err["msg"].replace("Input should be", "must be")
+    path = ".".join(str(part) for part in loc) or "<root>"
     if err["type"] == "extra_forbidden":
         return ConfigError(f"{path}: unknown field")
-    what = err["msg"].replace("Input should be", "must be")
     return ConfigError(f"{path}: {what}, got {err['input']!r}")
+
+
+def _union_member(loc: tuple) -> bool:
+    """pydantic names the member a union error belongs to as the last part of its location: literal['auto'], bool."""
+    return len(loc) > 1 and isinstance(loc[-1], str) and ("[" in loc[-1] or loc[-1] in ("bool", "int", "float", "str"))
 
 
 def _model_error(e: Exception) -> ConfigError:
@@ -375,4 +391,6 @@ def _type_name(tp: Any) -> str:
         tp = typing.get_args(tp)[0]
     if typing.get_origin(tp) is Literal:
         return "|".join(map(str, typing.get_args(tp)))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return "|".join(map(_type_name, typing.get_args(tp)))
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))

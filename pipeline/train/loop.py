@@ -68,8 +68,11 @@ class Every:
 
 
 class Loop:
-    def __init__(self, job: JobConfig, session: Session, tracking_uri: str = "", run_id: str = "", data=None):
-        """data: (train stream, valid episodes, test episodes), built from job.data when None."""
+    def __init__(self, job: JobConfig, session: Session, tracking_uri: str = "", run_id: str = "", data=None,
+                 started_unix: float | None = None):
+        """data: (train stream, valid episodes, test episodes), built from job.data when None. started_unix: when
+        the job was submitted or its driver started (pipeline.job_env.job_start); the seconds from then to the end
+        of this process's first step are logged as perf/start_to_first_step_s."""
         self.job, self.s = job, session
         self.rank0 = session.rank == 0
         self.mcfg = job.model
@@ -97,6 +100,8 @@ class Loop:
         self._last_report_t = time.perf_counter()  # rank 0's clock; shared with all ranks through _metrics
         self._report_due = False
         self._restored_report: dict[str, Any] = {}
+        self._started_unix = started_unix
+        self._start_to_first_step_s: float | None = None
 
     # -- the whole job ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -125,6 +130,8 @@ class Loop:
                 self._loop_s = time.perf_counter() - self._loop_t0  # excludes the eval/checkpoint after it
                 self._loop_cpu_s = time.thread_time() - self._loop_cpu_t0
                 self.step += 1
+                if self._start_to_first_step_s is None:
+                    self._first_step_done()
                 self.data = self.stream.start(epoch + 1) if batch.last else batch.after
                 done = self.step >= stop
                 last = self._after_step(terms, grad_norm, window, done) or last
@@ -135,6 +142,23 @@ class Loop:
                 self.data = self.stream.start(epoch + 1)
         self.log.flush()  # metrics kept through a tracking-server outage reach the store before the job ends
         return last
+
+    @property
+    def start_to_first_step_s(self) -> float | None:
+        """Seconds from the job's start (started_unix) to the end of this process's first step; None before it."""
+        return self._start_to_first_step_s
+
+    def _first_step_done(self) -> None:
+        """Submit (or driver start) to the end of the first step: cluster start-up, resource waits, the worker
+        group, data and model set-up and one step, as a user waits for them. Measured once per worker group, so a
+        restarted group's figure includes the failure and the restart."""
+        if self._started_unix is None:  # no start time given (a test's loop): nothing to measure
+            self._start_to_first_step_s = math.nan
+            return
+        self._start_to_first_step_s = time.time() - self._started_unix
+        self.log.log_metrics({"perf/start_to_first_step_s": self._start_to_first_step_s}, step=self.step)
+        if self.rank0:
+            print(f"[train] first step done {self._start_to_first_step_s:.1f} s after the job started", flush=True)
 
     def _report_again(self, resumed_from: int) -> dict[str, Any]:
         """Restored from the checkpoint of the last step: that step is trained, evaluated and saved, but the job ended
@@ -217,6 +241,8 @@ class Loop:
                   "perf/images_per_s": episodes_per_s * self.mcfg.episode_length, "epoch": self.data.epoch,
                   "perf/loop_s": self._loop_s, "perf/loop_cpu_s": self._loop_cpu_s, "perf/peak_rss_mb": peak_rss_mb()})
         self.log.log_metrics(m, step=self.step)
+        if self._started_unix is not None:  # reported with every report; logged to MLflow once, above
+            m["perf/start_to_first_step_s"] = self._start_to_first_step_s
         m.update({"step": self.step, "max_steps": self.job.train.max_steps,
                   "resumed_from_step": self._resumed_from,  # -1: this worker group started fresh
                   "valid_neg_elbo": self.last_valid})

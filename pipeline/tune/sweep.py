@@ -18,6 +18,7 @@ import json
 import math
 import pathlib
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,8 @@ def run_trial(values: dict[str, Any], *, base_raw: dict[str, Any], sweep_name: s
     tags = {SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id,
             "kpp.trial.values": json.dumps(values, sort_keys=True, default=str)}
     driver.run(cfg, driver.RunOptions(callbacks=(TuneReportCallback(),), tags=tags, parent_run_id=parent_run_id,
-                                      register=False, progress=False, close_run=False))
+                                      register=False, progress=False, close_run=False,
+                                      started=(time.time(), "trial start")))
 
 
 # -- capacity --------------------------------------------------------------------------------------------------
