@@ -116,6 +116,7 @@ def test_prepare_then_train_through_the_jobs_api(stack):
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
     assert "Failed to merge the Job's runtime env" not in r.stdout
     assert "finished at step 20" in r.stdout and "SUCCEEDED (exit 0)" in r.stdout
+    assert r.stdout.count("first step done") == 1, r.stdout[-3000:]  # a worker's line once (RAY_ENV's print patch)
 
     env = stack.env
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])

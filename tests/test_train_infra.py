@@ -34,5 +34,6 @@ def test_a_local_job_prints_no_state_api_warnings(tmp_path, ray_cluster):
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert "finished at step 20" in out
+    assert out.count("first step done") == 1, out[-3000:]  # rank 0 prints it once; Train V2 doubled each line
     assert "PlacementGroupCleaner" not in out and "Failed to query Ray Train Controller" not in out, out[-3000:]
     assert "multiple active Ray instances" not in out, out[-3000:]

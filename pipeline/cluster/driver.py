@@ -112,7 +112,10 @@ def has_checkpoint(cfg: JobConfig) -> bool:
 # (measured at 2 s with a report every step: 230 -> 20 episodes/s). Metrics-only reports are spaced by the interval
 # (pipeline.cluster.session.RaySession), so only a checkpoint report can wait, for at most one interval: 1 s bounds that wait.
 # Polls are not free: with the workers on every core, polling every 0.2 s made the step loop ~3% slower than 2 s.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0"}
+# RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 sends a worker's print() to its logger and, when sys.stdout is not
+# sys.__stdout__, to stdout as well; Ray's own workers wrap sys.stdout (ray._private.utils.Unbuffered), so every
+# line a worker printed reached the driver twice (Ray 2.60). Unpatched, print goes to the worker's stdout once.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def connect(cfg: JobConfig) -> None:
