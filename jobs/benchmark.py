@@ -15,8 +15,9 @@ paper's quantity), its IWAE bound and the leave-one-out -ELBO, in nats/image (bi
 Speed: training images/s per worker of each model (interleaved repeats, the median), the K++/VAE step-time ratio
 (the memory's overhead) from the same run; a torch.profiler breakdown of one K++ step (encoder, write, STN read +
 prior, decoder, likelihood, backward, optimiser); the shard reader's supply against what training consumes; and
-(CPU profiles) Ray Train against plain torchrun on identical work, with 1 and 2 workers, peak memory per worker and
-the fixed start-up cost and launch to first step, from jobs.benchmark_train. The load average is recorded: these machines are shared.
+(CPU profiles) Ray Train against plain torchrun on identical work, with 1 and 2 workers, peak memory per worker,
+the fixed start-up cost and launch to first step, from jobs.benchmark_train. The load average is recorded: these
+machines are shared.
 """
 from __future__ import annotations
 

@@ -51,6 +51,18 @@ def cluster_autoscales() -> bool:
         return False
 
 
+def may_autoscale(s: ScalingConfig, detect: Callable[[], bool]) -> bool:
+    """Whether the driver may wait for nodes: scaling.autoscaling when it says so, else what `detect` finds. The one
+    rule for the driver's wait (cluster_autoscales) and jobs.submit's check (the dashboard's status)."""
+    return detect() if s.autoscaling == "auto" else s.autoscaling
+
+
+def no_autoscaling_reason(s: ScalingConfig) -> str:
+    """Why a request the cluster lacks cannot be waited for, naming the field that decided it."""
+    return ("scaling.autoscaling=false" if s.autoscaling is False
+            else "no autoscaler was detected; scaling.autoscaling=true if it has one")
+
+
 def autoscaling_node_types(node_type_mapping: dict[str, str]) -> bool:
     """True when the monitor's node-type mapping names configured node types, not the read-only node_<id>."""
     return any(kind != f"node_{node}" for node, kind in node_type_mapping.items())
@@ -63,11 +75,10 @@ def await_worker_resources(s: ScalingConfig, *, autoscales: bool | None = None,
     missing = shortfall(s, ray.cluster_resources())
     if not missing:
         return
-    if autoscales is None:  # the config's word first; detection only when it leaves the question open
-        autoscales = cluster_autoscales() if s.autoscaling == "auto" else s.autoscaling
+    if autoscales is None:
+        autoscales = may_autoscale(s, cluster_autoscales)
     if not autoscales or s.resource_wait_s <= 0:
-        why = ("scaling.autoscaling=false" if s.autoscaling is False else "scaling.resource_wait_s=0"
-               if autoscales else "no autoscaler was detected; scaling.autoscaling=true if it has one")
+        why = "scaling.resource_wait_s=0" if autoscales else no_autoscaling_reason(s)
         raise ConfigError("; ".join(missing) + f" and it cannot autoscale ({why}): Ray would wait forever")
     from ray.autoscaler.sdk import request_resources
     bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}

@@ -112,14 +112,12 @@ def _durable(fields: dict[str, str]) -> None:
 
 def check_resources(cfg: train_config.JobConfig, state: ClusterState) -> None:
     """A cluster without an autoscaler that lacks the GPUs never gets them: refuse before uploading."""
-    from pipeline.cluster.resources import shortfall
-    if cfg.scaling.autoscaling is True or (state.autoscales and cfg.scaling.autoscaling == "auto"):
+    from pipeline.cluster.resources import may_autoscale, no_autoscaling_reason, shortfall
+    if may_autoscale(cfg.scaling, lambda: state.autoscales):
         return
     gpu_missing = [m for m in shortfall(cfg.scaling, state.resources) if "GPU" in m]
     if gpu_missing:
-        raise SubmitError("; ".join(gpu_missing) + (", and scaling.autoscaling=false" if cfg.scaling.autoscaling is False
-                                                     else ", and it has no autoscaler to add GPU nodes (none was "
-                                                          "detected; scaling.autoscaling=true if it has one)"))
+        raise SubmitError("; ".join(gpu_missing) + f", and {no_autoscaling_reason(cfg.scaling)}")
 
 
 def runtime_env(working_dir: pathlib.Path, path: pathlib.Path = RUNTIME_ENV) -> dict:

@@ -130,7 +130,7 @@ class Loop:
                 self._loop_s = time.perf_counter() - self._loop_t0  # excludes the eval/checkpoint after it
                 self._loop_cpu_s = time.thread_time() - self._loop_cpu_t0
                 self.step += 1
-                if self._start_to_first_step_s is None:
+                if self._started_unix is not None and self._start_to_first_step_s is None:
                     self._first_step_done()
                 self.data = self.stream.start(epoch + 1) if batch.last else batch.after
                 done = self.step >= stop
@@ -145,16 +145,14 @@ class Loop:
 
     @property
     def start_to_first_step_s(self) -> float | None:
-        """Seconds from the job's start (started_unix) to the end of this process's first step; None before it."""
+        """Seconds from the job's start (started_unix) to the end of this process's first step; None before it
+        or when no start was given."""
         return self._start_to_first_step_s
 
     def _first_step_done(self) -> None:
         """Submit (or driver start) to the end of the first step: cluster start-up, resource waits, the worker
         group, data and model set-up and one step, as a user waits for them. Measured once per worker group, so a
         restarted group's figure includes the failure and the restart."""
-        if self._started_unix is None:  # no start time given (a test's loop): nothing to measure
-            self._start_to_first_step_s = math.nan
-            return
         self._start_to_first_step_s = time.time() - self._started_unix
         self.log.log_metrics({"perf/start_to_first_step_s": self._start_to_first_step_s}, step=self.step)
         if self.rank0:
