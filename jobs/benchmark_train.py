@@ -9,7 +9,8 @@ Reported as JSON, per worker count: the step-loop wall time of each and their ra
 the paired ratios of `--repeats` interleaved runs, and the ratio of the best runs), the fixed start-up + tear-down
 seconds (end-to-end wall minus loop), the seconds from launch to the end of the first step, episodes/s per worker,
 peak RSS per worker (rank 0), the on-CPU share of the loop (training-thread CPU seconds / loop wall seconds,
-rank 0), and whether both sides ended at the same loss (the check that the work was identical). The load average is recorded: the machine may be shared.
+rank 0), and whether both sides ended at the same loss (the check that the work was identical). The load average
+is recorded: the machine may be shared.
 
 Why two worker counts: with 2 workers on a 2-core machine the workers take every core, so every CPU-second
 Ray's own processes use (controller, raylet, GCS, Train's helper actors, all polling) is taken from the loop;

@@ -42,7 +42,8 @@ def run(writer: str, batch: int, length: int, precision: str, compile_: bool, st
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     return {"writer": writer, "num_reads": cfg.keys.num_reads if writer == "key" else None, "batch": batch,
-            "T": length, "precision": precision, "compile": compile_, "channels_last": channels_last, "s_per_step": dt, "images_per_s": batch * length / dt, "warmup_s": warm,
+            "T": length, "precision": precision, "compile": compile_, "channels_last": channels_last,
+            "s_per_step": dt, "images_per_s": batch * length / dt, "warmup_s": warm,
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "loss": float(r.terms["loss"])}
 
 
