@@ -57,10 +57,12 @@ def test_replayed_steps_are_dropped_per_metric(mlflow_uri):
     for s in range(1, 11):
         first.log_metrics({"loss": 100.0 - s}, step=s)
     first.log_metrics({"valid": 5.0}, step=10)
+    first.flush()  # the sender thread has delivered them (a worker group's end of job)
     # a restarted worker group resumes from the step-6 checkpoint and replays steps 7..10 before going on
     second = tracking.RankZeroLogger(mlflow_uri, run_id, active=True)
     for s in range(7, 16):
         second.log_metrics({"loss": 200.0 + s, "valid": 1.0}, step=s)
+    second.flush()
     tracking.RankZeroLogger(mlflow_uri, run_id, active=False).log_metrics({"loss": -1.0, "rank1": 1.0}, step=99)
     client = MlflowClient(mlflow_uri)
     loss = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]

@@ -122,9 +122,9 @@ def _rank_main(rank, world, port, root, result):
     if rank == 1:  # and rank 1's clock runs 5x fast: only rank 0's may decide
         import types
 
-        import pipeline.train.loop as train_loop
-        train_loop.time = types.SimpleNamespace(perf_counter=lambda: 5 * _time.perf_counter(),
-                                                thread_time=_time.thread_time)
+        import pipeline.train.metrics as train_metrics  # the report clock lives there
+        train_metrics.time = types.SimpleNamespace(perf_counter=lambda: 5 * _time.perf_counter(),
+                                                   thread_time=_time.thread_time)
     session = SpacedSession(f"{root}/rank{rank}", 0.3)
     Loop(cfg, session, data=(uneven, valid, test)).run()
     with open(f"{result}.{rank}", "w") as f:

@@ -43,7 +43,7 @@ class RaySession:
                 except checkpointing.CheckpointStoreError as e:
                     error = e
             # every rank resumes from rank 0's choice (-2: the store did not answer, every rank fails alike)
-            step = torch.tensor([-2 if error else int(found.name[11:]) if found is not None else -1])
+            step = torch.tensor([-2 if error else checkpointing.step_of(found.name) if found is not None else -1])
             if dist.is_initialized():
                 dist.broadcast(step, src=0)
             if step.item() == -2:

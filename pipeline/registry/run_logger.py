@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import queue
 import tempfile
+import threading
 import time
 from typing import Any
 
-from pipeline.urls import redact
+from pipeline.urls import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +22,13 @@ class TrackingError(RuntimeError):
 class RankZeroLogger:
     """Metrics and artifacts of one run, written only where `active` (world rank 0); a no-op elsewhere.
 
-    An outage of the tracking server must not kill training nor lose metrics: MLflow's client already retries each
-    request for a while; what still fails is kept in order and sent with the next call (`pending`), and `flush`
-    at the end of the job waits for the server (pipeline.retry) before giving up loudly."""
+    Metrics are sent by a background thread: a request to the server (10-30 ms here, minutes while MLflow's client
+    retries through an outage) never holds up the step loop. An outage of the tracking server must not kill
+    training nor lose metrics: what the server refuses is kept in order and sent again (`pending`: on the next
+    metrics, or after `retry_s`), and `flush` at the end of the job waits for the server (pipeline.retry) before
+    giving up loudly."""
 
-    def __init__(self, uri: str, run_id: str, active: bool):
+    def __init__(self, uri: str, run_id: str, active: bool, retry_s: float = 5.0):
         self.active = active and bool(run_id)
         self.run_id = run_id
         if self.active:
@@ -34,19 +38,46 @@ class RankZeroLogger:
             self.client = None
         self._floor: dict[str, int] = {}  # per metric: the highest step already in the store
         self.pending: list = []  # mlflow Metric  # metrics not yet accepted by the server, oldest first
+        self._lock = threading.Lock()  # pending and _floor: the sender thread and flush
+        self._queue: queue.Queue = queue.Queue()  # (metrics, step, unix ms) from the training thread
+        self._sender: threading.Thread | None = None
+        self._retry_s = retry_s
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue one step's metrics (floats) for the sender thread; returns at once."""
         if not self.active:
             return
+        self._queue.put(({k: float(v) for k, v in metrics.items()}, int(step), int(time.time() * 1000)))
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_forever, name="mlflow-metrics", daemon=True)
+            self._sender.start()
+
+    def _send_forever(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self._retry_s if self.pending else None)
+            except queue.Empty:  # nothing new, something pending: try the server again
+                with self._lock:
+                    self._send()
+                continue
+            try:
+                with self._lock:
+                    self._take(*item)
+                    self._send()
+            except Exception:  # noqa: BLE001 - the thread must outlive any one failure; flush reports what is left
+                log.exception("MLflow metrics sender: unexpected error")
+            finally:
+                self._queue.task_done()
+
+    def _take(self, metrics: dict[str, float], step: int, now: int) -> None:
         from mlflow.entities import Metric
-        now = int(time.time() * 1000)
         try:
-            fresh = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._floor_of(k)]
+            fresh = [Metric(k, v, now, step) for k, v in metrics.items() if step > self._floor_of(k)]
         except Exception as e:  # noqa: BLE001 - the server is down: keep everything, sort it out on the next call
-            log.warning("MLflow unreachable (%s): %d metrics of step %d kept for later", e, len(metrics), step)
-            fresh = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            log.warning("MLflow unreachable (%s): %d metrics of step %d kept for later", redact_text(str(e)), len(metrics),
+                        step)
+            fresh = [Metric(k, v, now, step) for k, v in metrics.items()]
         self.pending += fresh
-        self._send()
 
     def _send(self) -> bool:
         """Send what is pending (at most 1000 metrics per request, MLflow's limit); False if the server failed."""
@@ -55,7 +86,7 @@ class RankZeroLogger:
             try:
                 self.client.log_batch(self.run_id, metrics=batch)
             except Exception as e:  # noqa: BLE001 - connection errors come as MlflowException, OSError, requests errors
-                log.warning("MLflow log_batch failed (%s); %d metrics pending", e, len(self.pending))
+                log.warning("MLflow log_batch failed (%s); %d metrics pending", redact_text(str(e)), len(self.pending))
                 return False
             del self.pending[:len(batch)]
             for m in batch:
@@ -64,13 +95,17 @@ class RankZeroLogger:
 
     def flush(self, policy=None) -> None:
         """Wait (retrying) until every pending metric is in the store; raise TrackingError if it never comes back."""
-        if not self.active or not self.pending:
+        if not self.active:
+            return
+        self._queue.join()  # the sender thread has taken (and tried to send) everything queued so far
+        if not self.pending:
             return
         from pipeline.retry import RetryPolicy, with_retries
 
         def attempt() -> None:
-            if not self._send():
-                raise ConnectionError(f"{len(self.pending)} metrics still pending")
+            with self._lock:
+                if not self._send():
+                    raise ConnectionError(f"{len(self.pending)} metrics still pending")
         try:
             with_retries("send pending MLflow metrics", attempt, policy or RetryPolicy(max_attempts=8, backoff_max_s=8.0))
         except OSError as e:

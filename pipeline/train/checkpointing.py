@@ -17,6 +17,7 @@ that `verify` refuses.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from pipeline.retry import RetryPolicy, with_retries
 
 STATE = "state.pt"
 MARKER = "COMPLETE.json"
+PREFIX = "checkpoint_"
 FORMAT = "kpp-train/1"
 
 
@@ -68,19 +70,32 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save(folder: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: Any, step: int, cursor: dict[str, Any], extra: dict[str, Any] | None = None) -> pathlib.Path:
-    """Write one complete checkpoint into `folder` (created); the marker goes last."""
+def snapshot(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
+             cursor: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The payload of a checkpoint, every tensor copied to host memory: what the training thread must do before
+    the next step changes the state. Writing it (`write`) can then run beside training."""
+    def host(value: Any) -> Any:
+        if torch.is_tensor(value):
+            return value.detach().to("cpu", copy=True)
+        if isinstance(value, dict):
+            return {k: host(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(host(v) for v in value)
+        return value
+    return {"format": FORMAT, "step": int(step), "cursor": dict(cursor),
+            "model": host(model.state_dict()), "optimizer": host(optimizer.state_dict()),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "rng": rng_state(), "extra": copy.deepcopy(extra or {})}
+
+
+def write(folder: str | os.PathLike, payload: dict[str, Any]) -> pathlib.Path:
+    """Write a snapshot as one complete checkpoint into `folder` (created); the marker goes last."""
     folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = model.state_dict()
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    step = payload["step"]
+    bad = [k for k, v in payload["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteState(f"step {step}: non-finite values in {bad[:5]}; checkpoint not written")
-    payload = {"format": FORMAT, "step": int(step), "cursor": dict(cursor),
-               "model": weights, "optimizer": optimizer.state_dict(),
-               "scheduler": scheduler.state_dict() if scheduler is not None else {},
-               "rng": rng_state(), "extra": extra or {}}
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (STATE + ".partial")
     torch.save(payload, tmp)
     os.replace(tmp, folder / STATE)
@@ -88,6 +103,19 @@ def save(folder: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.
               "sha256": _sha256(folder / STATE)}
     (folder / MARKER).write_text(json.dumps(marker))
     return folder
+
+
+def save(folder: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: Any, step: int, cursor: dict[str, Any], extra: dict[str, Any] | None = None) -> pathlib.Path:
+    """Write one complete checkpoint into `folder` (created); the marker goes last."""
+    return write(folder, snapshot(model=model, optimizer=optimizer, scheduler=scheduler, step=step, cursor=cursor,
+                                  extra=extra))
+
+
+def step_of(name: str) -> int | None:
+    """The step of a `checkpoint_<step>` folder name, None for any other name."""
+    digits = name[len(PREFIX):] if name.startswith(PREFIX) else ""
+    return int(digits) if digits.isdigit() else None
 
 
 def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -122,7 +150,16 @@ def restore(payload: dict[str, Any], *, model: torch.nn.Module, optimizer: torch
             scheduler: Any) -> None:
     """Load model, optimiser, scheduler and RNG state from a payload (in place)."""
     model.load_state_dict(payload["model"])
+    # load_state_dict takes every group setting from the saved state: a checkpoint written by an unfused optimiser
+    # would turn off the fused kernels the step's on-device skip needs (pipeline.train.step)
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(payload["optimizer"])
+    for group, settings in zip(optimizer.param_groups, kernels):
+        group.update(settings)
+        for param in group["params"] if group.get("fused") else ():
+            state = optimizer.state.get(param, {})
+            if torch.is_tensor(state.get("step")):  # fused kernels keep the step count on the parameter's device
+                state["step"] = state["step"].to(param.device, torch.float32)
     if scheduler is not None and payload["scheduler"]:
         scheduler.load_state_dict(payload["scheduler"])
     set_rng_state(payload["rng"])
@@ -130,7 +167,7 @@ def restore(payload: dict[str, Any], *, model: torch.nn.Module, optimizer: torch
 
 def folder_name(step: int) -> str:
     """Zero-padded so that names sort by step."""
-    return f"checkpoint_{step:09d}"
+    return f"{PREFIX}{step:09d}"
 
 
 def latest_complete(root: str | os.PathLike) -> pathlib.Path | None:
@@ -168,7 +205,7 @@ def fetch_latest_complete(fs, root: str, dst: str | os.PathLike,
     except OSError as e:
         raise CheckpointStoreError(f"checkpoint store unreachable, not resuming from a guess: {e}") from e
     names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.base_name[11:].isdigit()), reverse=True)
+                    and step_of(i.base_name) is not None), reverse=True)
     for name in names:
         try:
             local = download(fs, root, name, dst, policy)
@@ -213,8 +250,7 @@ def prune(fs, root: str, keep: set[str]) -> list[str]:
     import pyarrow.fs
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     doomed = sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.base_name[11:].isdigit()
-                    and i.base_name not in keep)
+                    and step_of(i.base_name) is not None and i.base_name not in keep)
     for name in doomed:
         fs.delete_dir(f"{root}/{name}")
     return doomed

@@ -11,17 +11,23 @@ fingerprint and the layout). A job of N steps and a job halted at N/2 and re-run
 weights; re-run with another worker count or batch size, it goes on with the images the epoch still owes.
 
 Validation, checkpoints and sample grids each run on their own step schedule (`Every`), and at the last step.
+
+The loop is a short list of components: the data stream (batches with their cursor, copied to the device a step
+ahead), `train_step` (no host sync), `StepMetrics` (device-side counters, one all-reduce and one host read per
+`log_every` steps), `Checkpointer` (reports and checkpoint writes on a background thread; the training thread only
+copies the state) and rank 0's MLflow logger (a sender thread). So between log steps the CPU never waits for the
+GPU, and a checkpoint upload or a slow tracking server never holds up a step (docs/speed.md has the figures).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
 import pathlib
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -29,15 +35,16 @@ import torch.distributed as dist
 
 from kpp.evaluate import evaluate
 from kpp.model import KanervaPlusPlus
-from kpp.objective import keys_at_floor, kl_beta
-from pipeline.train import checkpointing
-from pipeline.train import optim
-from pipeline.train.config import JobConfig
-from pipeline.registry.run_logger import RankZeroLogger
+from kpp.objective import kl_beta
 from pipeline.data.shards.plan import Cursor
 from pipeline.data.train_data import load_data
+from pipeline.registry.run_logger import RankZeroLogger
+from pipeline.train import checkpointing
+from pipeline.train import optim
+from pipeline.train.checkpointer import Checkpointer, Every
+from pipeline.train.config import JobConfig
+from pipeline.train.metrics import StepMetrics
 from pipeline.train.step import train_step
-
 
 
 class NonFiniteLoss(RuntimeError):
@@ -53,18 +60,12 @@ class Session(Protocol):
 
     def restore_dir(self) -> contextlib.AbstractContextManager[str | None]: ...
 
-    def report(self, metrics: dict[str, Any], folder: str | None, name: str | None) -> None: ...
+    def report(self, metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
+        """Called from the Checkpointer's background thread, one report at a time, in order; it must make no
+        torch.distributed collective (the training thread's all-reduces run meanwhile)."""
+        ...
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
-
-
-@dataclass(frozen=True)
-class Every:
-    """A step schedule: due every `steps` steps (0: never) and at the job's last step."""
-    steps: int
-
-    def due(self, step: int, last: bool) -> bool:
-        return last or (self.steps > 0 and step % self.steps == 0)
 
 
 class Loop:
@@ -73,7 +74,7 @@ class Loop:
         """data: (train stream, valid episodes, test episodes), built from job.data when None. started_unix: when
         the job was submitted or its driver started (pipeline.job_env.job_start); the seconds from then to the end
         of this process's first step are logged as perf/start_to_first_step_s."""
-        self.job, self.s = job, session
+        self.job, self.session = job, session
         self.rank0 = session.rank == 0
         self.mcfg = job.model
         if data is None:
@@ -85,63 +86,101 @@ class Loop:
         torch.manual_seed(job.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.net = KanervaPlusPlus(self.mcfg)
         self.model = session.prepare_model(self.net)
+        self.device = next(self.net.parameters()).device
         self.opt, self.sched = optim.build(self.model.parameters(), job.train)
-        self.log = RankZeroLogger(tracking_uri, run_id, self.rank0 and job.tracking.enabled)
-        self.step = 0
-        self.data: Cursor = self.stream.start(0)
+        self.tracker = RankZeroLogger(tracking_uri, run_id, self.rank0 and job.tracking.enabled)
+        self.checkpointer = Checkpointer(session, job.checkpoint.every_steps)
+        self.metrics = StepMetrics(rank=session.rank, world_size=session.world_size, device=self.device,
+                                   key_terms=self.mcfg.key_terms, warmup_steps=self.mcfg.objective.kl_warmup_steps)
         self.validation = Every(job.eval.every_steps)
-        self.checkpoints = Every(job.checkpoint.every_steps)
         self.grids = Every(job.tracking.images_every_steps)
+        self.step = 0
+        self.cursor: Cursor = self.stream.start(0)
         self.best_valid = math.inf
         self.last_valid = math.inf
-        self.skipped = 0  # non-finite steps skipped, over the whole job
-        self.key_kl_max: list[float] = []  # each key's largest logged KL_y: a key that never left the floor is idle
-        self.device = next(self.net.parameters()).device
-        self._last_report_t = time.perf_counter()  # rank 0's clock; shared with all ranks through _metrics
-        self._report_due = False
+        self.resumed_from = -1  # -1: this worker group started fresh
+        self.loop_s = 0.0  # wall time of this process's step loop so far (benchmarks compare it)
+        # CPU time of this (the training) thread in the loop: with wall time, the share of the loop this rank was
+        # actually running rather than waiting for a core, a peer's all-reduce or the host.
+        self.loop_cpu_s = 0.0
+        self._recent_keys: collections.deque = collections.deque(maxlen=job.train.log_every)  # (step, keys)
         self._restored_report: dict[str, Any] = {}
         self._started_unix = started_unix
         self._start_to_first_step_s: float | None = None
 
+    @property
+    def skipped(self) -> int:
+        return self.metrics.skipped
+
     # -- the whole job ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            close = getattr(self.stream, "close", None)
+            if close is not None:
+                close()  # the stream's DataLoader workers
+            self.checkpointer.close()
+
+    def _run(self) -> dict[str, Any]:
         resumed_from = self._restore()
-        self._resumed_from = -1 if resumed_from is None else resumed_from
+        self.resumed_from = -1 if resumed_from is None else resumed_from
         stop = self.job.train.halt_at_step or self.job.train.max_steps
         if resumed_from is None and self.rank0:
             self.last_valid = self._validate()  # step-0 baseline: the bound the run must lower
         if resumed_from is not None:
             if self.rank0:
-                print(f"[train] resumed from the checkpoint of step {resumed_from} (epoch {self.data.epoch}, "
-                      f"{self.data.batches_seen} batches in)", flush=True)
-            self.log.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
+                print(f"[train] resumed from the checkpoint of step {resumed_from} (epoch {self.cursor.epoch}, "
+                      f"{self.cursor.batches_seen} batches in)", flush=True)
+            self.tracker.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
             if self.step >= stop:
                 return self._report_again(resumed_from)
-        window = _Window(time.perf_counter(), self.step)
-        self._loop_t0 = window.t  # wall time of the step loop of this process: benchmarks compare it
-        # CPU time of this (the training) thread in the loop: with wall time, the share of the loop this rank was
-        # actually running rather than waiting for a core, a peer's all-reduce or the host.
-        self._loop_cpu_t0 = time.thread_time()
+        self.metrics.start(self.step)
+        loop_t0, loop_cpu_t0 = time.perf_counter(), time.thread_time()
         last: dict[str, Any] = {}
         while self.step < stop:
-            epoch = self.data.epoch
-            for batch in self.stream.batches(self.data):
-                terms, grad_norm, ok = self._step(batch.keys, batch.images)
-                self._loop_s = time.perf_counter() - self._loop_t0  # excludes the eval/checkpoint after it
-                self._loop_cpu_s = time.thread_time() - self._loop_cpu_t0
-                self.step += 1
+            epoch = self.cursor.epoch
+            batches = self._on_device(self.stream.batches(self.cursor))
+            while True:
+                t = time.perf_counter()
+                batch = next(batches, None)
+                self.metrics.window.data_wait_s += time.perf_counter() - t
+                if batch is None:
+                    break
+                keys, x, after, epoch_end = batch
+                terms, grad_norm = self._step(keys, x)
+                self.loop_s = time.perf_counter() - loop_t0  # excludes the eval/checkpoint after it
+                self.loop_cpu_s = time.thread_time() - loop_cpu_t0
                 if self._started_unix is not None and self._start_to_first_step_s is None:
                     self._first_step_done()
-                self.data = self.stream.start(epoch + 1) if batch.last else batch.after
+                self.cursor = self.stream.start(epoch + 1) if epoch_end else after
                 done = self.step >= stop
-                last = self._after_step(terms, grad_norm, window, done) or last
+                last = self._after_step(terms, grad_norm, done) or last
                 if done:
                     break
-            if self.data.epoch == epoch and self.step < stop:
+            if self.cursor.epoch == epoch and self.step < stop:
                 # a resume under another layout can leave too little of an epoch for one batch: go on to the next
-                self.data = self.stream.start(epoch + 1)
-        self.log.flush()  # metrics kept through a tracking-server outage reach the store before the job ends
+                self.cursor = self.stream.start(epoch + 1)
+        self.checkpointer.drain()  # the last report and checkpoint are stored before the job returns
+        self.tracker.flush()  # metrics kept through a tracking-server outage reach the store before the job ends
         return last
+
+    def _on_device(self, batches) -> Iterator[tuple[np.ndarray, torch.Tensor, Cursor, bool]]:
+        """(keys, images on the training device, cursor after, last of the epoch). On a GPU the next batch is
+        fetched and its copy from pinned memory issued before the current one is handed out, so the copy overlaps
+        the running step; on the CPU there is nothing to overlap and batches pass straight through."""
+        if self.device.type != "cuda":
+            for b in batches:
+                yield b.keys, b.images, b.after, b.last
+            return
+        ahead = None
+        for b in batches:
+            current = ahead
+            ahead = (b.keys, b.images.pin_memory().to(self.device, non_blocking=True), b.after, b.last)
+            if current is not None:
+                yield current
+        if ahead is not None:
+            yield ahead
 
     @property
     def start_to_first_step_s(self) -> float | None:
@@ -154,7 +193,7 @@ class Loop:
         group, data and model set-up and one step, as a user waits for them. Measured once per worker group, so a
         restarted group's figure includes the failure and the restart."""
         self._start_to_first_step_s = time.time() - self._started_unix
-        self.log.log_metrics({"perf/start_to_first_step_s": self._start_to_first_step_s}, step=self.step)
+        self.tracker.log_metrics({"perf/start_to_first_step_s": self._start_to_first_step_s}, step=self.step)
         if self.rank0:
             print(f"[train] first step done {self._start_to_first_step_s:.1f} s after the job started", flush=True)
 
@@ -168,13 +207,14 @@ class Loop:
             if self.step == self.job.train.max_steps:
                 metrics.update(self._final())
         metrics["resumed_from_step"] = resumed_from
-        self._report(metrics, save=False)
-        self.log.flush()
+        self.checkpointer.report(metrics)
+        self.checkpointer.drain()
+        self.tracker.flush()
         return metrics
 
-    def _after_step(self, terms, grad_norm, window: "_Window", done: bool) -> dict[str, Any] | None:
+    def _after_step(self, terms, grad_norm, done: bool) -> dict[str, Any] | None:
         """Whatever is due at this step: validation, the sample grid, metrics, the checkpoint (in that order)."""
-        save = self.checkpoints.due(self.step, done)
+        save = self.checkpointer.due(self.step, done)
         # a checkpoint kept by its validation bound must carry a fresh one
         if self.validation.due(self.step, done) or (save and self.job.checkpoint.keep_by == "valid"):
             if self.rank0:
@@ -184,72 +224,74 @@ class Loop:
             self._log_grid()  # (the last step's figures come with the final bounds)
         if not (save or self.step % self.job.train.log_every == 0):
             return None
-        metrics = self._metrics(terms, grad_norm, window)
+        metrics, report_due = self._collect(terms, grad_norm)
         if done and self.step == self.job.train.max_steps:
             metrics.update(self._final())
-        if save or self._report_due:  # the same decision on every rank (see _metrics)
-            self._report(metrics, save)
-            self._last_report_t = time.perf_counter()
+        if save:
+            timing = self.checkpointer.save(self.step, metrics,
+                                            (lambda: self._snapshot(metrics)) if self.rank0 else None)
+            self.tracker.log_metrics({"perf/checkpoint_stall_s": timing.stall_s,
+                                      "perf/state_copy_s": timing.state_copy_s}, step=self.step)
+        elif report_due:  # the same decision on every rank (StepMetrics.collect)
+            self.checkpointer.report(metrics)
+        if save or report_due:
+            self.metrics.last_report_t = time.perf_counter()
         return metrics
 
     # -- one optimiser step -----------------------------------------------------------------------------------
-    def _step(self, keys: np.ndarray, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+    def _step(self, keys: np.ndarray, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         t = self.job.train
         # the noise of this step depends only on (seed, rank, step): identical after any resume
-        r = train_step(self.model, self.opt, self.sched, x.to(self.device, non_blocking=True),
-                       beta=kl_beta(self.step, self.mcfg.objective), grad_clip=t.grad_clip, precision=t.precision,
-                       noise_seed=hash_seed(self.job.seed, self.s.rank, self.step))
-        if r.ok:
-            self._run_of_skips = 0
-        else:
-            self.skipped += 1
-            self._run_of_skips = getattr(self, "_run_of_skips", 0) + 1
-            if t.nonfinite == "stop" or self._run_of_skips > t.max_nonfinite:
-                raise NonFiniteLoss(f"step {self.step + 1}: non-finite loss {r.terms['loss'].item()} / grad norm "
-                                    f"{r.grad_norm.item()} ({self._run_of_skips} in a row); epoch {self.data.epoch}, "
-                                    f"batch image keys {keys.tolist()}")
-        return r.terms, r.grad_norm, r.ok
+        r = train_step(self.model, self.opt, self.sched, x, beta=kl_beta(self.step, self.mcfg.objective),
+                       grad_clip=t.grad_clip, precision=t.precision,
+                       noise_seed=hash_seed(self.job.seed, self.session.rank, self.step))
+        self.step += 1
+        self.metrics.after_step(self.step, r.ok)  # skips are counted on the device; the policy acts at log steps
+        self._recent_keys.append((self.step, keys))
+        return r.terms, r.grad_norm
 
     # -- metrics, evaluation, checkpoints ---------------------------------------------------------------------
-    def _metrics(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, window: "_Window") -> dict:
-        # the last entry is rank 0's seconds since its last report (0 elsewhere): after the sum every rank holds it,
-        # so all ranks agree on whether to report (a report is a barrier: one rank skipping it would hang the rest)
-        since = time.perf_counter() - self._last_report_t if self.rank0 else 0.0
-        names = list(terms)  # the same order on every rank
-        # the clock reading joins the terms on their device (a CPU scalar beside CUDA ones fails torch.stack)
-        vec = torch.stack([terms[k] for k in names] + [terms[names[0]].new_tensor(since)]).to(self.device)
-        if self.s.world_size > 1:  # collective: every rank calls _metrics at the same steps
-            dist.all_reduce(vec)
-            vec[:-1] /= self.s.world_size
-        self._report_due = vec[-1].item() >= self.s.min_report_interval_s
-        vec = vec[:-1]
-        now = time.perf_counter()
-        steps = self.step - window.step
-        episodes_per_s = steps * self.job.data.batch_episodes * self.s.world_size / max(now - window.t, 1e-9)
-        window.t, window.step = now, self.step
-        m = {f"train/{k}": v for k, v in zip(names, vec.tolist())}
-        per_key = [m[f"train/kl_y_key{k}"] for k in range(self.mcfg.key_terms)]
-        restart = self.step - self.job.train.log_every < self.mcfg.objective.kl_warmup_steps <= self.step
-        if not self.key_kl_max or restart:  # idle keys are judged from the end of the KL warm-up on
-            self.key_kl_max = per_key
-        self.key_kl_max = [max(a, b) for a, b in zip(self.key_kl_max, per_key)]
-        m.update({"train/lr": self.sched.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
-                  "train/beta": kl_beta(self.step, self.mcfg.objective),
-                  "train/nonfinite_skipped": self.skipped, "perf/episodes_per_s": episodes_per_s,
-                  "perf/images_per_s": episodes_per_s * self.mcfg.episode_length, "epoch": self.data.epoch,
-                  "perf/loop_s": self._loop_s, "perf/loop_cpu_s": self._loop_cpu_s, "perf/peak_rss_mb": peak_rss_mb()})
-        self.log.log_metrics(m, step=self.step)
+    def _collect(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> tuple[dict[str, Any], bool]:
+        """The log step's metrics (StepMetrics: one all-reduce, one host read), logged from rank 0; the
+        non-finite policy applied to the window; whether a metrics-only report is due."""
+        window = self.metrics.collect(self.step, terms, grad_norm, self.job.data.batch_episodes)
+        self._enforce_nonfinite_policy(window)
+        m = window["metrics"]
+        m.update({"train/lr": self.sched.get_last_lr()[0], "train/beta": kl_beta(self.step, self.mcfg.objective),
+                  "perf/images_per_s": m["perf/episodes_per_s"] * self.mcfg.episode_length,
+                  "epoch": self.cursor.epoch, "perf/loop_s": self.loop_s, "perf/loop_cpu_s": self.loop_cpu_s,
+                  "perf/peak_rss_mb": peak_rss_mb()})
+        self.tracker.log_metrics(m, step=self.step)
         if self._started_unix is not None:  # reported with every report; logged to MLflow once, above
             m["perf/start_to_first_step_s"] = self._start_to_first_step_s
-        m.update({"step": self.step, "max_steps": self.job.train.max_steps,
-                  "resumed_from_step": self._resumed_from,  # -1: this worker group started fresh
+        m.update({"step": self.step, "max_steps": self.job.train.max_steps, "resumed_from_step": self.resumed_from,
                   "valid_neg_elbo": self.last_valid})
-        return m
+        return m, window["report_due_s"] >= self.session.min_report_interval_s
+
+    def _enforce_nonfinite_policy(self, window: dict[str, Any]) -> None:
+        t = self.job.train
+        if not window["window_skips"]:
+            return
+        if t.nonfinite == "stop" or window["run_max"] > t.max_nonfinite:
+            bad = window["first_bad"] if t.nonfinite == "stop" else self.step
+            keys = next((k for s, k in self._recent_keys if s == bad), None)
+            raise NonFiniteLoss(f"step {bad}: non-finite loss or gradient, update skipped ({window['run_max']} in a "
+                                f"row, {window['window_skips']} since the last log step; train.nonfinite="
+                                f"{t.nonfinite}, train.max_nonfinite={t.max_nonfinite}); epoch {self.cursor.epoch}, "
+                                f"batch image keys {keys.tolist() if keys is not None else 'not kept'}")
+
+    def _snapshot(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0's state in host memory (DDP replicas are identical: one copy is enough)."""
+        return checkpointing.snapshot(model=self.net, optimizer=self.opt, scheduler=self.sched, step=self.step,
+                                      cursor=self.cursor.to_dict(),
+                                      extra={"best_valid": self.best_valid, "last_valid": self.last_valid,
+                                             "skipped": self.skipped, "key_kl_max": self.metrics.key_kl_max,
+                                             "report": report})
 
     def _validate(self) -> float:
         r = evaluate(self.net, self.valid, iwae_samples=1, seed=self.job.eval.seed, leave_one_out=False)
-        self.log.log_metrics({"valid/neg_elbo": r["neg_elbo"], "valid/swap_gap": r["swap_gap"],
-                              "valid/kl_y": r["kl_y"], "valid/kl_z": r["kl_z"]}, step=self.step)
+        self.tracker.log_metrics({"valid/neg_elbo": r["neg_elbo"], "valid/swap_gap": r["swap_gap"],
+                                  "valid/kl_y": r["kl_y"], "valid/kl_z": r["kl_z"]}, step=self.step)
         return r["neg_elbo"]
 
     def _final(self) -> dict[str, float]:
@@ -258,21 +300,21 @@ class Loop:
             return {}
         r = evaluate(self.net, self.test, iwae_samples=self.job.eval.iwae_samples, seed=self.job.eval.seed)
         out = {f"test/{k}": float(v) for k, v in r.items() if isinstance(v, (int, float))}
-        idle = keys_at_floor(self.key_kl_max, self.mcfg.objective.key_free_bits)
+        idle = self.metrics.idle_keys(self.mcfg.objective.key_free_bits)
         out["train/keys_at_floor"] = float(len(idle))
-        self.log.log_metrics(out, step=self.step)
-        self.log.set_tags({"train.keys_at_floor": ",".join(map(str, idle)) or "none"})
+        self.tracker.log_metrics(out, step=self.step)
+        self.tracker.set_tags({"train.keys_at_floor": ",".join(map(str, idle)) or "none"})
         out["keys_at_floor"] = idle
-        self.log.set_tags({"test.unit": r["unit"]})
+        self.tracker.set_tags({"test.unit": r["unit"]})
         self._log_grid(final=True)
-        self.log.log_curves(["train/loss", "train/recon", "train/kl_z", "train/kl_y", "valid/neg_elbo",
-                             "valid/swap_gap", "train/lr"])
+        self.tracker.log_curves(["train/loss", "train/recon", "train/kl_z", "train/kl_y", "valid/neg_elbo",
+                                 "valid/swap_gap", "train/lr"])
         return out
 
     def _log_grid(self, final: bool = False) -> None:
         """The labelled sample grid (samples/<step or final>.png) and, as image series over steps (log_image), the
         same grid and the memory/keys figure of the first test episode."""
-        if not self.log.active:
+        if not self.tracker.active:
             return
         from kpp import viz
         episode = self.test[:1]
@@ -280,33 +322,18 @@ class Loop:
         with tempfile.TemporaryDirectory() as d:
             name = "final.png" if final else f"step_{self.step:09d}.png"
             viz.save_figure(fig, pathlib.Path(d) / name)
-            self.log.log_artifact(pathlib.Path(d) / name, "samples")
-        self.log.log_image(viz.figure_array(fig), "samples", self.step)
+            self.tracker.log_artifact(pathlib.Path(d) / name, "samples")
+        self.tracker.log_image(viz.figure_array(fig), "samples", self.step)
         try:
             memory = viz.memory_keys_figure(self.net, episode, seed=self.job.eval.seed,
                                             title=f"Memory and keys of test episode 0 at step {self.step}")
         except ValueError as e:  # a memory that is no 2-D map has no such figure; training goes on
             print(f"[train] no memory/keys figure: {e}", flush=True)
             return
-        self.log.log_image(viz.figure_array(memory), "memory_keys", self.step)
-
-    def _report(self, metrics: dict[str, Any], save: bool) -> None:
-        if not save:
-            self.s.report(metrics, None, None)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            folder = None
-            if self.rank0:  # DDP replicas are identical: one copy of the state is enough
-                checkpointing.save(d, model=self.net, optimizer=self.opt, scheduler=self.sched,
-                                   step=self.step, cursor=self.data.to_dict(),
-                                   extra={"best_valid": self.best_valid, "last_valid": self.last_valid,
-                                          "skipped": self.skipped, "key_kl_max": self.key_kl_max,
-                                          "report": metrics})
-                folder = d
-            self.s.report(metrics, folder, checkpointing.folder_name(self.step))
+        self.tracker.log_image(viz.figure_array(memory), "memory_keys", self.step)
 
     def _restore(self) -> int | None:
-        with self.s.restore_dir() as d:
+        with self.session.restore_dir() as d:
             if d is None:
                 return None
             payload = checkpointing.load(d, map_location=self.device)
@@ -314,18 +341,13 @@ class Loop:
         c = payload["cursor"]
         self.step = payload["step"]
         # checkpoints before kpp-train/2 kept {epoch, batch} only: taken as is, in the layout of this run
-        self.data = Cursor.from_dict(c) if "batches_seen" in c else Cursor(c["epoch"], c["batch"])
+        self.cursor = Cursor.from_dict(c) if "batches_seen" in c else Cursor(c["epoch"], c["batch"])
         e = payload["extra"]
-        self.best_valid, self.last_valid, self.skipped = e["best_valid"], e["last_valid"], e["skipped"]
-        self.key_kl_max = list(e.get("key_kl_max", []))
+        self.best_valid, self.last_valid = e["best_valid"], e["last_valid"]
+        self.metrics.skipped = e["skipped"]
+        self.metrics.key_kl_max = list(e.get("key_kl_max", []))
         self._restored_report = dict(e.get("report", {}))  # what the step of this checkpoint reported
         return self.step
-
-
-@dataclass
-class _Window:
-    t: float
-    step: int
 
 
 def peak_rss_mb() -> float:
@@ -362,8 +384,8 @@ class LocalSession:
             import shutil
             shutil.copytree(folder, self.root / name, dirs_exist_ok=True)
         self.reports.append(dict(metrics))
-        if dist.is_initialized():
-            dist.barrier()  # the same synchronisation point as ray.train.report
+        # no barrier: this runs on the Checkpointer's thread, and a collective there would interleave with the
+        # training thread's all-reduces; the ranks meet at the next all-reduce anyway
 
     def prepare_model(self, model):
         """On the process's GPU where there is one (torchrun's LOCAL_RANK), else the CPU; DDP in a process group."""

@@ -1,0 +1,169 @@
+"""Benchmark (not a test): what the training loop costs beyond the training step, as it will show on a GPU.
+
+    python -m jobs.benchmark --profile loop            # the same as: python -m jobs.benchmark_loop
+    python -m jobs.benchmark_loop [--steps 400] [--repeats 2] [--out outputs/benchmarks]
+
+Two loops over the same batches, side by side in one run, on one worker with one thread:
+  - full: the real path, `pipeline.cluster.driver.run` (Ray Train, one worker) with binarized MNIST shards read
+    from an S3 endpoint, metrics to a real MLflow server every `log_every` steps, validation and checkpoints to the
+    S3 endpoint on their step schedules: the loop's `perf/loop_s` (start of the step loop to the end of the last
+    step; the baseline validation before it and the final test bound after it are not part of the loop);
+  - bare: `train_step` over the same batches, read from the same shards once and held in memory, same model,
+    seed, optimiser and noise seeds, nothing else.
+The model is made tiny so that its step is as short as this CPU allows (~20-30 ms; a GPU step of the paper's model
+is ~12 ms), so the loop's own overhead weighs as it would on a GPU. Reported: `loop_over_bare` (full loop time
+per step / bare loop time per step, the median of the paired repeats), the overhead in ms per step, the ratio that
+overhead gives at a 10 ms step, and where the full loop stalled: the longest checkpoint and validation steps
+(perf/checkpoint_stall_s, perf/state_copy_s) and the data wait. The services (moto's S3 server, an MLflow server)
+are started here on 127.0.0.1 and stopped at the end. Writes <out>/loop.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("KPP_SHARED_DATA", REPO.parent / "shared" / "data")) / "binarized_mnist"
+EPISODE_LENGTH = 4
+# Width 4 and one read: the smallest K++ whose step is still the model's (convolutions, the STN read, the
+# write); below it the per-op overhead of the CPU kernels sets the step time, not the model.
+MODEL = {"episode_length": EPISODE_LENGTH, "encoder": {"width": 4, "groups": 2, "embedding_dim": 16},
+         "memory": {"channels": 2, "height": 8, "width": 8, "slots": 8}, "keys": {"num_reads": 1},
+         "read": {"window": 4}, "latent": {"dim": 4, "prior_width": 8}, "decoder": {"width": 4, "groups": 2},
+         "objective": {"kl_warmup_steps": 50}}
+
+
+def job_overrides(args, shards: str, storage: str, uri: str, name: str) -> list[str]:
+    return [f"model={json.dumps(MODEL)}", f"name={name}", "data.dataset=binarized_mnist", f"data.shards={shards}",
+            "data.batch_episodes=2", f"data.valid_episodes={args.valid_episodes}", "data.test_episodes=4",
+            "eval.iwae_samples=1", f"eval.every_steps={args.eval_every}", f"train.max_steps={args.steps}",
+            "train.warmup_steps=10", f"train.log_every={args.log_every}",
+            f"checkpoint.every_steps={args.checkpoint_every}", f"checkpoint.storage_path={storage}",
+            "checkpoint.keep=2", "checkpoint.keep_by=recent", f"tracking.uri={uri}", "tracking.experiment=loop-bench",
+            "tracking.registered_model=", "scaling.num_workers=1", "scaling.cpus_per_worker=1"]
+
+
+def bare_loop(cfg, batches: list) -> dict[str, float]:
+    """train_step over batches already in memory: the model's own speed in this process (1 thread)."""
+    import torch
+
+    from kpp.model import KanervaPlusPlus
+    from kpp.objective import kl_beta
+    from pipeline.train import optim
+    from pipeline.train.loop import hash_seed
+    from pipeline.train.step import train_step
+    torch.manual_seed(cfg.seed)
+    model = KanervaPlusPlus(cfg.model)
+    opt, sched = optim.build(model.parameters(), cfg.train)
+    t0 = time.perf_counter()
+    for step, x in enumerate(batches):
+        r = train_step(model, opt, sched, x, beta=kl_beta(step, cfg.model.objective), grad_clip=cfg.train.grad_clip,
+                       precision=cfg.train.precision, noise_seed=hash_seed(cfg.seed, 0, step))
+    final_loss = float(r.terms["loss"])  # the one host sync, after the clock's last step
+    return {"loop_s": time.perf_counter() - t0, "final_loss": final_loss}
+
+
+def read_batches(cfg, count: int) -> list:
+    """The first `count` training batches of rank 0 of 1, as the full loop's stream yields them."""
+    from pipeline.data.train_data import ShardStream
+    stream = ShardStream(cfg.data.shards, cfg.model.episode_length, cfg.data.batch_episodes, cfg.seed, 0, 1)
+    out, cursor = [], stream.start(0)
+    while len(out) < count:
+        for batch in stream.batches(cursor):
+            out.append(batch.images)
+            if len(out) == count:
+                break
+        cursor = stream.start(cursor.epoch + 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m jobs.benchmark_loop", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=400, help="training steps of each loop")
+    ap.add_argument("--repeats", type=int, default=2, help="paired (bare, full) runs; the median ratio is reported")
+    ap.add_argument("--log-every", type=int, default=10, help="train.log_every of the full loop")
+    ap.add_argument("--eval-every", type=int, default=100, help="eval.every_steps of the full loop")
+    ap.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint.every_steps of the full loop")
+    ap.add_argument("--valid-episodes", type=int, default=8, help="data.valid_episodes of the full loop")
+    ap.add_argument("--out", default="outputs/benchmarks", help="directory for loop.json")
+    args = ap.parse_args(argv)
+    for name in ("steps", "repeats", "log_every"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not SHARED.is_dir():
+        ap.error(f"binarized MNIST not found at {SHARED} (set KPP_SHARED_DATA)")
+
+    import torch
+
+    from infra.local_stack import BUCKETS, S3_KEY, S3_REGION, S3_SECRET, MlflowServer, S3Server
+    from pipeline.cluster import driver
+    from pipeline.data.shards.prepare import PrepareConfig, prepare
+    from pipeline.train import config
+    torch.set_num_threads(1)  # the same as the Ray worker (scaling.cpus_per_worker=1)
+    started, load_start = time.perf_counter(), os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        s3, mlflow = S3Server(pathlib.Path(tmp) / "s3"), MlflowServer(pathlib.Path(tmp) / "mlflow")
+        try:
+            s3.start()
+            s3.create_buckets(BUCKETS)
+            mlflow.start()
+            os.environ.update({"AWS_ENDPOINT_URL": s3.url, "AWS_ACCESS_KEY_ID": S3_KEY,
+                               "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": S3_REGION,
+                               "RAY_AUTH_MODE": "disabled"})
+            shards = "s3://kpp-data/binarized_mnist"
+            prepare(PrepareConfig(dataset="binarized_mnist", source=str(SHARED), out=shards,
+                                  episode_length=EPISODE_LENGTH, progress=False))
+            base = config.load(None, job_overrides(args, shards, "s3://kpp-runs/ray", mlflow.url, "loop-0"))
+            base = driver.resolved(base)
+            batches = read_batches(base, args.steps)
+            runs = []
+            for repeat in range(args.repeats):
+                bare = bare_loop(base, batches)
+                cfg = config.load(None, job_overrides(args, shards, "s3://kpp-runs/ray", mlflow.url,
+                                                      f"loop-{repeat}"))
+                outcome = driver.run(cfg, driver.RunOptions(progress=False))
+                m = outcome.metrics
+                full_s = float(m["perf/loop_s"])
+                runs.append({"bare_loop_s": bare["loop_s"], "full_loop_s": full_s,
+                             "ratio": full_s / bare["loop_s"], "bare_final_loss": bare["final_loss"],
+                             "full_metrics": {k: v for k, v in m.items() if k.startswith(("perf/", "train/loss"))}})
+                print(f"[loop] repeat {repeat}: bare {bare['loop_s'] / args.steps * 1e3:.2f} ms/step, full "
+                      f"{full_s / args.steps * 1e3:.2f} ms/step, ratio {runs[-1]['ratio']:.3f}", flush=True)
+        finally:
+            import ray
+            if ray.is_initialized():
+                ray.shutdown()
+            mlflow.stop()
+            s3.stop()
+    ratio = statistics.median(r["ratio"] for r in runs)
+    bare_ms = statistics.median(r["bare_loop_s"] for r in runs) / args.steps * 1e3
+    overhead_ms = statistics.median((r["full_loop_s"] - r["bare_loop_s"]) / args.steps * 1e3 for r in runs)
+    report = {
+        "command": "python -m jobs.benchmark_loop " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "steps": args.steps, "log_every": args.log_every, "eval_every_steps": args.eval_every,
+        "checkpoint_every_steps": args.checkpoint_every, "valid_episodes": args.valid_episodes,
+        "model": MODEL, "batch": "2 episodes x 4 images of 28 x 28, 1 thread",
+        "bare_ms_per_step": bare_ms, "loop_over_bare": ratio, "overhead_ms_per_step": overhead_ms,
+        "loop_over_bare_at_10ms_step": 1 + overhead_ms / 10.0, "runs": runs,
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "loadavg_start": load_start,
+                    "loadavg_end": os.getloadavg()},
+        "elapsed_min": (time.perf_counter() - started) / 60,
+    }
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loop.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"[loop] loop_over_bare {ratio:.3f} (bare {bare_ms:.2f} ms/step, overhead {overhead_ms:.2f} ms/step: "
+          f"{1 + overhead_ms / 10:.3f} at a 10 ms step); wrote {out / 'loop.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

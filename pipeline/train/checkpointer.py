@@ -1,0 +1,109 @@
+"""The loop's checkpoints and reports, off the training thread.
+
+A report (`Session.report`: metrics, and on a checkpoint step rank 0's checkpoint folder) can take a long time: an
+upload to object storage, Ray's report barrier, the wait for the Train controller's poll. `Checkpointer` runs each
+report on one background thread per rank, in the order they were made, so the step loop waits only for what must
+happen between two steps: on a checkpoint step, rank 0's copy of the state to host memory
+(`checkpointing.snapshot`). Writing that copy (`checkpointing.write`: finiteness check, torch.save, sha256, marker)
+and the report itself happen beside the next steps.
+
+One report is in flight at a time: a new one first waits for the previous one (and raises its error, if it
+failed), so a store that stays down still fails the job, and a checkpoint is never more than one report behind.
+`drain` waits for the last one; the loop calls it before it returns. The background thread makes no
+torch.distributed collective: those stay on the training thread, in the same order on every rank (a collective from
+a second thread would interleave with DDP's all-reduces and hang). Ray's report synchronises the ranks through a
+Ray actor, not through the process group.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pipeline.train import checkpointing
+
+
+@dataclass(frozen=True)
+class Every:
+    """A step schedule: due every `steps` steps (0: never) and at the job's last step."""
+    steps: int
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or (self.steps > 0 and step % self.steps == 0)
+
+
+@dataclass
+class SaveTiming:
+    """Seconds the training thread spent on one checkpoint: all of it (`stall_s`: waiting for the previous report,
+    the state copy, handing it over) and the state copy alone (`state_copy_s`)."""
+    step: int
+    stall_s: float
+    state_copy_s: float
+
+
+class Checkpointer:
+    def __init__(self, session, every_steps: int, background: bool = True):
+        self.session = session
+        self.schedule = Every(every_steps)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kpp-report") if background else None
+        self._in_flight: Future | None = None
+        self.timings: list[SaveTiming] = []
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.schedule.due(step, last)
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """A report of metrics alone (every rank calls it: a report is a barrier)."""
+        self._submit(lambda: self.session.report(metrics, None, None))
+
+    def save(self, step: int, metrics: dict[str, Any], state: Callable[[], dict[str, Any]] | None) -> SaveTiming:
+        """A checkpoint report at `step`; `state` makes the snapshot (rank 0), None on the other ranks."""
+        t0 = time.perf_counter()
+        self._wait()
+        t1 = time.perf_counter()
+        payload = state() if state is not None else None
+        copy_s = time.perf_counter() - t1
+        name = checkpointing.folder_name(step)
+
+        def write_and_report() -> None:
+            if payload is None:
+                self.session.report(metrics, None, name)
+                return
+            folder = tempfile.mkdtemp(prefix=f"kpp-{name}-")
+            try:
+                checkpointing.write(folder, payload)
+                self.session.report(metrics, folder, name)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        self._submit(write_and_report, waited=True)
+        timing = SaveTiming(step, time.perf_counter() - t0, copy_s)
+        self.timings.append(timing)
+        return timing
+
+    def drain(self) -> None:
+        """Wait for the report in flight; raise its error."""
+        self._wait()
+
+    def close(self) -> None:
+        """Drain, then stop the thread (also after an error: the thread never outlives the loop)."""
+        try:
+            self.drain()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _submit(self, action: Callable[[], None], waited: bool = False) -> None:
+        if not waited:
+            self._wait()
+        if self._pool is None:
+            action()
+            return
+        self._in_flight = self._pool.submit(action)
+
+    def _wait(self) -> None:
+        future, self._in_flight = self._in_flight, None
+        if future is not None:
+            future.result()
