@@ -3,6 +3,7 @@
     python -m jobs.benchmark --profile cpu-small          # this 2-core machine, under 30 minutes
     python -m jobs.benchmark --profile gpu                # one GPU; the same under `ray job submit`
     python -m jobs.benchmark --profile tiny               # seconds: what the smoke test runs
+    python -m jobs.benchmark --profile loop               # the training loop against bare train_step (jobs.benchmark_loop)
 
 Writes outputs/benchmarks/<profile>.json and <profile>.md (the Markdown tables the README quotes).
 
@@ -433,13 +434,16 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", required=True, help=f"one of {', '.join(PROFILES)}")
+    ap.add_argument("--profile", required=True, help=f"one of {', '.join(PROFILES)}, loop")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--datasets", default=None, help=f"comma-separated, of {', '.join(DATASETS)} (default: the profile's)")
     ap.add_argument("--workers", default=None, help="worker counts of the Ray-vs-torchrun section, e.g. 1,2 (0: skip)")
     ap.add_argument("--sections", default="quality,speed,profile,loader,ray", help="which parts to run")
     ap.add_argument("--out", default="outputs/benchmarks", help="directory for <profile>.json and <profile>.md")
     args = ap.parse_args(argv)
+    if args.profile == "loop":  # its own job: services, Ray Train and a bare loop side by side
+        from jobs import benchmark_loop
+        return benchmark_loop.main(["--out", args.out])
     if args.profile not in PROFILES:
         raise BenchmarkError(f"unknown profile {args.profile!r}: choose from {', '.join(PROFILES)}")
     prof = dataclasses.replace(PROFILES[args.profile])

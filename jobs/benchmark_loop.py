@@ -62,12 +62,22 @@ def bare_loop(cfg, batches: list) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     model = KanervaPlusPlus(cfg.model)
     opt, sched = optim.build(model.parameters(), cfg.train)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
+    at = []  # seconds from the start to the end of each step
     for step, x in enumerate(batches):
         r = train_step(model, opt, sched, x, beta=kl_beta(step, cfg.model.objective), grad_clip=cfg.train.grad_clip,
                        precision=cfg.train.precision, noise_seed=hash_seed(cfg.seed, 0, step))
+        at.append(time.perf_counter() - t0)
     final_loss = float(r.terms["loss"])  # the one host sync, after the clock's last step
-    return {"loop_s": time.perf_counter() - t0, "final_loss": final_loss}
+    return {"loop_s": at[-1], "loop_cpu_s": time.thread_time() - cpu0, "at": at, "final_loss": final_loss}
+
+
+def full_history(uri: str, run_id: str) -> dict[str, dict[int, float]]:
+    """The full loop's perf metrics by step, from the MLflow server."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    return {k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
+            for k in ("perf/loop_s", "perf/checkpoint_stall_s", "perf/state_copy_s", "perf/data_wait_s")}
 
 
 def read_batches(cfg, count: int) -> list:
@@ -87,8 +97,9 @@ def read_batches(cfg, count: int) -> list:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m jobs.benchmark_loop", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=400, help="training steps of each loop")
-    ap.add_argument("--repeats", type=int, default=2, help="paired (bare, full) runs; the median ratio is reported")
+    ap.add_argument("--steps", type=int, default=600, help="training steps of each loop")
+    ap.add_argument("--repeats", type=int, default=5, help="paired (bare, full) runs; the median ratio is reported "
+                    "(this shared machine has slow phases of a minute or more that hit either side of a pair)")
     ap.add_argument("--log-every", type=int, default=10, help="train.log_every of the full loop")
     ap.add_argument("--eval-every", type=int, default=100, help="eval.every_steps of the full loop")
     ap.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint.every_steps of the full loop")
@@ -132,11 +143,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 outcome = driver.run(cfg, driver.RunOptions(progress=False))
                 m = outcome.metrics
                 full_s = float(m["perf/loop_s"])
+                history = full_history(mlflow.url, outcome.run_id)
+                # steady state: from the first log step at or after a quarter of the run (Ray's own processes
+                # and actors are still starting beside the first steps) to the last log step
+                k0 = min(s for s in history["perf/loop_s"] if s >= args.steps // 4)
+                k1 = max(history["perf/loop_s"])
+                full_steady = (history["perf/loop_s"][k1] - history["perf/loop_s"][k0]) / (k1 - k0)
+                bare_steady = (bare["at"][k1 - 1] - bare["at"][k0 - 1]) / (k1 - k0)
+                stalls, copies = history["perf/checkpoint_stall_s"], history["perf/state_copy_s"]
                 runs.append({"bare_loop_s": bare["loop_s"], "full_loop_s": full_s,
-                             "ratio": full_s / bare["loop_s"], "bare_final_loss": bare["final_loss"],
+                             "ratio": full_s / bare["loop_s"], "steady_steps": [k0, k1],
+                             "full_loop_cpu_s": float(m["perf/loop_cpu_s"]), "bare_loop_cpu_s": bare["loop_cpu_s"],
+                             "cpu_ratio": float(m["perf/loop_cpu_s"]) / bare["loop_cpu_s"],
+                             "steady_ratio": full_steady / bare_steady, "bare_final_loss": bare["final_loss"],
+                             "full_final_loss": m["train/loss"],
+                             "checkpoint_stall_s": stalls, "state_copy_s": copies,
+                             "data_wait_s_per_step": sum(history["perf/data_wait_s"].values()) / args.steps,
                              "full_metrics": {k: v for k, v in m.items() if k.startswith(("perf/", "train/loss"))}})
                 print(f"[loop] repeat {repeat}: bare {bare['loop_s'] / args.steps * 1e3:.2f} ms/step, full "
-                      f"{full_s / args.steps * 1e3:.2f} ms/step, ratio {runs[-1]['ratio']:.3f}", flush=True)
+                      f"{full_s / args.steps * 1e3:.2f} ms/step, ratio {runs[-1]['ratio']:.3f}, steps {k0}-{k1}: "
+                      f"{runs[-1]['steady_ratio']:.3f}; checkpoint stall max {max(stalls.values()) * 1e3:.1f} ms, "
+                      f"state copy max {max(copies.values()) * 1e3:.1f} ms", flush=True)
         finally:
             import ray
             if ray.is_initialized():
@@ -152,6 +179,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "checkpoint_every_steps": args.checkpoint_every, "valid_episodes": args.valid_episodes,
         "model": MODEL, "batch": "2 episodes x 4 images of 28 x 28, 1 thread",
         "bare_ms_per_step": bare_ms, "loop_over_bare": ratio, "overhead_ms_per_step": overhead_ms,
+        "loop_over_bare_steady": statistics.median(r["steady_ratio"] for r in runs),
+        "loop_over_bare_runs": [r["ratio"] for r in runs],
+        "loop_over_bare_cpu": statistics.median(r["cpu_ratio"] for r in runs),
+        "checkpoint_stall_ms_max": max(max(r["checkpoint_stall_s"].values()) for r in runs) * 1e3,
+        "state_copy_ms_max": max(max(r["state_copy_s"].values()) for r in runs) * 1e3,
         "loop_over_bare_at_10ms_step": 1 + overhead_ms / 10.0, "runs": runs,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg()},
@@ -160,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "loop.json").write_text(json.dumps(report, indent=1, default=str))
-    print(f"[loop] loop_over_bare {ratio:.3f} (bare {bare_ms:.2f} ms/step, overhead {overhead_ms:.2f} ms/step: "
+    print(f"[loop] loop_over_bare {ratio:.3f}, steady {report['loop_over_bare_steady']:.3f} (bare {bare_ms:.2f} ms/step, overhead {overhead_ms:.2f} ms/step: "
           f"{1 + overhead_ms / 10:.3f} at a 10 ms step); wrote {out / 'loop.json'}")
     return report
 

@@ -27,7 +27,7 @@ def run(writer: str, batch: int, length: int, precision: str, compile_: bool, st
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if compile_ else model
-    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4, fused=True)  # as pipeline.train.optim builds it
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     x = torch.bernoulli(torch.full((batch, length, 1, 28, 28), 0.13)).cuda()
     t0 = time.perf_counter()

@@ -77,3 +77,17 @@ def test_step_speed_against_another_tree_writes_every_ratio(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "jobs.step_speed_vs_tree", "--before", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--before: no kpp/ in it" in bad.stderr
+
+
+def test_the_gpu_loop_check_runs_end_to_end(tmp_path):
+    """jobs.gpu_loop_check is spent on scarce GPU minutes: its code path runs here first (CPU, tiny model)."""
+    out = tmp_path / "gpu_loop.json"
+    r = subprocess.run([sys.executable, "-m", "jobs.gpu_loop_check", "--data", "random", "--steps", "6",
+                        "--log-every", "3", "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["loop_ms_per_step"] > 0 and report["step_ms"] > 0 and report["host_syncs_warned"] == 0
+    assert math.isclose(report["loop_over_step"], report["step_ms"] / report["loop_ms_per_step"])
+    bad = subprocess.run([sys.executable, "-m", "jobs.gpu_loop_check", "--data", str(tmp_path / "nowhere")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--data: no such directory" in bad.stderr

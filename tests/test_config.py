@@ -134,7 +134,7 @@ name seed
 data.dataset data.source data.shards data.episodes data.batch_episodes data.valid_episodes data.test_episodes data.loader_workers
 train.max_steps train.halt_at_step train.optimizer train.lr train.weight_decay train.warmup_steps train.schedule
 train.min_lr_ratio train.grad_clip train.precision train.nonfinite train.max_nonfinite train.log_every
-scaling.num_workers scaling.use_gpu scaling.cpus_per_worker scaling.timeout_s scaling.resource_wait_s scaling.autoscaling
+scaling.num_workers scaling.use_gpu scaling.gpus_per_worker scaling.cpus_per_worker scaling.timeout_s scaling.resource_wait_s scaling.autoscaling
 checkpoint.storage_path checkpoint.s3_endpoint_url checkpoint.every_steps checkpoint.keep checkpoint.keep_by
 checkpoint.max_failures
 tracking.enabled tracking.uri tracking.experiment tracking.registered_model tracking.alias tracking.images_every_steps

@@ -253,3 +253,45 @@ def test_class_episodes_hold_one_class_and_never_repeat_an_image(prepared_mnist,
 def test_class_episodes_need_labels(prepared):
     with pytest.raises(ManifestError, match="labels"):
         epoch(prepared, episodes="class")
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_a_continuous_loader_yields_the_epochs_one_loader_per_epoch_would(prepared, workers):
+    """One DataLoader for the whole job (its workers start once): from a mid-epoch cursor, the rest of that epoch
+    and then whole epochs, batch for batch what a new loader per epoch yields, whatever the worker count (3 does not
+    divide the 391 batches of an epoch, so a worker's share moves at every epoch end)."""
+    config = StreamConfig(root=str(prepared), episode_length=16, batch_size=32, remainder="drop")
+    start = Cursor(2, 40)
+    per_epoch = [b for c in (start, Cursor(3), Cursor(4))
+                 for b in make_loader(config, rank=1, world_size=2, cursor=c)]
+    loader = make_loader(config, rank=1, world_size=2, cursor=start, num_workers=workers,
+                         multiprocessing_context="spawn" if workers else None, continuous=True)
+    got = []
+    for batch in loader:
+        got.append(batch)
+        if len(got) == len(per_epoch):
+            break
+    loader.close()
+    assert [(b.epoch, b.index, b.last) for b in got] == [(b.epoch, b.index, b.last) for b in per_epoch]
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.images, b.images) for a, b in zip(got, per_epoch))
+    assert [b.after for b in got] == [b.after for b in per_epoch]
+    assert sum(b.last for b in got) == 3 and got[-1].last
+
+
+def test_the_training_stream_keeps_one_loader_across_epochs(prepared):
+    """ShardStream.batches for the cursor where the live loader stands goes on with that loader; any other cursor
+    (a resume) starts a new one."""
+    from pipeline.data.train_data import ShardStream
+    stream = ShardStream(str(prepared), 16, 256, 0, 0, 1)  # 12 batches per epoch
+    first = list(stream.batches(stream.start(0)))
+    loader = stream._live[1]
+    second = list(stream.batches(stream.start(1)))
+    assert stream._live[1] is loader and first[-1].last and second[-1].last
+    assert [b.after.epoch for b in second[:-1]] == [1] * (len(second) - 1)
+    fresh = ShardStream(str(prepared), 16, 256, 0, 0, 1)
+    assert [b.keys.tolist() for b in fresh.batches(fresh.start(1))] == [b.keys.tolist() for b in second]
+    part = list(stream.batches(second[4].after))  # not where the loader stands: a loader of its own
+    assert stream._live[1] is not loader and [b.keys.tolist() for b in part] == [b.keys.tolist() for b in second[5:]]
+    stream.close()
+    fresh.close()
+    assert stream._live is None

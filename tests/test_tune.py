@@ -79,6 +79,66 @@ def test_more_concurrent_trials_than_the_cluster_holds(tmp_path):
         concurrent_trials(gpu, {"CPU": 16.0, "GPU": 0.0})
 
 
+def test_a_quarter_gpu_per_trial_packs_four_trials_on_one_gpu():
+    from pipeline.tune.sweep import concurrent_trials
+    sweep = space.load(os.path.join(ROOT, "jobs/configs/tune_gpu_packed.yaml"), [], root=pathlib.Path(ROOT))
+    s = sweep.base.scaling
+    assert (s.use_gpu, s.num_workers, s.gpus_per_worker) == (True, 1, 0.25)
+    assert concurrent_trials(sweep, {"CPU": 16.0, "GPU": 1.0}) == 4
+    assert concurrent_trials(sweep, {"CPU": 64.0, "GPU": 2.0}) == 4  # as asked, though 8 would fit
+    # 4 trials of 0.3 GPU do not fit one GPU: refused before any trial starts, naming the field
+    tight = space.load(os.path.join(ROOT, "jobs/configs/tune_gpu_packed.yaml"),
+                       ["train.overrides.scaling.gpus_per_worker=0.3"], root=pathlib.Path(ROOT))
+    with pytest.raises(ConfigError, match=r"max_concurrent_trials: 4 trials at once need .* and 1.2 GPUs; the "
+                                          r"cluster holds 3 \(CPU 16, GPU 1\)"):
+        concurrent_trials(tight, {"CPU": 16.0, "GPU": 1.0})
+
+
+GPU_FRACTIONS_BAD = [
+    (["scaling.use_gpu=true", "scaling.num_workers=1", "scaling.gpus_per_worker=1.5"],
+     "scaling.gpus_per_worker: must be a fraction in (0, 1] or a whole number"),
+    (["scaling.use_gpu=true", "scaling.num_workers=1", "scaling.gpus_per_worker=0"],
+     "scaling.gpus_per_worker: must be a fraction in (0, 1]"),
+    (["scaling.gpus_per_worker=0.5"], "scaling.gpus_per_worker: is set but scaling.use_gpu=false"),
+    (["scaling.use_gpu=true", "scaling.num_workers=2", "scaling.gpus_per_worker=0.5"],
+     "scaling.gpus_per_worker: a fraction of a GPU per worker needs scaling.num_workers=1"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", GPU_FRACTIONS_BAD, ids=[m[:60] for _, m in GPU_FRACTIONS_BAD])
+def test_gpu_fractions_that_cannot_be_placed_are_named(overrides, message):
+    from pipeline.train import config
+    with pytest.raises(ConfigError) as e:
+        config.load(os.path.join(ROOT, "jobs/configs/local.yaml"), overrides)
+    assert message in str(e.value)
+
+
+@pytest.mark.slow
+def test_four_trials_run_at_once_on_fractional_cpus(ray_cluster, mlflow_server, digits_shards, tmp_path):
+    """The packing mechanism on CPU: 4 trials of one worker with 0.24 CPUs each on the 2-CPU cluster run side by
+    side (their MLflow runs overlap in time), where whole CPUs would allow 2 at most."""
+    from mlflow import MlflowClient
+    overrides = {**TINY_TRAIN, "data.shards": digits_shards, "checkpoint.storage_path": str(tmp_path / "runs"),
+                 "tracking.uri": mlflow_server, "tracking.experiment": "packed", "scaling.cpus_per_worker": 0.24,
+                 "train.max_steps": 40, "eval.every_steps": 20, "checkpoint.every_steps": 20}
+    path = sweep_yaml(tmp_path, name="packed", max_concurrent_trials=4, asha={"grace_steps": 39},
+                      train={"config": "jobs/configs/local.yaml", "overrides": overrides})
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, "-m", "jobs.tune", "--config", path], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+    client = MlflowClient(mlflow_server)
+    exp_id = client.get_experiment_by_name("packed").experiment_id
+    trials = client.search_runs([exp_id], filter_string="tags.`kpp.trial_id` != ''")
+    assert len(trials) == 4
+    # the first step of each trial came before the last one of every other: all four trained at the same time
+    spans = []
+    for t in trials:
+        steps = client.get_metric_history(t.info.run_id, "train/loss")
+        spans.append((min(m.timestamp for m in steps), max(m.timestamp for m in steps)))
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
+
+
 # -- the real sweep ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_shards(tmp_path_factory):

@@ -115,7 +115,12 @@ def has_checkpoint(cfg: JobConfig) -> bool:
 # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 sends a worker's print() to its logger and, when sys.stdout is not
 # sys.__stdout__, to stdout as well; Ray's own workers wrap sys.stdout (ray._private.utils.Unbuffered), so every
 # line a worker printed reached the driver twice (Ray 2.60). Unpatched, print goes to the worker's stdout once.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# RAY_worker_niceness=0: the raylet starts every worker process (the training workers too) at niceness 15 by
+# default, so any process of normal priority on the node (the data loader's workers, a tracking or storage server,
+# Ray's own daemons) pre-empts training. Measured (jobs.benchmark_loop, 2 cores, a ~30 ms step): the full loop over
+# the bare step 1.42 (paired runs 1.83 and 1.01) at niceness 15, 1.06 at 0. It is read by the raylet, so it has to
+# be in the environment of `ray start` (the local cluster inherits the driver's; the deployment files set it).
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_worker_niceness": "0"}
 
 
 def connect(cfg: JobConfig) -> None:
@@ -169,7 +174,8 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], options: "RunOpti
     from ray.train.torch import TorchTrainer
     s, c = cfg.scaling, cfg.checkpoint
     path, fs = storage(cfg)
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    from pipeline.cluster.resources import worker_resources
+    resources = worker_resources(s)
     return TorchTrainer(
         train_worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=s.timeout_s),

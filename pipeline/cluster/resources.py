@@ -17,14 +17,20 @@ from pipeline.train.config import ConfigError, ScalingConfig
 def shortfall(s: ScalingConfig, have: dict[str, float]) -> list[str]:
     """What the cluster lacks for the worker group, one line per resource (empty: it fits)."""
     out = []
-    if s.use_gpu and have.get("GPU", 0) < s.num_workers:
-        out.append(f"scaling.num_workers: {s.num_workers} workers with scaling.use_gpu=true need {s.num_workers} "
+    gpus = s.num_workers * s.gpus_per_worker
+    if s.use_gpu and have.get("GPU", 0) < gpus - 1e-9:
+        out.append(f"scaling.num_workers: {s.num_workers} workers with scaling.use_gpu=true need {gpus:g} "
                    f"GPUs, the cluster has {have.get('GPU', 0):g}")
     need_cpu = s.num_workers * s.cpus_per_worker
     if need_cpu > have.get("CPU", 0) + 1e-9:
         out.append(f"scaling.cpus_per_worker: {s.num_workers} x {s.cpus_per_worker} CPUs requested, the cluster "
                    f"has {have.get('CPU', 0):g}")
     return out
+
+
+def worker_resources(s: ScalingConfig) -> dict[str, float]:
+    """What one Ray Train worker asks for: its CPUs and, with use_gpu, its (possibly fractional) GPUs."""
+    return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
 
 
 def cluster_autoscales() -> bool:
@@ -81,7 +87,7 @@ def await_worker_resources(s: ScalingConfig, *, autoscales: bool | None = None,
         why = "scaling.resource_wait_s=0" if autoscales else no_autoscaling_reason(s)
         raise ConfigError("; ".join(missing) + f" and it cannot autoscale ({why}): Ray would wait forever")
     from ray.autoscaler.sdk import request_resources
-    bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    bundle = worker_resources(s)
     request_resources(bundles=[bundle] * s.num_workers)  # demand the autoscaler sees before any task exists
     say(f"[train] waiting up to {s.resource_wait_s} s (scaling.resource_wait_s) for the autoscaler: "
         + "; ".join(missing))

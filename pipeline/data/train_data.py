@@ -135,14 +135,35 @@ class ShardStream:
         return Cursor(epoch, 0, self.fingerprint, self.world_size, self.batch_episodes)
 
     def batches(self, cursor: Cursor) -> Iterator[TrainBatch]:
+        """The rest of the cursor's epoch. One continuous loader serves consecutive epochs (its DataLoader workers
+        start once per job); a cursor other than where it stands (a resume, a caller that skipped ahead) gets a
+        loader of its own."""
         from pipeline.data.shards.reader import make_loader
-        # spawn, not fork: a forked worker inherits fsspec's event loop and can hang on s3 (s3fs #914)
-        loader = make_loader(self._config(), rank=self.rank, world_size=self.world_size, cursor=cursor,
-                             num_workers=self.loader_workers,
-                             multiprocessing_context="spawn" if self.loader_workers else None)
-        total = loader.stream.plan.num_batches
-        for batch in loader:
-            yield TrainBatch(batch.keys.numpy(), batch.images, batch.after, batch.after.batches_seen == total)
+        live, self._live = getattr(self, "_live", None), None
+        if live is not None and live[0] == cursor:
+            loader, batches = live[1], live[2]
+        else:
+            if live is not None:
+                live[1].close()
+            # spawn, not fork: a forked worker inherits fsspec's event loop and can hang on s3 (s3fs #914)
+            loader = make_loader(self._config(), rank=self.rank, world_size=self.world_size, cursor=cursor,
+                                 num_workers=self.loader_workers,
+                                 multiprocessing_context="spawn" if self.loader_workers else None, continuous=True)
+            if len(loader) == 0:  # nothing left of this epoch under this layout
+                return
+            batches = iter(loader)
+        for batch in batches:
+            following = self.start(batch.epoch + 1) if batch.last else batch.after
+            self._live = (following, loader, batches)
+            yield TrainBatch(batch.keys.numpy(), batch.images, batch.after, batch.last)
+            if batch.last:
+                return
+
+    def close(self) -> None:
+        """Stop the DataLoader workers of the live loader (the loop calls it when the job ends)."""
+        live, self._live = getattr(self, "_live", None), None
+        if live is not None:
+            live[1].close()
 
 
 def shard_eval_episodes(root: str, split: str, episode_length: int, count: int, episodes: str = "random",

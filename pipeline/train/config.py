@@ -87,7 +87,12 @@ class TrainConfig(Section):
 
 class ScalingConfig(Section):
     num_workers: int = _f(2, "Ray Train workers (DDP ranks)")
-    use_gpu: bool = _f(False, "one GPU per worker and the nccl backend (gloo on CPU)")
+    use_gpu: bool = _f(False, "GPUs for the workers (scaling.gpus_per_worker each) and the nccl backend (gloo on "
+                              "CPU)")
+    gpus_per_worker: Float = _f(1.0, "GPUs per worker with use_gpu: a whole number, or a fraction so that several "
+                                     "jobs share a GPU (0.25: 4 sweep trials on one GPU; a trial of the paper's "
+                                     "model uses ~1 GB); a fraction needs num_workers=1 (nccl refuses two ranks "
+                                     "on one GPU)")
     cpus_per_worker: Float = _f(1.0, "logical CPUs per worker; fractional values let 2 workers and the Ray "
                                      "controller share a 2-core machine")
     timeout_s: int = _f(300, "collective-op timeout: a hung peer fails the group after this long instead of "
@@ -224,6 +229,13 @@ class JobConfig(Section):
         _need(t.precision == "fp32" or s.use_gpu, "train.precision",
               "bf16 autocast needs scaling.use_gpu=true (on CPU it is slower than fp32 here)", t.precision)
         _need(0 < s.cpus_per_worker <= 256, "scaling.cpus_per_worker", "must be in (0, 256]", s.cpus_per_worker)
+        g = s.gpus_per_worker
+        _need(math.isfinite(g) and g > 0 and (g <= 1 or float(g).is_integer()), "scaling.gpus_per_worker",
+              "must be a fraction in (0, 1] or a whole number of GPUs (Ray places no fraction above 1)", g)
+        _need(g == 1.0 or s.use_gpu, "scaling.gpus_per_worker", "is set but scaling.use_gpu=false", g)
+        _need(g >= 1 or s.num_workers == 1, "scaling.gpus_per_worker",
+              f"a fraction of a GPU per worker needs scaling.num_workers=1: {s.num_workers} DDP ranks could land "
+              "on one GPU, which nccl refuses", g)
         _need(c.max_failures >= -1, "checkpoint.max_failures", "must be >= -1", c.max_failures)
         _need(bool(c.storage_path.strip()), "checkpoint.storage_path", "must be set", c.storage_path)
         from pipeline.data.sources import DATASETS  # numpy only: cheap, and names the datasets in the message

@@ -57,17 +57,18 @@ def concurrent_trials(sweep: Sweep, resources: dict[str, float]) -> int:
     the number when the cluster cannot hold what is asked (Ray would wait forever)."""
     s = sweep.base.scaling
     per_trial_cpu = s.num_workers * s.cpus_per_worker + 0.001  # + the trial function's own reservation
+    per_trial_gpu = s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0
     fits = math.floor(resources.get("CPU", 0) / per_trial_cpu + 1e-9)
-    if s.use_gpu:
-        fits = min(fits, math.floor(resources.get("GPU", 0) / s.num_workers + 1e-9))
+    if s.use_gpu:  # fractional GPUs pack several trials on one GPU (scaling.gpus_per_worker)
+        fits = min(fits, math.floor(resources.get("GPU", 0) / per_trial_gpu + 1e-9))
     if fits < 1:
         raise ConfigError(f"scaling: one trial needs {s.num_workers} workers x {s.cpus_per_worker} CPUs"
-                          f"{' and 1 GPU each' if s.use_gpu else ''}; the cluster has {resources.get('CPU', 0):g} "
-                          f"CPUs and {resources.get('GPU', 0):g} GPUs")
+                          f"{f' and {s.gpus_per_worker:g} GPU each' if s.use_gpu else ''}; the cluster has "
+                          f"{resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs")
     asked = sweep.cfg.max_concurrent_trials
     if asked > fits:
         raise ConfigError(f"max_concurrent_trials: {asked} trials at once need {asked} x {per_trial_cpu:g} CPUs"
-                          f"{f' and {asked * s.num_workers} GPUs' if s.use_gpu else ''}; the cluster holds "
+                          f"{f' and {asked * per_trial_gpu:g} GPUs' if s.use_gpu else ''}; the cluster holds "
                           f"{fits} (CPU {resources.get('CPU', 0):g}, GPU {resources.get('GPU', 0):g})")
     return min(asked or fits, sweep.cfg.num_trials)
 

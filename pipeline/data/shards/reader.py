@@ -94,6 +94,7 @@ class EpisodeBatch:
     bytes_fetched: int = 0          # shard bytes read from the store while building this batch (for monitoring)
 
     after: Cursor | None = None     # where the stream stands once this batch is consumed
+    last: bool = False              # the last batch of its epoch on this rank
 
     def cursor_after(self) -> Cursor:
         return self.after
@@ -102,9 +103,13 @@ class EpisodeBatch:
 class EpisodeStream(IterableDataset):
     """One rank's batches of one epoch as PackedBatch; make_loader wraps it in a DataLoader and converts."""
 
-    def __init__(self, config: StreamConfig, *, rank: int, world_size: int, cursor: Cursor) -> None:
+    def __init__(self, config: StreamConfig, *, rank: int, world_size: int, cursor: Cursor,
+                 continuous: bool = False) -> None:
+        """continuous: after the cursor's epoch, go on with the next epochs (fresh, under this layout) without end,
+        so one DataLoader, and its worker processes, serves the whole job (see make_loader)."""
         super().__init__()
         self.config, self.rank, self.world_size, self.cursor = config, rank, world_size, cursor
+        self.continuous = continuous
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
         # The manifest first: it is the commit marker of a prepared dataset (the card is written just before it).
@@ -133,6 +138,7 @@ class EpisodeStream(IterableDataset):
             # Classes lose their last n_c % T images each epoch: the same count every epoch.
             stream_length = sum(int(n) - int(n) % config.episode_length
                                 for n in np.bincount(np.concatenate(self.labels)) if n)
+        self.stream_length = stream_length
         self.fingerprint = plan_fingerprint(config, self.counts)
         if cursor.plan is not None and cursor.plan != self.fingerprint:
             raise ValueError(f"cursor {cursor} was made under another data plan (this one is {self.fingerprint}): "
@@ -147,24 +153,40 @@ class EpisodeStream(IterableDataset):
         if not 0 <= cursor.batches_seen <= self.plan.num_batches:
             raise ValueError(f"cursor {cursor} is outside this epoch's {self.plan.num_batches} batches")
 
-    def cursor_at(self, batches_seen: int) -> Cursor:
-        return Cursor(self.cursor.epoch, batches_seen, self.fingerprint, self.world_size, self.config.batch_size,
-                      self.cursor.earlier)
+    def cursor_at(self, batches_seen: int, cursor: Cursor | None = None) -> Cursor:
+        cursor = cursor or self.cursor
+        return Cursor(cursor.epoch, batches_seen, self.fingerprint, self.world_size, self.config.batch_size,
+                      cursor.earlier)
 
     def __len__(self) -> int:
+        """Batches left in the cursor's epoch (a continuous stream goes on after them)."""
         return self.plan.num_batches - self.cursor.batches_seen
 
     def __iter__(self):
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cursor, plan, offset = self.cursor, self.plan, 0
+        while True:
+            yield from self._epoch(cursor, plan, worker_id, num_workers, offset)
+            if not self.continuous:
+                return
+            # The DataLoader takes batches from its workers in turn, across epoch ends too: a worker's share of
+            # the next epoch follows the global count of batches, not the batch index in the epoch.
+            offset += plan.num_batches - cursor.batches_seen
+            cursor = Cursor(cursor.epoch + 1, 0, self.fingerprint, self.world_size, self.config.batch_size)
+            plan = rank_plan(self.stream_length, self.config.episode_length, self.config.batch_size,
+                             self.world_size, self.rank, self.config.remainder)
+
+    def _epoch(self, cursor: Cursor, plan: RankPlan, worker_id: int, num_workers: int, offset: int):
         if self.labels is not None:
             shard_of, row_of = class_epoch_stream(self.labels, self.config.episode_length, self.config.seed,
-                                                  self.cursor.epoch)
+                                                  cursor.epoch)
         else:
-            shard_of, row_of = epoch_stream(self.counts, self.config.seed, self.cursor.epoch, self.config.shuffle)
+            shard_of, row_of = epoch_stream(self.counts, self.config.seed, cursor.epoch, self.config.shuffle)
         cache: dict[int, ShardArrays | None] = {}
-        for batch_index in worker_batches(self.plan.num_batches, self.cursor.batches_seen, worker_id, num_workers):
-            yield self._batch(batch_index, shard_of, row_of, cache)
+        first = cursor.batches_seen + (worker_id - offset) % max(num_workers, 1)
+        for batch_index in worker_batches(plan.num_batches, first, 0, num_workers):
+            yield self._batch(batch_index, shard_of, row_of, cache, cursor, plan)
 
     def _load(self, shard: int, cache: dict[int, ShardArrays | None]) -> tuple[ShardArrays | None, bool, int]:
         """The decoded shard (None if skipped as corrupt), whether it was skipped just now, bytes fetched."""
@@ -187,8 +209,8 @@ class EpisodeStream(IterableDataset):
         return arrays, False, len(data)
 
     def _batch(self, batch_index: int, shard_of: np.ndarray, row_of: np.ndarray,
-               cache: dict[int, ShardArrays | None]) -> "PackedBatch":
-        positions = self.plan.batch_positions(batch_index).ravel()
+               cache: dict[int, ShardArrays | None], cursor: Cursor, plan: RankPlan) -> "PackedBatch":
+        positions = plan.batch_positions(batch_index).ravel()
         real = positions >= 0
         shards_here = np.full(positions.shape, -1, np.int64)
         shards_here[real] = shard_of[positions[real]]
@@ -218,16 +240,17 @@ class EpisodeStream(IterableDataset):
             keys[here] = arrays.keys[rows[here]]
             if arrays.labels is not None:
                 labels[here] = arrays.labels[rows[here]]
-        B, T = self.plan.batch_size, self.plan.episode_length
+        B, T = plan.batch_size, plan.episode_length
         return PackedBatch(
             images=images.reshape(B, T, *self.image_shape),
             keys=keys.reshape(B, T),
             labels=labels.reshape(B, T) if self.has_labels else None,
-            epoch=self.cursor.epoch,
+            epoch=cursor.epoch,
             index=batch_index,
             skipped_shards=tuple(skipped),
             bytes_fetched=fetched,
-            after=self.cursor_at(batch_index + 1),
+            after=self.cursor_at(batch_index + 1, cursor),
+            last=batch_index + 1 == plan.num_batches,
         )
 
 
@@ -253,6 +276,7 @@ class PackedBatch:
     skipped_shards: tuple[str, ...]
     bytes_fetched: int
     after: Cursor
+    last: bool = False
 
     def to_batch(self, as_float: bool, bit_depth: int) -> EpisodeBatch:
         images = torch.from_numpy(self.images)
@@ -269,6 +293,7 @@ class PackedBatch:
             skipped_shards=self.skipped_shards,
             bytes_fetched=self.bytes_fetched,
             after=self.after,
+            last=self.last,
         )
 
 
@@ -279,27 +304,41 @@ class EpisodeLoader:
 
     def __init__(self, stream: EpisodeStream, dataloader: DataLoader) -> None:
         self.stream, self.dataloader = stream, dataloader
+        self._iterators: list = []
 
     def __len__(self) -> int:
         return len(self.stream)
 
     def __iter__(self):
         as_float, bit_depth = self.stream.config.as_float, self.stream.bit_depth
-        for packed in self.dataloader:
+        iterator = iter(self.dataloader)
+        self._iterators.append(iterator)
+        for packed in iterator:
             yield packed.to_batch(as_float, bit_depth)
+
+    def close(self) -> None:
+        """Stop the worker processes now, not at garbage collection (a continuous loader's never end)."""
+        for iterator in self._iterators:
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self._iterators.clear()
 
 
 def make_loader(config: StreamConfig, *, rank: int, world_size: int, cursor: Cursor, num_workers: int = 0,
-                multiprocessing_context: str | None = None, prefetch_factor: int | None = None) -> EpisodeLoader:
+                multiprocessing_context: str | None = None, prefetch_factor: int | None = None,
+                continuous: bool = False) -> EpisodeLoader:
     """One rank's epoch from `cursor`, read by `num_workers` DataLoader workers (0: in this process); yields
-    EpisodeBatch. len() is the same on every rank."""
-    stream = EpisodeStream(config, rank=rank, world_size=world_size, cursor=cursor)
+    EpisodeBatch. len() is the same on every rank. continuous=True: the epochs after it follow without end (each
+    batch says whether it is the last of its epoch), so the workers are started once per job, not once per epoch
+    (measured: ~6 s per epoch with 2 spawned workers, where an epoch of binarized MNIST on 4 GPUs is ~0.15 s)."""
+    stream = EpisodeStream(config, rank=rank, world_size=world_size, cursor=cursor, continuous=continuous)
     dataloader = DataLoader(
         stream,
         batch_size=None,  # batches are built by the stream: B whole episodes, already packed
         num_workers=num_workers,
         multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        persistent_workers=False,  # a new loader per epoch: the epoch is part of the stream's plan
+        persistent_workers=False,  # one iterator serves the job when continuous; else a new loader per epoch
     )
     return EpisodeLoader(stream, dataloader)
