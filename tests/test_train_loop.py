@@ -129,6 +129,8 @@ def _rank_main(rank, world, port, root, result):
     Loop(cfg, session, data=(uneven, valid, test)).run()
     with open(f"{result}.{rank}", "w") as f:
         f.write(",".join(str(r["step"]) for r in session.reports))
+    with open(f"{result}.wait.{rank}", "w") as f:  # each rank's data wait as every rank sees it
+        f.write(",".join(str(sum(r.get(f"perf/data_wait_s_rank{k}", 0.0) for r in session.reports)) for k in (0, 1)))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -148,6 +150,9 @@ def test_ranks_agree_on_which_steps_report(tmp_path):
     reported = [int(s) for s in steps0.split(",")]
     assert {6, 12} <= set(reported)  # checkpoint steps always report
     assert 2 <= len(set(reported) - {6, 12}) < 10  # rank 0's slow batches made some, not all, reports due
+    # the time each rank waited for data, per rank, on every rank: rank 0 slept 0.4 s on 4 of its 12 batches
+    waits = [[float(v) for v in (tmp_path / f"steps.wait.{r}").read_text().split(",")] for r in (0, 1)]
+    assert waits[0] == waits[1] and waits[0][0] > 1.0 > waits[0][1], waits
 
 
 def test_checkpoints_and_validation_follow_their_step_schedules_not_epoch_ends(tmp_path):

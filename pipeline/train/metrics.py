@@ -4,8 +4,8 @@ Per step (`after_step`) only device ops run: the count of skipped (non-finite) s
 of skips, the first skipped step of the window. At a log step (`collect`) everything the ranks must agree on goes
 into one vector: the loss terms and gradient norm (averaged over ranks; the skip counters too, which DDP makes
 equal on every rank), rank 0's seconds since its last report (so every rank takes the same report decision: a
-report is a barrier, one rank skipping it would hang the rest), and on GPUs each rank's peak memory and
-utilisation in a slot of its own. One all-reduce and one host read: the loop's only host sync between log steps.
+report is a barrier, one rank skipping it would hang the rest), and in slots of its own per rank the seconds it
+waited for data and, on GPUs, its peak memory and utilisation (NVML), so a starving rank shows in MLflow. One all-reduce and one host read: the loop's only host sync between log steps.
 
 Host-side timings of the window ride along: images/s, the time the training thread waited for data
 (`perf/data_wait_s`, with its share of the window), and the loop's wall and CPU time so far.
@@ -61,12 +61,15 @@ class StepMetrics:
         names = list(terms)  # the same order on every rank
         mean_part = [terms[k].float() for k in names] + [grad_norm.float(), self._skips, self._run_max,
                                                           self._first_bad]
-        slots = torch.zeros(1 + 2 * self.world_size, device=self.device)
+        # per rank, in its own slots (the sum fills them all): data wait, and on GPUs peak memory and utilisation
+        slots = torch.zeros(1 + 3 * self.world_size, device=self.device)
         slots[0] = since
+        mine = 1 + 3 * self.rank
+        slots[mine] = self.window.data_wait_s
         cuda = self.device.type == "cuda"
         if cuda:
-            slots[1 + 2 * self.rank] = torch.cuda.max_memory_allocated(self.device) / 2**20
-            slots[2 + 2 * self.rank] = _utilisation(self.device)
+            slots[mine + 1] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            slots[mine + 2] = _utilisation(self.device)
         vec = torch.cat([torch.stack(mean_part).to(self.device), slots])
         if self.world_size > 1:
             dist.all_reduce(vec)
@@ -83,11 +86,14 @@ class StepMetrics:
         m.update({"train/grad_norm": grad, "train/nonfinite_skipped": self.skipped,
                   "perf/episodes_per_s": episodes_per_s, "perf/data_wait_s": w.data_wait_s,
                   "perf/data_wait_share": w.data_wait_s / seconds})
-        if cuda:
-            for r in range(self.world_size):
-                m[f"perf/gpu_peak_mem_mb_rank{r}"] = values[len(mean_part) + 1 + 2 * r]
-                if values[len(mean_part) + 2 + 2 * r] >= 0:
-                    m[f"perf/gpu_util_rank{r}"] = values[len(mean_part) + 2 + 2 * r]
+        for r in range(self.world_size):
+            wait, mem, util = values[len(mean_part) + 1 + 3 * r:len(mean_part) + 4 + 3 * r]
+            if self.world_size > 1:
+                m[f"perf/data_wait_s_rank{r}"] = wait
+            if cuda:
+                m[f"perf/gpu_peak_mem_mb_rank{r}"] = mem
+                if util >= 0:
+                    m[f"perf/gpu_util_rank{r}"] = util
         self._track_idle_keys(step, [m[f"train/kl_y_key{k}"] for k in range(self.key_terms)], steps)
         self._skips.zero_()
         self._run_max.copy_(self._run)
