@@ -5,8 +5,8 @@
 
 Two loops over the same batches, side by side in one run, on one worker with one thread:
   - full: the real path, `pipeline.cluster.driver.run` (Ray Train, one worker) with binarized MNIST shards read
-    from an S3 endpoint, metrics to a real MLflow server every `log_every` steps, validation and checkpoints to the
-    S3 endpoint on their step schedules: the loop's `perf/loop_s` (start of the step loop to the end of the last
+    from an S3 endpoint by one DataLoader worker (as the GPU configs do, with 2), metrics to a real MLflow server
+    every `log_every` steps, validation and checkpoints to the S3 endpoint on their step schedules: the loop's `perf/loop_s` (start of the step loop to the end of the last
     step; the baseline validation before it and the final test bound after it are not part of the loop);
   - bare: `train_step` over the same batches, read from the same shards once and held in memory, same model,
     seed, optimiser and noise seeds, nothing else.
@@ -42,7 +42,8 @@ MODEL = {"episode_length": EPISODE_LENGTH, "encoder": {"width": 4, "groups": 2, 
 
 def job_overrides(args, shards: str, storage: str, uri: str, name: str) -> list[str]:
     return [f"model={json.dumps(MODEL)}", f"name={name}", "data.dataset=binarized_mnist", f"data.shards={shards}",
-            "data.batch_episodes=2", f"data.valid_episodes={args.valid_episodes}", "data.test_episodes=4",
+            "data.batch_episodes=2", "data.loader_workers=1", f"data.valid_episodes={args.valid_episodes}",
+            "data.test_episodes=4",
             "eval.iwae_samples=1", f"eval.every_steps={args.eval_every}", f"train.max_steps={args.steps}",
             "train.warmup_steps=10", f"train.log_every={args.log_every}",
             f"checkpoint.every_steps={args.checkpoint_every}", f"checkpoint.storage_path={storage}",

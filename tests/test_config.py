@@ -156,6 +156,10 @@ BAD_INPUTS = [  # (arguments of jobs.train, the field its message must start wit
     (["model.objective.key_free_bits=oops"], "model.objective.key_free_bits"),
     (["checkpoint.storage_path=s3://nobucket/x", "checkpoint.s3_endpoint_url=http://127.0.0.1:9"],
      "checkpoint.storage_path"),
+    (["name=.."], "name: must be one path component"),  # the run folder would be storage_path's parent
+    (["name=a/b"], "name: must be one path component"),
+    (["seed=-1"], "seed: must be >= 0"),
+    (["scaling.gpus_per_worker=0.5"], "scaling.gpus_per_worker: is set but scaling.use_gpu=false"),
 ]
 
 

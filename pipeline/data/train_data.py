@@ -145,10 +145,7 @@ class ShardStream:
         else:
             if live is not None:
                 live[1].close()
-            # spawn, not fork: a forked worker inherits fsspec's event loop and can hang on s3 (s3fs #914)
-            loader = make_loader(self._config(), rank=self.rank, world_size=self.world_size, cursor=cursor,
-                                 num_workers=self.loader_workers,
-                                 multiprocessing_context="spawn" if self.loader_workers else None, continuous=True)
+            loader = self._loader(cursor)
             if len(loader) == 0:  # nothing left of this epoch under this layout
                 return
             batches = iter(loader)
@@ -158,6 +155,24 @@ class ShardStream:
             yield TrainBatch(batch.keys.numpy(), batch.images, batch.after, batch.last)
             if batch.last:
                 return
+
+    def warm(self, cursor: Cursor) -> None:
+        """Build the loader for `cursor` and start its workers now (they spawn and prefetch while the caller does
+        something else: the loop calls it before its step-0 validation); batches(cursor) then continues from it."""
+        if getattr(self, "_live", None) is not None:
+            return
+        loader = self._loader(cursor)
+        if len(loader) == 0:
+            return
+        loader.start()
+        self._live = (cursor, loader, iter(loader))
+
+    def _loader(self, cursor: Cursor):
+        from pipeline.data.shards.reader import make_loader
+        # spawn, not fork: a forked worker inherits fsspec's event loop and can hang on s3 (s3fs #914)
+        return make_loader(self._config(), rank=self.rank, world_size=self.world_size, cursor=cursor,
+                           num_workers=self.loader_workers,
+                           multiprocessing_context="spawn" if self.loader_workers else None, continuous=True)
 
     def close(self) -> None:
         """Stop the DataLoader workers of the live loader (the loop calls it when the job ends)."""

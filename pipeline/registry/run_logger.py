@@ -28,7 +28,7 @@ class RankZeroLogger:
     metrics, or after `retry_s`), and `flush` at the end of the job waits for the server (pipeline.retry) before
     giving up loudly."""
 
-    def __init__(self, uri: str, run_id: str, active: bool, retry_s: float = 5.0):
+    def __init__(self, uri: str, run_id: str, active: bool, retry_s: float = 5.0, send_interval_s: float = 1.0):
         self.active = active and bool(run_id)
         self.run_id = run_id
         if self.active:
@@ -42,6 +42,7 @@ class RankZeroLogger:
         self._queue: queue.Queue = queue.Queue()  # (metrics, step, unix ms) from the training thread
         self._sender: threading.Thread | None = None
         self._retry_s = retry_s
+        self.send_interval_s = send_interval_s
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue one step's metrics (floats) for the sender thread; returns at once."""
@@ -53,21 +54,34 @@ class RankZeroLogger:
             self._sender.start()
 
     def _send_forever(self) -> None:
+        """Take what is queued and send it in one request, at most one request per `send_interval_s`: the
+        request's Python work (entities, JSON, HTTP) holds the GIL, and at a log step every few milliseconds it
+        would take a share of the training thread's."""
+        last = 0.0
         while True:
             try:
-                item = self._queue.get(timeout=self._retry_s if self.pending else None)
+                items = [self._queue.get(timeout=self._retry_s if self.pending else None)]
             except queue.Empty:  # nothing new, something pending: try the server again
                 with self._lock:
                     self._send()
                 continue
+            time.sleep(max(0.0, last + self.send_interval_s - time.monotonic()))
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             try:
                 with self._lock:
-                    self._take(*item)
+                    for item in items:
+                        self._take(*item)
                     self._send()
             except Exception:  # noqa: BLE001 - the thread must outlive any one failure; flush reports what is left
                 log.exception("MLflow metrics sender: unexpected error")
             finally:
-                self._queue.task_done()
+                last = time.monotonic()
+                for _ in items:
+                    self._queue.task_done()
 
     def _take(self, metrics: dict[str, float], step: int, now: int) -> None:
         from mlflow.entities import Metric

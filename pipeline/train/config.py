@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import pathlib
+import re
 import types
 import typing
 from typing import Annotated, Any, Literal
@@ -206,7 +207,12 @@ class JobConfig(Section):
     # ---- validation --------------------------------------------------------------------------------------------
     def validate(self) -> "JobConfig":
         """Raise ConfigError naming the first invalid field; return self so calls chain."""
-        _need(bool(self.name.strip()) and "/" not in self.name, "name", "must be non-empty without '/'", self.name)
+        # the run folder is <storage_path>/<name>, and pruning deletes checkpoint_* folders in it: one path
+        # component that stays below storage_path ('..' would put the run at or above it)
+        _need(bool(_SAFE_NAME.fullmatch(self.name)) and self.name not in (".", ".."), "name",
+              "must be one path component of letters, digits, '.', '_' and '-', starting with a letter or digit",
+              self.name)
+        _need(self.seed >= 0, "seed", "must be >= 0 (numpy's seed sequences refuse negative seeds)", self.seed)
         d, t, s, c, k = self.data, self.train, self.scaling, self.checkpoint, self.tracking
         for path, v in [("data.batch_episodes", d.batch_episodes), ("data.valid_episodes", d.valid_episodes),
                         ("data.test_episodes", d.test_episodes), ("train.max_steps", t.max_steps),
@@ -253,6 +259,9 @@ class JobConfig(Section):
         except (ModelConfigError, ValueError) as e:
             raise _model_error(e) from None
         return self
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def _tracking_uri_ok(uri: str) -> bool:

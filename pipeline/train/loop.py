@@ -126,6 +126,9 @@ class Loop:
         resumed_from = self._restore()
         self.resumed_from = -1 if resumed_from is None else resumed_from
         stop = self.job.train.halt_at_step or self.job.train.max_steps
+        warm = getattr(self.stream, "warm", None)
+        if warm is not None and self.step < stop:
+            warm(self.cursor)  # the data loader's workers start while rank 0 validates
         if resumed_from is None and self.rank0:
             self.last_valid = self._validate()  # step-0 baseline: the bound the run must lower
         if resumed_from is not None:

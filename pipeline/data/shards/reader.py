@@ -305,14 +305,25 @@ class EpisodeLoader:
     def __init__(self, stream: EpisodeStream, dataloader: DataLoader) -> None:
         self.stream, self.dataloader = stream, dataloader
         self._iterators: list = []
+        self._started: list = []
 
     def __len__(self) -> int:
         return len(self.stream)
 
-    def __iter__(self):
-        as_float, bit_depth = self.stream.config.as_float, self.stream.bit_depth
+    def start(self) -> None:
+        """Start the worker processes (and their prefetching) now; the next iteration takes their batches. A
+        spawned worker imports torch: seconds that can overlap other work, e.g. the step-0 validation."""
         iterator = iter(self.dataloader)
         self._iterators.append(iterator)
+        self._started.append(iterator)
+
+    def __iter__(self):
+        as_float, bit_depth = self.stream.config.as_float, self.stream.bit_depth
+        if self._started:
+            iterator = self._started.pop(0)
+        else:
+            iterator = iter(self.dataloader)
+            self._iterators.append(iterator)
         for packed in iterator:
             yield packed.to_batch(as_float, bit_depth)
 
@@ -323,6 +334,7 @@ class EpisodeLoader:
             if shutdown is not None:
                 shutdown()
         self._iterators.clear()
+        self._started.clear()
 
 
 def make_loader(config: StreamConfig, *, rank: int, world_size: int, cursor: Cursor, num_workers: int = 0,
