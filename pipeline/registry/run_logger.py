@@ -15,6 +15,12 @@ from pipeline.urls import redact, redact_text
 log = logging.getLogger(__name__)
 
 
+def _set_all(marks: list[threading.Event]) -> list[threading.Event]:
+    for mark in marks:
+        mark.set()
+    return []
+
+
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; raised before training starts."""
 
@@ -53,19 +59,33 @@ class RankZeroLogger:
             self._sender = threading.Thread(target=self._send_forever, name="mlflow-metrics", daemon=True)
             self._sender.start()
 
+    def delivered(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every metric logged before this call is in the store (True), or timeout_s passed (False: the
+        server is down; they stay pending). The Checkpointer calls it before a checkpoint is reported: a worker
+        killed after that checkpoint resumes from it, and the steps before it must not be lost with the queue."""
+        if not self.active or self._sender is None:
+            return True
+        mark = threading.Event()
+        self._queue.put(mark)
+        return mark.wait(timeout_s)
+
     def _send_forever(self) -> None:
         """Take what is queued and send it in one request, at most one request per `send_interval_s`: the
         request's Python work (entities, JSON, HTTP) holds the GIL, and at a log step every few milliseconds it
-        would take a share of the training thread's."""
+        would take a share of the training thread's. Marks (`delivered`) are set once what came before them is
+        in the store."""
         last = 0.0
+        marks: list[threading.Event] = []
         while True:
             try:
                 items = [self._queue.get(timeout=self._retry_s if self.pending else None)]
             except queue.Empty:  # nothing new, something pending: try the server again
                 with self._lock:
-                    self._send()
+                    if self._send():
+                        marks = _set_all(marks)
                 continue
-            time.sleep(max(0.0, last + self.send_interval_s - time.monotonic()))
+            if not isinstance(items[0], threading.Event):  # someone waits for a mark: send now
+                time.sleep(max(0.0, last + self.send_interval_s - time.monotonic()))
             while True:
                 try:
                     items.append(self._queue.get_nowait())
@@ -74,8 +94,12 @@ class RankZeroLogger:
             try:
                 with self._lock:
                     for item in items:
-                        self._take(*item)
-                    self._send()
+                        if isinstance(item, threading.Event):
+                            marks.append(item)
+                        else:
+                            self._take(*item)
+                    if self._send():
+                        marks = _set_all(marks)
             except Exception:  # noqa: BLE001 - the thread must outlive any one failure; flush reports what is left
                 log.exception("MLflow metrics sender: unexpected error")
             finally:

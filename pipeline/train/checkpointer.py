@@ -49,8 +49,12 @@ class SaveTiming:
 
 
 class Checkpointer:
-    def __init__(self, session, every_steps: int, background: bool = True, max_in_flight: int = 2):
+    def __init__(self, session, every_steps: int, background: bool = True, max_in_flight: int = 2,
+                 before_checkpoint: Callable[[], Any] | None = None):
+        """before_checkpoint: called on the background thread before a checkpoint is reported (rank 0's MLflow
+        logger waits there until the metrics logged so far are in the store)."""
         self.session = session
+        self.before_checkpoint = before_checkpoint
         self.schedule = Every(every_steps)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kpp-report") if background else None
         self._in_flight: collections.deque[Future] = collections.deque()
@@ -80,6 +84,8 @@ class Checkpointer:
             folder = tempfile.mkdtemp(prefix=f"kpp-{name}-")
             try:
                 checkpointing.write(folder, payload)
+                if self.before_checkpoint is not None:
+                    self.before_checkpoint()
                 self.session.report(metrics, folder, name)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)

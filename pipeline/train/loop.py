@@ -89,7 +89,9 @@ class Loop:
         self.device = next(self.net.parameters()).device
         self.opt, self.sched = optim.build(self.model.parameters(), job.train)
         self.tracker = RankZeroLogger(tracking_uri, run_id, self.rank0 and job.tracking.enabled)
-        self.checkpointer = Checkpointer(session, job.checkpoint.every_steps)
+        # the metrics of the steps a checkpoint covers reach the store before the checkpoint is reported: a worker
+        # group restarted from it replays only the steps after it
+        self.checkpointer = Checkpointer(session, job.checkpoint.every_steps, before_checkpoint=self.tracker.delivered)
         self.metrics = StepMetrics(rank=session.rank, world_size=session.world_size, device=self.device,
                                    key_terms=self.mcfg.key_terms, warmup_steps=self.mcfg.objective.kl_warmup_steps)
         self.validation = Every(job.eval.every_steps)
