@@ -121,8 +121,9 @@ def test_four_trials_run_at_once_on_fractional_cpus(ray_cluster, mlflow_server, 
     overrides = {**TINY_TRAIN, "data.shards": digits_shards, "checkpoint.storage_path": str(tmp_path / "runs"),
                  "tracking.uri": mlflow_server, "tracking.experiment": "packed", "scaling.cpus_per_worker": 0.24,
                  "train.max_steps": 150, "eval.every_steps": 75, "checkpoint.every_steps": 75}
+    # register_best off: the session's MLflow server is shared, and the resume test below owns `kpp-digits`
     path = sweep_yaml(tmp_path, name="packed", max_concurrent_trials=4, asha={"grace_steps": 149},
-                      train={"config": "jobs/configs/local.yaml", "overrides": overrides})
+                      register_best=False, train={"config": "jobs/configs/local.yaml", "overrides": overrides})
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run([sys.executable, "-m", "jobs.tune", "--config", path], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
@@ -219,7 +220,7 @@ def test_sweep_killed_midway_resumes_and_registers_the_best(ray_cluster, mlflow_
     best = table[table["outcome"] == "finished"].sort_values("valid_neg_elbo").iloc[0]
     assert out["best_trial"] == best["trial_id"] and out["model"] == "kpp-digits"
     versions = client.search_model_versions("name='kpp-digits'")
-    assert len(versions) == 1
+    assert len(versions) == 1, [(v.version, v.run_id, v.tags.get("sweep.parent_run_id")) for v in versions]
     tags = versions[0].tags
     assert tags["sweep.parent_run_id"] == out["parent_run_id"] and tags["dataset"] == "digits"
     assert abs(float(tags["test.neg_elbo"]) - float(best["test/neg_elbo"])) < 1e-3
