@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from pipeline.data.shards.prepare import PrepareConfig, prepare
@@ -54,21 +55,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"prepare: {redact_text(str(err))}", file=sys.stderr)
         return 2
-    config = PrepareConfig(
-        dataset=args.dataset,
-        source=args.source,
-        out=args.out,
-        shard_size=args.shard_size,
-        block_size=args.block_size,
-        episode_length=args.episode_length,
-        seed=args.seed,
-        workers=args.workers,
-        compress=args.compress,
-        splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
-        source_options={"resize": args.resize} if args.resize else {},
-        storage_options={"endpoint_url": args.endpoint_url} if args.endpoint_url else {},
-        progress=not args.no_progress,
-    )
+    try:
+        config = PrepareConfig(
+            dataset=args.dataset,
+            source=args.source,
+            out=args.out,
+            shard_size=args.shard_size,
+            block_size=args.block_size,
+            episode_length=args.episode_length,
+            seed=args.seed,
+            workers=args.workers,
+            compress=args.compress,
+            splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
+            source_options={"resize": args.resize} if args.resize else {},
+            storage_options={"endpoint_url": args.endpoint_url} if args.endpoint_url else {},
+            progress=not args.no_progress,
+        )
+    except ValueError as err:  # "PrepareConfig.<field> must be ...": named as the flag the user typed
+        message = re.sub(r"PrepareConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(err))
+        print(f"prepare: {redact_text(message)}", file=sys.stderr)
+        return 2
     try:
         report = prepare(config)
     except (DataSourceError, ValueError) as err:

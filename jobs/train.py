@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(redact_tree(cfg.to_dict()), indent=1))
         return 0
     from pipeline.cluster import driver  # after validation: importing Ray is slow and a bad config should not wait for it
+    from pipeline.cluster.failures import DeterministicFailure
     from pipeline.job_env import job_start
     from pipeline.registry.tracking import TrackingError
     try:
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except (config.ConfigError, TrackingError) as e:
         print(f"jobs.train: {redact_text(str(e))}", file=sys.stderr)
         return 2
+    except DeterministicFailure as e:  # training started and failed the way every retry would: no traceback of Ray's
+        print(f"jobs.train: training failed: {redact_text(str(e))}", file=sys.stderr)
+        return 1
     m = out.metrics
     print(f"run {out.run_id or '-'}: {'finished' if out.finished else 'halted'} at step {out.step}"
           f"{' (resumed)' if out.resumed else ''}; checkpoint {redact_text(out.checkpoint)}")

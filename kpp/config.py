@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     def __init__(self, field_path: str, message: str):
         super().__init__(f"{field_path}: {message}")
         self.field = field_path
+        self.what = message
+
+    def __reduce__(self):  # pickled across processes (a Ray worker's error reaches the driver): rebuilt from its parts
+        return (ConfigError, (self.field, self.what))
 
 
 @dataclass(kw_only=True)

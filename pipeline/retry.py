@@ -16,10 +16,27 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-# Retrying cannot fix these: a missing or forbidden object, or a programming error (raised at once, not after
-# a quarter minute of backoff).
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TypeError, AttributeError,
-             NotImplementedError)
+# Retrying cannot fix these: a missing or forbidden object, bytes that do not parse (ValueError: a corrupt card,
+# manifest or shard, bad JSON, Arrow's ArrowInvalid), or a programming error. Raised at once, not after a quarter
+# minute of backoff.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, LookupError,
+             TypeError, AttributeError, NotImplementedError)
+# Credentials that are missing or refused: botocore's own exception types (by name: botocore need not be
+# installed) and the error codes S3 and pyarrow's S3 client put in the message. Waiting does not mend them.
+CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError", "ProfileNotFound",
+                     "InvalidConfigError", "CredentialRetrievalError"}
+CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
+                    "InvalidToken", "ACCESS_DENIED", "No credentials", "Unable to locate credentials")
+
+
+def permanent(err: BaseException) -> bool:
+    """Whether a retry cannot mend `err` (see PERMANENT, CREDENTIAL_ERRORS)."""
+    if isinstance(err, PERMANENT) and not isinstance(err, (TimeoutError, ConnectionError)):
+        return True
+    if any(k.__name__ in CREDENTIAL_ERRORS for k in type(err).__mro__):
+        return True
+    text = str(err)
+    return any(code in text for code in CREDENTIAL_CODES)
 
 
 @dataclass(frozen=True)
@@ -32,17 +49,17 @@ class RetryPolicy:
 def with_retries(what: str, action: Callable[[], T], policy: RetryPolicy = RetryPolicy()) -> T:
     """action() retried on transient errors with exponential backoff; permanent ones are raised at once.
 
-    Transient is everything except a missing object or a permission error: the object stores' connection,
-    timeout and 5xx errors come from several client libraries (aiohttp, botocore, OSError) and none of them is
-    worth failing an epoch for at the first try.
+    Transient is everything `permanent` does not name: the object stores' connection, timeout and 5xx errors
+    come from several client libraries (aiohttp, botocore, OSError) and none of them is worth failing an epoch
+    for at the first try.
     """
     max_attempts = policy.max_attempts
     for attempt in range(1, max_attempts + 1):
         try:
             return action()
-        except PERMANENT:
-            raise
         except Exception as err:  # noqa: BLE001 - see docstring: transient errors come in many types
+            if permanent(err):
+                raise
             if attempt == max_attempts:
                 raise OSError(f"{what}: failed after {max_attempts} attempts: {type(err).__name__}: {err}") from err
             delay = min(policy.backoff_max_s, policy.backoff_s * 2 ** (attempt - 1))

@@ -115,6 +115,12 @@ def test_cli_reports_bad_input_by_name_and_exit_code(tmp_path):
     result = subprocess.run([sys.executable, "-m", "jobs.prepare", "--dataset", "mnist", "--source",
                              str(tmp_path / "missing"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 2 and "missing: source directory not found" in result.stderr
+    for flags, message in [(["--splits", "bogus"], "prepare: --splits must be a non-empty subset of"),
+                           (["--shard-size", "0"], "argument --shard-size: must be >= 1, got 0")]:
+        result = subprocess.run([sys.executable, "-m", "jobs.prepare", "--dataset", "digits", "--out",
+                                 str(tmp_path / "out"), *flags], capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def s3_keys(s3, bucket: str, prefix: str) -> list[str]:

@@ -145,6 +145,33 @@ def test_retries_transient_errors_with_backoff_but_not_missing_objects():
         with_retries("shard y", missing, QUICK)
     assert len(calls) == 1
 
+    # what waiting cannot mend is raised at the first attempt: bytes that do not parse, credentials refused or
+    # missing (botocore's type, or the code in the message of pyarrow's S3 client)
+    class NoCredentialsError(Exception):  # botocore's name: recognised without importing botocore
+        pass
+
+    for error in (ValueError("not a Parquet file"), NoCredentialsError("Unable to locate credentials"),
+                  OSError("AWS Error ACCESS_DENIED during HeadObject operation"),
+                  OSError("An error occurred (InvalidAccessKeyId) when calling the GetObject operation")):
+        calls.clear()
+
+        def refused(error=error):
+            calls.append(1)
+            raise error
+
+        with pytest.raises(type(error)):
+            with_retries("card z", refused, QUICK)
+        assert len(calls) == 1, error
+    calls.clear()
+
+    def timed_out():
+        calls.append(1)
+        raise TimeoutError("read timed out")  # an OSError and transient, though a subclass of nothing permanent
+
+    with pytest.raises(OSError, match="failed after 2 attempts: TimeoutError"):
+        with_retries("card z", timed_out, QUICKER)
+    assert len(calls) == 2
+
 
 def test_truncated_or_grown_shard_on_s3_is_named(s3, s3_dataset):
     import fsspec

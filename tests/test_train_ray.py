@@ -349,6 +349,41 @@ def test_training_rides_out_a_10s_s3_outage_and_a_10s_mlflow_outage(ray_cluster,
     assert checkpointing.fetch_latest_complete(fs, f"{path}/outage", "/tmp/kpp-outage-check").name.endswith("160")
 
 
+@pytest.mark.slow
+def test_two_workers_train_through_a_tracking_outage_longer_than_the_collective_timeout(ray_cluster,
+                                                                                        restartable_mlflow, tmp_path):
+    """The tracking server is down for 45 s, over twice scaling.timeout_s (20 s; 300 s by default against the
+    minutes a restarting server or a partition takes): both ranks keep training through it (steps are logged
+    while it is down), the job neither fails nor restarts, and every metric reaches the server afterwards."""
+    cfg = job("name=long-outage", "data.dataset=digits", "train.max_steps=600", "checkpoint.every_steps=20",
+              "checkpoint.keep=2", "checkpoint.keep_by=recent", f"checkpoint.storage_path={tmp_path}",
+              "scaling.timeout_s=20", "checkpoint.max_failures=0", f"tracking.uri={restartable_mlflow.url}",
+              "tracking.experiment=t-long-outage", "tracking.registered_model=", "tracking.images_every_steps=100")
+    window: dict[str, float] = {}
+
+    def outage() -> None:
+        _wait_for(lambda: checkpointing.latest_complete(tmp_path / "long-outage"), 300, "the first checkpoint")
+        restartable_mlflow.stop()
+        window["down"] = time.time()
+        time.sleep(45)
+        window["up"] = time.time()
+        restartable_mlflow.start()
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    out = driver.run(cfg)
+    thread.join(timeout=120)
+    assert set(window) == {"down", "up"}, "the outage never happened: training ended before its first checkpoint"
+    assert out.finished and out.step == 600 and not out.resumed
+    client = MlflowClient(restartable_mlflow.url)
+    history = client.get_metric_history(out.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(5, 601, 5))  # none lost, none twice
+    during = [m.step for m in history if window["down"] * 1000 < m.timestamp < window["up"] * 1000]
+    assert len(during) >= 5, (during, window)  # logged (on the workers' clock) while the server was down
+    assert client.get_run(out.run_id).info.status == "FINISHED"
+    assert len(runs_of(restartable_mlflow.url, "t-long-outage", "long-outage")) == 1
+
+
 def test_a_hung_worker_fails_the_group_after_the_collective_timeout_and_the_job_recovers(ray_cluster, tmp_path):
     """A peer that stops answering (SIGSTOP: alive, silent, like a wedged GPU or a paused VM) must not stall the
     job forever: the others' collective times out after scaling.timeout_s, Ray restarts the group from the last

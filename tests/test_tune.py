@@ -144,6 +144,34 @@ def test_four_trials_run_at_once_on_fractional_cpus(ray_cluster, mlflow_server, 
     assert max(trained for _, trained, _ in spans) < first_end, spans
 
 
+def test_asha_rungs_survive_a_restored_sweep(tmp_path):
+    """A scheduler rebuilt from the experiment's folder (as after the sweep's driver died) judges the next trial
+    against the rung records taken before, where Tune's own ASHA would start with empty rungs and let it go on."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from pipeline.tune.asha import ResumableASHA
+    kw = dict(time_attr="step", max_t=31, grace_period=10, reduction_factor=2)
+
+    def feed(scheduler, trial_id, value):
+        trial = SimpleNamespace(trial_id=trial_id)
+        scheduler.on_trial_add(None, trial)
+        return scheduler.on_trial_result(None, trial, {"step": 10, "valid_neg_elbo": value})
+
+    first = ResumableASHA(str(tmp_path / "exp"), **kw)
+    first.set_search_properties("valid_neg_elbo", "min")
+    assert feed(first, "t1", 100.0) == TrialScheduler.CONTINUE
+    assert feed(first, "t2", 200.0) == TrialScheduler.STOP
+    restored = ResumableASHA(str(tmp_path / "exp"), **kw)
+    restored.set_search_properties("valid_neg_elbo", "min")
+    assert feed(restored, "t3", 300.0) == TrialScheduler.STOP
+    assert restored.rung_records()[0]["10"] == {"t1": -100.0, "t2": -200.0, "t3": -300.0}
+    plain = ASHAScheduler(**kw)  # what the restored sweep had before: an empty rung lets t3 go on
+    plain.set_search_properties("valid_neg_elbo", "min")
+    assert feed(plain, "t3", 300.0) == TrialScheduler.CONTINUE
+
+
 # -- the real sweep ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_shards(tmp_path_factory):

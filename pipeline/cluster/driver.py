@@ -95,6 +95,54 @@ def preflight(cfg: JobConfig) -> None:
             raise ConfigError(f"model.episode_length: {mcfg.episode_length}, but {cfg.data.shards} stores its fixed "
                               f"evaluation episodes with episode_length {card['episodes']['episode_length']} "
                               f"(jobs.prepare --episode-length)")
+        check_data_plan(cfg, card)
+    else:
+        check_in_memory_plan(cfg)
+
+
+def check_in_memory_plan(cfg: JobConfig) -> None:
+    """The in-memory path (data.source, small data): the splits are read here once, as every worker will read
+    them, and checked like prepared data (a card built from what was read)."""
+    from collections import Counter
+
+    from pipeline.data import preflight
+    from pipeline.data.sources import load_split
+    d = cfg.data
+    try:
+        sets = {split: load_split(d.dataset, d.source or None, split) for split in ("train", "valid", "test")}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.source: cannot read {d.dataset} from {d.source or 'its bundled copy'} ({e})") from None
+    card = {"splits": {split: {"num_images": len(s)} for split, s in sets.items()},
+            "has_labels": all(s.labels is not None for s in sets.values())}
+    sizes = ({split: Counter(s.labels.tolist()) for split, s in sets.items()}
+             if d.episodes == "class" and card["has_labels"] else None)
+    request = preflight.DataRequest(d.source or d.dataset, d.episodes, cfg.model.episode_length, d.batch_episodes,
+                                    cfg.scaling.num_workers, d.valid_episodes, d.test_episodes)
+    try:
+        preflight.check(request, card, sizes)
+    except preflight.DataPlanError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_data_plan(cfg: JobConfig, card: dict[str, Any]) -> None:
+    """What the workers would find out about the data (class episodes possible, enough evaluation episodes, one
+    batch per rank), from the card and label index: ConfigError naming the field and the split (pipeline.data.preflight)."""
+    from pipeline.data import preflight
+    from pipeline.data.shards.manifest import ManifestError, read_label_index
+    d = cfg.data
+    sizes = None
+    if d.episodes == "class" and card.get("has_labels"):
+        try:
+            index = read_label_index(d.shards)
+            sizes = {split: preflight.class_sizes_of(index.get(split, {})) for split in ("train", "valid", "test")}
+        except ManifestError as e:
+            raise ConfigError(f"data.episodes: {e}") from None
+    request = preflight.DataRequest(d.shards, d.episodes, cfg.model.episode_length, d.batch_episodes,
+                                    cfg.scaling.num_workers, d.valid_episodes, d.test_episodes)
+    try:
+        preflight.check(request, card, sizes)
+    except preflight.DataPlanError as e:
+        raise ConfigError(str(e)) from None
 
 
 def has_checkpoint(cfg: JobConfig) -> bool:
@@ -183,7 +231,8 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], options: "RunOpti
         run_config=RunConfig(
             # the controller's writes to run storage (its checkpoint snapshot, deletions) ride out an outage
             name=cfg.name, storage_path=path, storage_filesystem=retrying(fs) if fs is not None else None,
-            failure_config=FailureConfig(max_failures=c.max_failures),
+            # Ray's own retries off: the driver retries what a retry can mend (fit, pipeline.cluster.failures)
+            failure_config=FailureConfig(max_failures=0),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=c.keep,
                 checkpoint_score_attribute="valid_neg_elbo" if c.keep_by == "valid" else None,
@@ -231,10 +280,8 @@ def run(cfg: JobConfig, options: RunOptions = RunOptions()) -> Outcome:
         path, fs = storage(cfg)
         import pyarrow.fs
         run_folder = (fs or pyarrow.fs.LocalFileSystem(), f"{path}/{cfg.name}")
-        result = build_trainer(cfg, {"job": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
-                                     "storage": run_folder, "started_unix": started_unix}, options).fit()
-        if result.error is not None:
-            raise result.error
+        result = fit(cfg, {"job": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id, "storage": run_folder,
+                           "started_unix": started_unix}, options)
         _prune_unregistered(run_folder, result)
         metrics = dict(result.metrics or {})
         out = Outcome(run_id=run_id, resumed=metrics.get("resumed_from_step", -1) >= 0,
@@ -255,6 +302,34 @@ def run(cfg: JobConfig, options: RunOptions = RunOptions()) -> Outcome:
                 tracking.MlflowClient(uri).set_terminated(run_id, "KILLED")  # halted: a re-run resumes it
             else:
                 tracking.finish_run(uri, run_id, ok)
+
+
+def fit(cfg: JobConfig, loop_config: dict[str, Any], options: RunOptions):
+    """Ray Train's fit, retried here from the run's last checkpoint (a new trainer of the same name and storage
+    resumes it) up to checkpoint.max_failures times (-1: always), unless the workers failed deterministically:
+    that error ends the job at once (pipeline.cluster.failures)."""
+    from ray.train import WorkerGroupError
+
+    from pipeline.cluster.failures import deterministic
+    limit, failures = cfg.checkpoint.max_failures, 0
+    while True:
+        try:
+            result = build_trainer(cfg, loop_config, options).fit()
+        except WorkerGroupError as e:
+            fatal = deterministic(e.worker_failures)
+            if fatal is not None:
+                raise fatal from e
+            failures += 1
+            if limit != -1 and failures > limit:
+                raise
+            summary = "; ".join(f"rank {r}: {type(x).__name__}: {str(x).splitlines()[0] if str(x) else ''}"[:300]
+                                for r, x in sorted(e.worker_failures.items()))
+            print(f"[train] attempt {failures + 1}{'' if limit == -1 else f' of {limit + 1}'}: restarting from the "
+                  f"last checkpoint after a failure a retry can mend ({summary})", flush=True)
+            continue
+        if result.error is not None:
+            raise result.error
+        return result
 
 
 def _prune_unregistered(run_folder, result) -> None:

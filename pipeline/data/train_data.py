@@ -185,22 +185,43 @@ def shard_eval_episodes(root: str, split: str, episode_length: int, count: int, 
                         seed: int = 0) -> torch.Tensor:
     """The first `count` fixed episodes of a prepared split (stored in fixed-episode order by jobs.prepare); for
     episodes="class", the fixed class episodes (pipeline.data.episodes.class_episodes) of the whole split."""
-    from pipeline.data.shards.manifest import ManifestError, read_card
     from pipeline.data.shards.reader import StreamConfig, make_loader
     if episodes == "class":
-        count_all = -(-int(read_card(root)["splits"][split]["num_images"]) // episode_length)
-        cfg = StreamConfig(root=root, split=split, episode_length=episode_length, batch_size=count_all,
-                           shuffle=False, remainder="pad", as_float=True)
-        batch = next(iter(make_loader(cfg, rank=0, world_size=1, cursor=Cursor(0))))
-        if batch.labels is None:
-            raise ManifestError(f"{root}: data.episodes='class' needs labels, and this dataset has none")
-        real = batch.mask.flatten()
-        images, labels = batch.images.flatten(0, 1)[real], batch.labels.flatten()[real].numpy()
-        return images[torch.from_numpy(class_episodes(labels, episode_length, seed)[:count])]
+        return _class_eval_episodes(root, split, episode_length, count, seed)
     cfg = StreamConfig(root=root, split=split, episode_length=episode_length, batch_size=count, shuffle=False,
                        remainder="pad", as_float=True)
     batch = next(iter(make_loader(cfg, rank=0, world_size=1, cursor=Cursor(0))))
     return batch.images[batch.mask.all(dim=1)]
+
+
+def _class_eval_episodes(root: str, split: str, episode_length: int, count: int, seed: int,
+                         chunk_episodes: int = 64) -> torch.Tensor:
+    """The fixed class episodes, planned from the label index (labels.parquet: the split's labels in storage
+    order) and filled by streaming the split in storage order, keeping only the chosen images: memory holds
+    count x T images and one chunk, never the split."""
+    from pipeline.data.shards.manifest import ManifestError, read_label_index
+    from pipeline.data.shards.reader import StreamConfig, make_loader
+    by_shard = read_label_index(root).get(split)
+    if not by_shard:
+        raise ManifestError(f"{root}: data.episodes='class' needs labels, and split {split!r} has none")
+    labels = np.concatenate([np.asarray(by_shard[i], np.int64) for i in sorted(by_shard)])
+    chosen = class_episodes(labels, episode_length, seed)[:count]  # [E, T] positions in storage order
+    wanted = np.unique(chosen)
+    picked: dict[int, torch.Tensor] = {}
+    cfg = StreamConfig(root=root, split=split, episode_length=episode_length, batch_size=chunk_episodes,
+                       shuffle=False, remainder="pad", as_float=True)
+    start = 0
+    for batch in make_loader(cfg, rank=0, world_size=1, cursor=Cursor(0)):
+        images = batch.images.flatten(0, 1)[batch.mask.flatten()]
+        for position in wanted[(wanted >= start) & (wanted < start + images.shape[0])]:
+            picked[int(position)] = images[int(position) - start]
+        start += images.shape[0]
+        if start > wanted[-1]:
+            break
+    if len(picked) != wanted.size:
+        raise ManifestError(f"{root}: the label index of split {split!r} lists {labels.size} images, its shards "
+                            f"hold {start}")
+    return torch.stack([torch.stack([picked[int(p)] for p in episode]) for episode in chosen])
 
 
 def load_data(dataset: str, source: str, episode_length: int, batch_episodes: int, valid_episodes: int,

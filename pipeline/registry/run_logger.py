@@ -3,6 +3,7 @@ installed (jobs.torchrun_train on a bare GPU box) when tracking is off."""
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import queue
 import tempfile
@@ -13,6 +14,8 @@ from typing import Any
 from pipeline.urls import redact, redact_text
 
 log = logging.getLogger(__name__)
+CLIENT_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def _set_all(marks: list[threading.Event]) -> list[threading.Event]:
@@ -38,6 +41,11 @@ class RankZeroLogger:
         self.active = active and bool(run_id)
         self.run_id = run_id
         if self.active:
+            # MLflow's client retries a request for minutes by default (7 retries, backoff factor 2, 120 s
+            # timeout); in the training process a request gives up within seconds instead, and this logger's
+            # own schedule (pending, retry_s, flush) carries the metrics through an outage of any length
+            for k, v in CLIENT_LIMITS.items():
+                os.environ.setdefault(k, v)
             from mlflow.tracking import MlflowClient
             self.client = MlflowClient(uri)
         else:
@@ -49,6 +57,7 @@ class RankZeroLogger:
         self._sender: threading.Thread | None = None
         self._retry_s = retry_s
         self.send_interval_s = send_interval_s
+        self.server_down = False  # the last send failed: delivered() does not wait for a server that is down
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue one step's metrics (floats) for the sender thread; returns at once."""
@@ -65,6 +74,8 @@ class RankZeroLogger:
         killed after that checkpoint resumes from it, and the steps before it must not be lost with the queue."""
         if not self.active or self._sender is None:
             return True
+        if self.server_down:
+            return False
         mark = threading.Event()
         self._queue.put(mark)
         return mark.wait(timeout_s)
@@ -125,10 +136,12 @@ class RankZeroLogger:
                 self.client.log_batch(self.run_id, metrics=batch)
             except Exception as e:  # noqa: BLE001 - connection errors come as MlflowException, OSError, requests errors
                 log.warning("MLflow log_batch failed (%s); %d metrics pending", redact_text(str(e)), len(self.pending))
+                self.server_down = True
                 return False
             del self.pending[:len(batch)]
             for m in batch:
                 self._floor[m.key] = max(self._floor.get(m.key, -1), m.step)
+        self.server_down = False
         return True
 
     def flush(self, policy=None) -> None:
@@ -167,17 +180,18 @@ class RankZeroLogger:
             path = plot_curves(histories, pathlib.Path(d) / pathlib.Path(artifact_file).name)
             self.log_artifact(path, str(pathlib.Path(artifact_file).parent))
 
-    def log_artifact(self, local_path: str | pathlib.Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, local_path: str | pathlib.Path, artifact_path: str | None = None, attempts: int = 8) -> None:
         if self.active:
             self._retried(f"log artifact {local_path}",
-                          lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_path))
+                          lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_path), attempts)
 
-    def log_image(self, image, key: str, step: int) -> None:
+    def log_image(self, image, key: str, step: int, attempts: int = 8) -> None:
         """An image (uint8 [H, W, 3]) as one step of the image series `key` (MlflowClient.log_image): the MLflow UI
         shows the series with a step slider."""
         if self.active:
             self._retried(f"log image {key} at step {step}",
-                          lambda: self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True))
+                          lambda: self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True),
+                          attempts)
 
     def log_dict(self, d: dict[str, Any], artifact_file: str) -> None:
         if self.active:
@@ -190,9 +204,9 @@ class RankZeroLogger:
                 self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()]))
 
     @staticmethod
-    def _retried(what: str, action):
+    def _retried(what: str, action, attempts: int = 8):
         from pipeline.retry import RetryPolicy, with_retries
         try:
-            return with_retries(what, action, RetryPolicy(max_attempts=8, backoff_max_s=8.0))
+            return with_retries(what, action, RetryPolicy(max_attempts=attempts, backoff_max_s=8.0))
         except OSError as e:
             raise TrackingError(f"tracking.uri: {what} failed: {e}") from e

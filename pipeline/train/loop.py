@@ -38,7 +38,7 @@ from kpp.model import KanervaPlusPlus
 from kpp.objective import kl_beta
 from pipeline.data.shards.plan import Cursor
 from pipeline.data.train_data import load_data
-from pipeline.registry.run_logger import RankZeroLogger
+from pipeline.registry.run_logger import RankZeroLogger, TrackingError
 from pipeline.train import checkpointing
 from pipeline.train import optim
 from pipeline.train.checkpointer import Checkpointer, Every
@@ -91,7 +91,11 @@ class Loop:
         self.tracker = RankZeroLogger(tracking_uri, run_id, self.rank0 and job.tracking.enabled)
         # the metrics of the steps a checkpoint covers reach the store before the checkpoint is reported: a worker
         # group restarted from it replays only the steps after it
-        self.checkpointer = Checkpointer(session, job.checkpoint.every_steps, before_checkpoint=self.tracker.delivered)
+        # a checkpoint waits for the metrics before it to be stored, but never near the collective timeout: the
+        # other ranks wait for this one at their next collective (a tracking outage must not fail the group)
+        delivery_s = min(60.0, job.scaling.timeout_s / 4)
+        self.checkpointer = Checkpointer(session, job.checkpoint.every_steps,
+                                         before_checkpoint=lambda: self.tracker.delivered(delivery_s))
         self.metrics = StepMetrics(rank=session.rank, world_size=session.world_size, device=self.device,
                                    key_terms=self.mcfg.key_terms, warmup_steps=self.mcfg.objective.kl_warmup_steps)
         self.validation = Every(job.eval.every_steps)
@@ -226,7 +230,10 @@ class Loop:
                 self.last_valid = self._validate()
                 self.best_valid = min(self.best_valid, self.last_valid)
         if self.grids.due(self.step, False) and not (done and self.step == self.job.train.max_steps):
-            self._log_grid()  # (the last step's figures come with the final bounds)
+            try:
+                self._log_grid()  # (the last step's figures come with the final bounds)
+            except TrackingError as e:  # a picture mid-run is not worth the job: the server is down, train on
+                print(f"[train] step {self.step}: sample grid not logged ({e})", flush=True)
         if not (save or self.step % self.job.train.log_every == 0):
             return None
         metrics, report_due = self._collect(terms, grad_norm)
@@ -321,21 +328,26 @@ class Loop:
         same grid and the memory/keys figure of the first test episode."""
         if not self.tracker.active:
             return
+        # mid-run pictures get one try and none while the server is known down: rank 0 must not sit in retries
+        # while the other ranks wait at the next collective; the final ones are retried (the job waits for them)
+        attempts = 8 if final else 1
+        if not final and self.tracker.server_down:
+            raise TrackingError("the tracking server is down")
         from kpp import viz
         episode = self.test[:1]
         fig = viz.labelled_sample_figure(self.net, episode, seed=self.job.eval.seed, step=self.step)
         with tempfile.TemporaryDirectory() as d:
             name = "final.png" if final else f"step_{self.step:09d}.png"
             viz.save_figure(fig, pathlib.Path(d) / name)
-            self.tracker.log_artifact(pathlib.Path(d) / name, "samples")
-        self.tracker.log_image(viz.figure_array(fig), "samples", self.step)
+            self.tracker.log_artifact(pathlib.Path(d) / name, "samples", attempts)
+        self.tracker.log_image(viz.figure_array(fig), "samples", self.step, attempts)
         try:
             memory = viz.memory_keys_figure(self.net, episode, seed=self.job.eval.seed,
                                             title=f"Memory and keys of test episode 0 at step {self.step}")
         except ValueError as e:  # a memory that is no 2-D map has no such figure; training goes on
             print(f"[train] no memory/keys figure: {e}", flush=True)
             return
-        self.tracker.log_image(viz.figure_array(memory), "memory_keys", self.step)
+        self.tracker.log_image(viz.figure_array(memory), "memory_keys", self.step, attempts)
 
     def _restore(self) -> int | None:
         with self.session.restore_dir() as d:

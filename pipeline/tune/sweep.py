@@ -96,12 +96,13 @@ def search_algorithm(sweep: Sweep):
     return BasicVariantGenerator(random_state=sweep.cfg.seed)
 
 
-def scheduler(sweep: Sweep):
-    from ray.tune.schedulers import ASHAScheduler
+def scheduler(sweep: Sweep, setup: "TunerSetup"):
+    """ASHA on the optimiser step, its rung records kept in the experiment's folder (pipeline.tune.asha)."""
+    from pipeline.tune.asha import ResumableASHA
     # max_t one past the last step: a trial that reaches its last step ends by itself (its final test bounds are
     # reported with it) instead of being stopped by ASHA at the same moment
-    return ASHAScheduler(time_attr="step", max_t=sweep.base.train.max_steps + 1, grace_period=sweep.cfg.asha.grace_steps,
-                         reduction_factor=sweep.cfg.asha.reduction_factor)
+    return ResumableASHA(setup.path, setup.filesystem, time_attr="step", max_t=sweep.base.train.max_steps + 1,
+                         grace_period=sweep.cfg.asha.grace_steps, reduction_factor=sweep.cfg.asha.reduction_factor)
 
 
 def make_close_trial_runs_callback(uri: str):
@@ -168,7 +169,7 @@ def build_tuner(sweep: Sweep, setup: TunerSetup, restoring: bool, parent_run_id:
     tuner = tune.Tuner(
         trainable, param_space=param_space(sweep),
         tune_config=tune.TuneConfig(metric=sweep.cfg.metric, mode=sweep.cfg.mode, search_alg=search_algorithm(sweep),
-                                    scheduler=scheduler(sweep), num_samples=samples,
+                                    scheduler=scheduler(sweep, setup), num_samples=samples,
                                     max_concurrent_trials=max_concurrent),
         run_config=tune.RunConfig(name=sweep.cfg.name, storage_path=setup.root, storage_filesystem=setup.filesystem,
                                   callbacks=[make_close_trial_runs_callback(uri)] if uri else [],
