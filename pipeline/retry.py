@@ -29,6 +29,12 @@ CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied
                     "InvalidToken", "ACCESS_DENIED", "No credentials", "Unable to locate credentials")
 
 
+def credential_error(err: BaseException) -> bool:
+    """Credentials missing or refused (see CREDENTIAL_ERRORS, CREDENTIAL_CODES)."""
+    return any(k.__name__ in CREDENTIAL_ERRORS for k in type(err).__mro__) or \
+        any(code in str(err) for code in CREDENTIAL_CODES)
+
+
 def permanent(err: BaseException) -> bool:
     """Whether a retry cannot mend `err` (see PERMANENT, CREDENTIAL_ERRORS)."""
     if isinstance(err, PERMANENT) and not isinstance(err, (TimeoutError, ConnectionError)):
@@ -59,6 +65,8 @@ def with_retries(what: str, action: Callable[[], T], policy: RetryPolicy = Retry
             return action()
         except Exception as err:  # noqa: BLE001 - see docstring: transient errors come in many types
             if permanent(err):
+                if credential_error(err) and not isinstance(err, OSError):  # botocore's: an OSError, as callers expect of a store
+                    raise PermissionError(f"{what}: credentials missing or refused: {type(err).__name__}: {err}") from err
                 raise
             if attempt == max_attempts:
                 raise OSError(f"{what}: failed after {max_attempts} attempts: {type(err).__name__}: {err}") from err

@@ -115,3 +115,23 @@ def test_launcher_env_carries_the_train_settings_and_no_credentials():
 def test_the_old_paths_are_gone():
     assert not (REPO / "infra" / "cluster-aws.yaml").exists()
     assert not (REPO / "infra" / "kuberay-rayjob.yaml").exists()
+
+
+def test_the_head_image_holds_what_the_aws_autoscaler_imports(tmp_path):
+    """The head's autoscaler loads Ray's AWS node provider from the head image's packages, which are the project's
+    dependencies (the images install `-e .` with the lock): boto3 is one of them, the provider imports here, and
+    the image's check (head_setup_commands and the image build) fails, naming it, where boto3 is missing."""
+    import subprocess
+    import sys
+    assert "boto3" in project_requirements()
+    import ray.autoscaler._private.aws.node_provider  # noqa: F401 - the provider's own imports (boto3, botocore)
+    script = str(REPO / "infra" / "docker" / "check_install.py")
+    (tmp_path / "boto3.py").write_text("raise ImportError('No module named boto3')\n")  # an image without boto3
+    import torch
+    kind = "--cuda" if torch.version.cuda else "--no-cuda"
+    args = [sys.executable, script, "--constraints", str(REPO / "constraints.txt"), "--torch", torch.__version__, kind]
+    assert subprocess.run(args, capture_output=True, text=True, timeout=120).returncode == 0
+    bad = subprocess.run(args, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(tmp_path)})
+    assert bad.returncode == 1 and "boto3 does not import" in bad.stderr and "AWS nodes" in bad.stderr, bad.stderr
+    head = config()["head_setup_commands"]
+    assert any("check_install.py" in c for c in head)

@@ -213,8 +213,8 @@ def test_the_model_takes_image_shape_bit_depth_and_likelihood_from_the_data_card
                                        for s in ("train", "valid", "test")})
     prepare(PrepareConfig(dataset="npz", source=str(tmp_path / "grey.npz"), out=str(tmp_path / "p"),
                           episode_length=4, progress=False))
-    cfg = config.load(None, [f"data.shards={tmp_path / 'p'}", "model.episode_length=4",
-                             f"checkpoint.storage_path={tmp_path / 'ray'}"])
+    cfg = config.load(None, [f"data.shards={tmp_path / 'p'}", "model.episode_length=4", "data.valid_episodes=16",
+                             "data.test_episodes=16", f"checkpoint.storage_path={tmp_path / 'ray'}"])
     model = driver.resolved(cfg).model
     assert (model.image_channels, model.image_height, model.image_width, model.bit_depth) == (3, 16, 16, 8)
     assert model.likelihood.kind == "logistic_mixture"

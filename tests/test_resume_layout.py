@@ -103,3 +103,26 @@ def test_resume_under_another_layout_goes_on_with_the_images_the_epoch_owes(tmp_
     assert set(everything.tolist()) <= set(range(images))
     # nothing the epoch owed is lost beyond the tail that does not fill a batch on every rank (remainder "drop")
     assert (episodes - everything.size // 4) < w1 * b1 + w1
+
+
+def test_a_resume_whose_epoch_rest_cannot_fill_one_batch_goes_on_to_the_next_epoch(tmp_path):
+    """10 steps of 4 episodes leave 309 of the epoch's 349; resumed with batches of 310 the rest of epoch 0 gives
+    no batch at all. The loop must go on with epoch 1 (one batch per epoch), not ask epoch 0 again forever."""
+    import multiprocessing
+    launch(1, tmp_path / "ckpt", tmp_path / "head", "data.batch_episodes=4", "train.max_steps=400",
+           "train.halt_at_step=10")
+    ctx = multiprocessing.get_context("spawn")
+    resumed = ctx.Process(target=run, args=(0, 1, 0, str(tmp_path / "ckpt"), str(tmp_path / "tail"),
+                                            ["data.batch_episodes=310", "train.max_steps=400", "train.halt_at_step=12",
+                                             "checkpoint.every_steps=1"]))
+    resumed.start()
+    resumed.join(timeout=240)
+    if resumed.is_alive():
+        resumed.kill()
+        pytest.fail("the resumed run made no step in 240 s: it kept asking the spent epoch for a batch")
+    assert resumed.exitcode == 0
+    payload = checkpointing.load(checkpointing.latest_complete(tmp_path / "ckpt"))
+    cursor = Cursor.from_dict(payload["cursor"])
+    assert payload["step"] == 12 and cursor.epoch == 3  # epochs 1 and 2 gave one batch each
+    (tail,) = keys_of(tmp_path / "tail", 1)
+    assert len(tail) == 2 and all(len(k) == 310 * 4 for k in tail)

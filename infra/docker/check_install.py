@@ -5,8 +5,8 @@
 
 Fails (exit 1, one line per problem) when an installed distribution that constraints.txt pins has another
 version (a local label such as +cu128 aside: the lock pins public versions), when torch is not exactly the wanted
-build or not of the wanted kind (CUDA or CPU), or when Ray's dashboard (ray[default]) cannot be imported. Uses the
-standard library only, so it runs before and without the project.
+build or not of the wanted kind (CUDA or CPU), when Ray's dashboard (ray[default]) or the AWS node provider of its
+autoscaler (boto3) cannot be imported. Uses the standard library only, so it runs before and without the project.
 """
 from __future__ import annotations
 
@@ -54,6 +54,14 @@ def problems(pins: dict[str, str], have: dict[str, str], torch_build: str, cuda:
             importlib.import_module(module)
         except ImportError as e:
             out.append(f"{module} does not import ({e}): ray[default] is not installed")
+    # the head's autoscaler loads its node provider from the head's own packages: without boto3 a launcher
+    # cluster (infra/launcher/aws.yaml) starts but never adds a node
+    for module in ("boto3", "botocore", "ray.autoscaler._private.aws.node_provider"):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            out.append(f"{module} does not import ({e}): the autoscaler cannot start AWS nodes (boto3 is a "
+                       "dependency of the project)")
     return out
 
 

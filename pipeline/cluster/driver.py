@@ -108,6 +108,9 @@ def check_in_memory_plan(cfg: JobConfig) -> None:
     from pipeline.data import preflight
     from pipeline.data.sources import load_split
     d = cfg.data
+    if not d.source and d.dataset != "digits":
+        raise ConfigError(f"data.source: dataset {d.dataset!r} needs a source (a directory or fsspec URL of its "
+                          "files) or data.shards (a dataset prepared by jobs.prepare)")
     try:
         sets = {split: load_split(d.dataset, d.source or None, split) for split in ("train", "valid", "test")}
     except (OSError, ValueError) as e:

@@ -249,12 +249,6 @@ class JobConfig(Section):
         _need(bool(c.storage_path.strip()), "checkpoint.storage_path", "must be set", c.storage_path)
         from pipeline.data.sources import DATASETS  # numpy only: cheap, and names the datasets in the message
         _need(d.dataset in DATASETS, "data.dataset", f"must be one of {', '.join(DATASETS)}", d.dataset)
-        if not d.shards:  # the in-memory path reads data.source in every worker: say now what it lacks
-            _need(bool(d.source) or d.dataset == "digits", "data.source",
-                  f"dataset {d.dataset!r} needs a source (a directory or fsspec URL of its files) or data.shards "
-                  "(a dataset prepared by jobs.prepare)", d.source)
-            _need(not d.source or d.dataset != "digits", "data.source",
-                  "dataset 'digits' is bundled with scikit-learn and takes no source", d.source)
         _need(_tracking_uri_ok(k.uri), "tracking.uri", "must be '', a path, file://, sqlite:///<file>, http(s)://"
               "<host> or a database URI (postgresql://, mysql://, mssql://, databricks)", k.uri)
         _need(not c.s3_endpoint_url or c.s3_endpoint_url.startswith(("http://", "https://")),
