@@ -85,6 +85,7 @@ class Service:
     """One server process in a session of its own, its output in <root>/<name>.log."""
 
     name = "service"
+    stop_grace_s = 30.0  # SIGTERM, then SIGKILL what is left after this long
 
     def __init__(self, root: pathlib.Path, port: int | None = None):
         self.root = pathlib.Path(root)
@@ -109,7 +110,7 @@ class Service:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_session(self.proc.pid)
+            stop_session(self.proc.pid, self.stop_grace_s)
             self.proc.wait(timeout=5)
             self.proc = None
 
@@ -170,6 +171,9 @@ class RayHead(Service):
     picked free, so the head coexists with any other Ray cluster on the machine (the test session's own)."""
 
     name = "ray"
+    # on SIGTERM the raylet and its workers exit in ~8 s, but `ray start --block`, the GCS and the dashboard stay
+    # until SIGKILL (measured, Ray 2.60): a longer grace only delays `down` (30 s each time)
+    stop_grace_s = 10.0
 
     def __init__(self, root, port: int | None = None, num_cpus: int | None = None,
                  env: dict[str, str] | None = None):
@@ -220,12 +224,89 @@ class RayHead(Service):
             pass
 
 
+class RayNode(Service):
+    """A second Ray node joining a head: `ray start --address <head> --block`, with its own CPUs, temp dir (its
+    sockets, logs and the job's unpacked working dir) and process session, as another machine of the cluster
+    would have. Killing its raylet (`raylet_pid`) is what losing that machine looks like to Ray."""
+
+    stop_grace_s = 10.0
+
+    def __init__(self, root, head: RayHead, name: str = "node1", num_cpus: int = 1,
+                 env: dict[str, str] | None = None):
+        super().__init__(root)
+        self.name, self.head, self.num_cpus = name, head, num_cpus
+        self.extra_env = dict(env or {})
+        # a short path of its own: Ray's unix sockets live under it and must stay within 107 bytes
+        import tempfile
+        self.temp_dir = tempfile.mkdtemp(prefix=f"kpp-{name}-")
+
+    def command(self) -> list[str]:
+        ports = {f"--{k}": str(free_port()) for k in ("node-manager-port", "object-manager-port",
+                                                      "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                      "runtime-env-agent-port", "metrics-export-port")}
+        return [str(BIN / "ray"), "start", "--address", self.head.address, "--block", "--num-cpus",
+                str(self.num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats",
+                *[a for kv in ports.items() for a in kv]]
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, **self.extra_env}
+        env.pop("RAY_ADDRESS", None)
+        env["RAY_API_SERVER_ADDRESS"] = self.head.dashboard_url
+        env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+        return env
+
+    def ready(self, timeout_s: float) -> None:
+        """Once the head's dashboard lists this node as alive (its temp dir names it)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray node {self.name} exited with {self.proc.returncode} before joining")
+            if self.node_id():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"ray node {self.name} did not join {self.head.address} within {timeout_s:.0f} s")
+
+    def node_id(self) -> str:
+        """This node's id while the head counts it alive, else ''."""
+        try:
+            with urllib.request.urlopen(f"{self.head.dashboard_url}/nodes?view=summary", timeout=5) as r:
+                nodes = json.load(r)["data"]["summary"]
+        except (OSError, KeyError, ValueError):
+            return ""
+        for n in nodes:
+            raylet = n.get("raylet", {})
+            if raylet.get("state") == "ALIVE" and str(raylet.get("nodeManagerPort")) == self._port_of("node"):
+                return raylet.get("nodeId", "")
+        return ""
+
+    def _port_of(self, what: str) -> str:
+        args = self.proc.args if self.proc is not None else []
+        flag = f"--{what}-manager-port"
+        return args[args.index(flag) + 1] if flag in args else ""
+
+    def raylet_pid(self) -> int | None:
+        for pid in session_pids(self.proc.pid) if self.proc is not None else []:
+            try:
+                exe = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if exe.endswith(b"/raylet"):
+                return pid
+        return None
+
+    def stop(self) -> None:
+        super().stop()
+        import shutil
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
 @dataclass
 class LocalStack:
     """The three services, with the environment a client (or a job driver on the head) needs to use them."""
 
     dir: pathlib.Path
     num_cpus: int | None = None
+    ray_env: dict[str, str] = field(default_factory=dict)  # more environment for the Ray nodes (and their jobs)
     services: dict[str, Service] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -259,13 +340,26 @@ class LocalStack:
             # the way a cluster's ConfigMap and Secret do (infra/kuberay)
             from pipeline.cluster.driver import RAY_ENV
             ray = self.services["ray"] = RayHead(self.dir, num_cpus=self.num_cpus,
-                                                 env={**self.client_env, **RAY_ENV})
+                                                 env={**self.client_env, **RAY_ENV, **self.ray_env})
             ray.start()
         except BaseException:
             self.down()
             raise
         self._write_state()
         return self
+
+    def add_node(self, num_cpus: int = 1) -> RayNode:
+        """Another Ray node joining the head (a second machine, on this one); `down` stops it with the rest."""
+        head = self.services["ray"]
+        name = f"node{sum(isinstance(s, RayNode) for s in self.services.values()) + 1}"
+        node = self.services[name] = RayNode(self.dir, head, name, num_cpus, env=head.extra_env)
+        try:
+            node.start()
+        except BaseException:
+            self.services.pop(name).stop()
+            raise
+        self._write_state()
+        return node
 
     def _write_state(self) -> None:
         (self.dir / "env").write_text("".join(f"export {k}={v}\n" for k, v in self.env.items()))
@@ -283,11 +377,12 @@ class LocalStack:
         """Stop the Ray head first (its job drivers may still be talking to S3 and MLflow), then the servers."""
         state = self.dir / "stack.json"
         if not self.services and state.exists():  # another process ran `up`: stop by the recorded sessions
-            for name in ("ray", "mlflow", "s3"):
-                rec = json.loads(state.read_text()).get(name)
+            recorded = json.loads(state.read_text())
+            for name in [*sorted(n for n in recorded if n.startswith("node")), "ray", "mlflow", "s3"]:
+                rec = recorded.get(name)
                 if rec:
-                    stop_session(rec["pid"])
-        for name in ("ray", "mlflow", "s3"):
+                    stop_session(rec["pid"], RayHead.stop_grace_s if name.startswith(("node", "ray")) else 30)
+        for name in [*sorted(n for n in self.services if n.startswith("node")), "ray", "mlflow", "s3"]:
             svc = self.services.pop(name, None)
             if svc is not None:
                 svc.stop()
@@ -300,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("action", choices=["up", "down", "status"])
     ap.add_argument("--dir", default="outputs/stack", help="state, logs, the sqlite store and artifacts")
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the Ray head (default: all)")
+    ap.add_argument("--worker-nodes", type=int, default=0,
+                    help="more Ray nodes joining the head (1 CPU each), as the other machines of a cluster")
     args = ap.parse_args(argv)
     stack = LocalStack(pathlib.Path(args.dir), num_cpus=args.num_cpus)
     if args.action == "up":
@@ -307,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"a stack is already up (state in {stack.dir}); `down` it first", file=sys.stderr)
             return 2
         stack.up()
+        for _ in range(args.worker_nodes):
+            stack.add_node()
         e = stack.env
         print(f"up: Ray dashboard and Jobs API {e['RAY_API_SERVER_ADDRESS']} (GCS {e['RAY_ADDRESS']}), "
               f"MLflow {e['MLFLOW_TRACKING_URI']}, S3 {e['AWS_ENDPOINT_URL']} (buckets {', '.join(BUCKETS)})")

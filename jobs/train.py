@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(redact_tree(cfg.to_dict()), indent=1))
         return 0
     from pipeline.cluster import driver  # after validation: importing Ray is slow and a bad config should not wait for it
-    from pipeline.cluster.failures import DeterministicFailure
+    from pipeline.cluster.failures import JobFailure
     from pipeline.job_env import job_start
     from pipeline.registry.tracking import TrackingError
     try:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except (config.ConfigError, TrackingError) as e:
         print(f"jobs.train: {redact_text(str(e))}", file=sys.stderr)
         return 2
-    except DeterministicFailure as e:  # training started and failed the way every retry would: no traceback of Ray's
+    except JobFailure as e:  # training started and ended as a retry could not mend: no traceback of Ray's
         print(f"jobs.train: training failed: {redact_text(str(e))}", file=sys.stderr)
         return 1
     m = out.metrics

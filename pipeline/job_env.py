@@ -90,7 +90,7 @@ def _durable(value: str, copy: pathlib.Path | None) -> bool:
 def storage_fields(cfg: JobConfig) -> dict[str, str]:
     """Where a training job reads and writes: {config field: path or URL} (the tracking store as its path)."""
     fields = {"checkpoint.storage_path": cfg.checkpoint.storage_path, "data.shards": cfg.data.shards,
-              "data.source": cfg.data.source}
+              "data.source": cfg.data.source, "data.audit_dir": cfg.data.audit_dir}
     if cfg.tracking.enabled:
         uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         fields["tracking.uri"] = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri

@@ -121,3 +121,31 @@ def test_driver_waits_for_the_autoscaler_to_add_gpu_nodes(tmp_path):
         assert "gpus after 1.0" in r.stdout
     finally:
         head.stop()
+
+
+def test_strict_spread_needs_a_node_per_worker_and_counts_only_nodes_that_hold_one():
+    from pipeline.cluster.failures import placement_retries
+    from pipeline.cluster.resources import shortfall
+    s = ScalingConfig(num_workers=2, cpus_per_worker=0.49, placement_strategy="STRICT_SPREAD")
+    both = {"CPU": 2.0}
+    assert shortfall(s, both, [{"CPU": 1.0}, {"CPU": 1.0}]) == []
+    (why,) = shortfall(s, both, [{"CPU": 1.6}, {"CPU": 0.4}])  # enough CPUs in all, one node too small
+    assert why.startswith("scaling.placement_strategy: STRICT_SPREAD") and "1 of the cluster's 2 live node(s)" in why
+    assert shortfall(ScalingConfig(num_workers=2, cpus_per_worker=0.49), both, [{"CPU": 2.0}]) == []  # PACK
+    # Ray retries a placement in attempts of RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s): the wait rounds up
+    assert [placement_retries(w) for w in (1, 60, 61, 600)] == [0, 0, 1, 9]
+
+
+def test_key_audit_keeps_the_newest_record_of_a_replayed_step(tmp_path):
+    import numpy as np
+
+    from pipeline.train.key_audit import KeyAudit, trained_keys
+    first = KeyAudit(str(tmp_path), rank=0)
+    for step, keys in [(1, [[0, 1], [2, -1]]), (2, [[3, 4], [5, 6]]), (3, [[9, 9], [9, 9]])]:
+        first.record(step, 0, np.array(keys))
+    first.close()  # killed after step 3; the checkpoint was of step 2
+    again = KeyAudit(str(tmp_path), rank=0)
+    again.record(3, 0, np.array([[7, 8], [-1, -1]]))
+    again.record(4, 1, np.array([[0, 1], [2, 3]]))
+    again.close()
+    assert trained_keys(tmp_path, epoch=0) == {(0, 1): [0, 1, 2], (0, 2): [3, 4, 5, 6], (0, 3): [7, 8]}

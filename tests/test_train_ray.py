@@ -296,6 +296,28 @@ def test_more_gpus_than_the_cluster_has(ray_cluster, mlflow_uri, tmp_path):
     assert runs_of(mlflow_uri, "t-gpus", "gpus") == []  # nothing was started, not even the MLflow run
 
 
+def test_a_group_with_no_place_is_refused_before_training_or_fails_after_placement_wait_s(ray_cluster, tmp_path,
+                                                                                         monkeypatch):
+    from pipeline.cluster.failures import PlacementTimeout
+    cfg = job("name=noplace", "data.dataset=digits", "scaling.placement_strategy=STRICT_SPREAD",
+              "scaling.placement_wait_s=6", f"checkpoint.storage_path={tmp_path}", "tracking.enabled=false")
+    # one node, two workers that each need a node of their own: refused before a worker group is asked for
+    with pytest.raises(config.ConfigError, match="STRICT_SPREAD puts each of the 2 workers on a node of its own, "
+                                                 "and 1 of the cluster's 1 live node"):
+        driver.run(cfg)
+    # the same group asked for after a restart (a node lost since): Ray's controller would retry its placement
+    # forever; bounded by placement_wait_s, in attempts of RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3")
+    loop_config = {"job": cfg.to_dict(), "tracking_uri": "", "run_id": "", "started_unix": time.time(),
+                   "storage": (pyarrow.fs.LocalFileSystem(), f"{tmp_path}/noplace")}
+    t0 = time.monotonic()
+    with pytest.raises(PlacementTimeout, match=r"scaling.placement_wait_s: the worker group \(2 x \{'CPU': 0.49\}, "
+                                               r"scaling.placement_strategy=STRICT_SPREAD\) found no place in 2 "
+                                               r"attempt\(s\) of 3 s"):
+        driver.fit(cfg, loop_config, driver.RunOptions(progress=False))
+    assert time.monotonic() - t0 < 60
+
+
 def test_cli_rejects_bad_input_without_starting_ray(tmp_path):
     for args, field in [(["train.lr=0"], "train.lr"), ([f"data.shards={tmp_path}/none"], "data.shards")]:
         p = subprocess.run([sys.executable, "-m", "jobs.train", *args, f"checkpoint.storage_path={tmp_path}/ray",

@@ -219,6 +219,7 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], options: "RunOpti
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
+    from pipeline.cluster.failures import placement_retries
     from pipeline.cluster.progress import ProgressPrinter
     from pipeline.cluster.retrying_fs import retrying
     from pipeline.cluster.session import train_worker
@@ -230,12 +231,15 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], options: "RunOpti
     return TorchTrainer(
         train_worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=s.timeout_s),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
         run_config=RunConfig(
             # the controller's writes to run storage (its checkpoint snapshot, deletions) ride out an outage
             name=cfg.name, storage_path=path, storage_filesystem=retrying(fs) if fs is not None else None,
-            # Ray's own retries off: the driver retries what a retry can mend (fit, pipeline.cluster.failures)
-            failure_config=FailureConfig(max_failures=0),
+            # Ray's own retries off: the driver retries what a retry can mend (fit, pipeline.cluster.failures);
+            # a group that cannot be placed is retried by Ray's controller, bounded by scaling.placement_wait_s
+            failure_config=FailureConfig(max_failures=0,
+                                         controller_failure_limit=placement_retries(s.placement_wait_s)),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=c.keep,
                 checkpoint_score_attribute="valid_neg_elbo" if c.keep_by == "valid" else None,
@@ -310,14 +314,21 @@ def run(cfg: JobConfig, options: RunOptions = RunOptions()) -> Outcome:
 def fit(cfg: JobConfig, loop_config: dict[str, Any], options: RunOptions):
     """Ray Train's fit, retried here from the run's last checkpoint (a new trainer of the same name and storage
     resumes it) up to checkpoint.max_failures times (-1: always), unless the workers failed deterministically:
-    that error ends the job at once (pipeline.cluster.failures)."""
-    from ray.train import WorkerGroupError
+    that error ends the job at once (pipeline.cluster.failures). A group that finds no place within
+    scaling.placement_wait_s (a lost node not back) ends it with PlacementTimeout."""
+    import ray
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    from pipeline.cluster.failures import deterministic
+    from pipeline.cluster.failures import deterministic, placement_timeout
     limit, failures = cfg.checkpoint.max_failures, 0
     while True:
         try:
             result = build_trainer(cfg, loop_config, options).fit()
+        except ControllerError as e:
+            if isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+                raise placement_timeout(cfg.scaling, ray.nodes()) from e
+            raise
         except WorkerGroupError as e:
             fatal = deterministic(e.worker_failures)
             if fatal is not None:

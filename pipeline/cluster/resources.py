@@ -14,9 +14,17 @@ from typing import Callable
 from pipeline.train.config import ConfigError, ScalingConfig
 
 
-def shortfall(s: ScalingConfig, have: dict[str, float]) -> list[str]:
-    """What the cluster lacks for the worker group, one line per resource (empty: it fits)."""
+def shortfall(s: ScalingConfig, have: dict[str, float], nodes: list[dict[str, float]] | None = None) -> list[str]:
+    """What the cluster lacks for the worker group, one line per resource (empty: it fits). nodes: each live
+    node's resources, for STRICT_SPREAD (a worker per node)."""
     out = []
+    if s.placement_strategy == "STRICT_SPREAD" and nodes is not None:
+        one = worker_resources(s)
+        hosts = sum(all(n.get(k, 0) >= v - 1e-9 for k, v in one.items()) for n in nodes)
+        if hosts < s.num_workers:
+            out.append(f"scaling.placement_strategy: STRICT_SPREAD puts each of the {s.num_workers} workers on a "
+                       f"node of its own, and {hosts} of the cluster's {len(nodes)} live node(s) can hold one "
+                       f"({one})")
     gpus = s.num_workers * s.gpus_per_worker
     if s.use_gpu and have.get("GPU", 0) < gpus - 1e-9:
         out.append(f"scaling.num_workers: {s.num_workers} workers with scaling.use_gpu=true need {gpus:g} "
@@ -26,6 +34,12 @@ def shortfall(s: ScalingConfig, have: dict[str, float]) -> list[str]:
         out.append(f"scaling.cpus_per_worker: {s.num_workers} x {s.cpus_per_worker} CPUs requested, the cluster "
                    f"has {have.get('CPU', 0):g}")
     return out
+
+
+def live_nodes() -> list[dict[str, float]]:
+    """The resources of each node the cluster counts as alive."""
+    import ray
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
 def worker_resources(s: ScalingConfig) -> dict[str, float]:
@@ -78,7 +92,7 @@ def await_worker_resources(s: ScalingConfig, *, autoscales: bool | None = None,
                            poll_s: float = 5.0, say: Callable[[str], None] = print) -> None:
     """Return once the cluster can place the worker group; raise ConfigError naming the field otherwise."""
     import ray
-    missing = shortfall(s, ray.cluster_resources())
+    missing = shortfall(s, ray.cluster_resources(), live_nodes())
     if not missing:
         return
     if autoscales is None:
@@ -99,7 +113,7 @@ def await_worker_resources(s: ScalingConfig, *, autoscales: bool | None = None,
                                   "autoscaler (scaling.resource_wait_s): check the worker group's maxReplicas / "
                                   "max_workers and the cloud's GPU quota")
             time.sleep(poll_s)
-            missing = shortfall(s, ray.cluster_resources())
+            missing = shortfall(s, ray.cluster_resources(), live_nodes())
             if missing and time.monotonic() - last >= 30:
                 last = time.monotonic()
                 say(f"[train] still waiting ({time.monotonic() - start:.0f} s): " + "; ".join(missing))

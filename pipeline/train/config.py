@@ -68,6 +68,10 @@ class DataConfig(Section):
     valid_episodes: int = _f(32, "fixed (seeded) validation episodes, evaluated every eval.every_steps")
     test_episodes: int = _f(64, "fixed (seeded) test episodes for the final bound")
     loader_workers: int = _f(0, "DataLoader worker processes per training worker for the shard stream")
+    audit_dir: str = _f("", "a folder where every rank appends the split index of each image it trains on, one "
+                            "JSON line per step (rank<r>-<start>.jsonl, a file per worker group): the record that "
+                            "an epoch delivered every image once across restarts and lost nodes; a path every "
+                            "node can write (shared storage); '' = off")
 
 
 class TrainConfig(Section):
@@ -104,6 +108,12 @@ class ScalingConfig(Section):
     resource_wait_s: int = _f(900, "on an autoscaling cluster, how long the driver waits for the requested GPUs "
                                    "and CPUs to join before it gives up (a cluster without an autoscaler fails "
                                    "at once)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = _f(
+        "PACK", "how Ray places the workers: PACK (on as few nodes as fit them), SPREAD (over the nodes, best "
+                "effort), STRICT_SPREAD (each worker on a node of its own: the group needs num_workers nodes)")
+    placement_wait_s: int = _f(600, "how long a worker group may wait to be placed, at the start and after a "
+                                    "restart (a lost node coming back) before the job fails naming what is "
+                                    "missing; Ray's own wait is endless; its checkpoints stay for a re-run")
     autoscaling: Literal["auto"] | bool = _f(
         "auto", "whether the cluster adds nodes on demand: auto (detect it from what `ray status` reads; Ray has no "
                 "public call for it), or say so: true (wait up to resource_wait_s), false (fail at once)")
@@ -221,6 +231,7 @@ class JobConfig(Section):
                         ("data.test_episodes", d.test_episodes), ("train.max_steps", t.max_steps),
                         ("train.log_every", t.log_every), ("train.max_nonfinite", t.max_nonfinite),
                         ("scaling.num_workers", s.num_workers), ("scaling.timeout_s", s.timeout_s),
+                        ("scaling.placement_wait_s", s.placement_wait_s),
                         ("checkpoint.keep", c.keep), ("eval.iwae_samples", self.eval.iwae_samples)]:
             _need(v >= 1, path, "must be >= 1", v)
         for path, v in [("data.loader_workers", d.loader_workers), ("train.halt_at_step", t.halt_at_step),
@@ -247,6 +258,9 @@ class JobConfig(Section):
               "on one GPU, which nccl refuses", g)
         _need(c.max_failures >= -1, "checkpoint.max_failures", "must be >= -1", c.max_failures)
         _need(bool(c.storage_path.strip()), "checkpoint.storage_path", "must be set", c.storage_path)
+        _need("://" not in d.audit_dir or d.audit_dir.startswith("file://"), "data.audit_dir",
+              "must be a path of a file system every node mounts (lines are appended; object stores cannot)",
+              d.audit_dir)
         from pipeline.data.sources import DATASETS  # numpy only: cheap, and names the datasets in the message
         _need(d.dataset in DATASETS, "data.dataset", f"must be one of {', '.join(DATASETS)}", d.dataset)
         _need(_tracking_uri_ok(k.uri), "tracking.uri", "must be '', a path, file://, sqlite:///<file>, http(s)://"

@@ -43,6 +43,7 @@ from pipeline.train import checkpointing
 from pipeline.train import optim
 from pipeline.train.checkpointer import Checkpointer, Every
 from pipeline.train.config import JobConfig
+from pipeline.train.key_audit import KeyAudit
 from pipeline.train.metrics import StepMetrics
 from pipeline.train.step import train_step
 
@@ -110,6 +111,7 @@ class Loop:
         # actually running rather than waiting for a core, a peer's all-reduce or the host.
         self.loop_cpu_s = 0.0
         self._recent_keys: collections.deque = collections.deque(maxlen=job.train.log_every)  # (step, keys)
+        self.audit = KeyAudit(job.data.audit_dir, session.rank) if job.data.audit_dir else None
         self._restored_report: dict[str, Any] = {}
         self._started_unix = started_unix
         self._start_to_first_step_s: float | None = None
@@ -127,6 +129,8 @@ class Loop:
             if close is not None:
                 close()  # the stream's DataLoader workers
             self.checkpointer.close()
+            if self.audit is not None:
+                self.audit.close()
 
     def _run(self) -> dict[str, Any]:
         resumed_from = self._restore()
@@ -260,6 +264,8 @@ class Loop:
         self.step += 1
         self.metrics.after_step(self.step, r.ok)  # skips are counted on the device; the policy acts at log steps
         self._recent_keys.append((self.step, keys))
+        if self.audit is not None:
+            self.audit.record(self.step, self.cursor.epoch, keys)  # self.cursor: where this batch came from
         return r.terms, r.grad_norm
 
     # -- metrics, evaluation, checkpoints ---------------------------------------------------------------------
