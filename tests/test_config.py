@@ -161,6 +161,7 @@ BAD_INPUTS = [  # (arguments of jobs.train, the field its message must start wit
     (["name=a/b"], "name: must be one path component"),
     (["seed=-1"], "seed: must be >= 0"),
     (["scaling.placement_strategy=spread"], "scaling.placement_strategy"),
+    (["tracking.alias=champion"], "tracking.alias: 'champion' moves only through the promotion gate"),
     (["scaling.placement_wait_s=0"], "scaling.placement_wait_s: must be >= 1"),
     (["data.audit_dir=s3://bucket/audit"], "data.audit_dir: must be a path of a file system every node mounts"),
     (["scaling.gpus_per_worker=0.5"], "scaling.gpus_per_worker: is set but scaling.use_gpu=false"),

@@ -243,3 +243,44 @@ def test_prepare_to_an_unreachable_store_exits_2_naming_out(tmp_path, capsys):
                            "--endpoint-url", f"http://127.0.0.1:{free_port()}"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("prepare: --out s3://nowhere/x"), err
+
+
+def test_a_job_reading_a_dataset_while_it_is_re_prepared_finishes_its_epoch(tmp_path):
+    """A training stream is half-way through its epoch when the dataset is prepared again into the same path
+    with another seed (every shard's bytes differ). The stream goes on with the images of the manifest it
+    started from; a stream started after the new manifest reads the new shards. Before versioned shard names the
+    old stream failed with ShardIntegrityError (the files it listed had been replaced)."""
+    from pipeline.data.shards.manifest import read_manifest
+    from pipeline.data.train_data import ShardStream
+    out = str(tmp_path / "digits")
+    common = dict(dataset="digits", source=None, out=out, shard_size=200, block_size=100, episode_length=4,
+                  progress=False)
+    prepare(PrepareConfig(seed=0, **common))
+    old_records = read_manifest(out)
+
+    def epoch_keys(stream, batches=None):
+        keys = []
+        for batch in batches if batches is not None else stream.batches(stream.start(0)):
+            keys.append(np.array(batch.keys))
+            if batch.last:
+                break
+        return keys
+
+    straight = epoch_keys(ShardStream(out, 4, 4, 0, 0, 1))
+    live = ShardStream(out, 4, 4, 0, 0, 1)
+    batches = live.batches(live.start(0))
+    head = epoch_keys(live, [next(batches) for _ in range(3)])
+    report = prepare(PrepareConfig(seed=1, **common))
+    assert report.written == len(report.records)  # nothing identical: every shard is new
+    rest = epoch_keys(live, batches)
+    assert len(head + rest) == len(straight) and all(np.array_equal(a, b) for a, b in zip(head + rest, straight))
+    # the new manifest names new files beside the old ones, which are still there, untouched
+    new_records = read_manifest(out)
+    assert {r.path for r in new_records}.isdisjoint({r.path for r in old_records if r.split == "train"})
+    for r in old_records:
+        assert hashlib.sha256((tmp_path / "digits" / r.path).read_bytes()).hexdigest() == r.sha256
+    after = epoch_keys(ShardStream(out, 4, 4, 0, 0, 1))
+    assert not all(np.array_equal(a, b) for a, b in zip(after, straight))
+    # preparing the first version once more finds its shards and writes nothing
+    again = prepare(PrepareConfig(seed=0, **common))
+    assert again.written == 0 and {r.path for r in again.records} == {r.path for r in old_records}

@@ -148,6 +148,57 @@ def check_data_plan(cfg: JobConfig, card: dict[str, Any]) -> None:
         raise ConfigError(str(e)) from None
 
 
+# -- the data a run was trained on --------------------------------------------------------------------------------
+DATA_IDENTITY = "kpp_data.json"  # in the run folder, beside the checkpoints
+
+
+def data_identity(cfg: JobConfig) -> dict[str, str]:
+    """What makes two runs' data the same: the dataset the data says it holds (the card of prepared data) and its
+    content (the manifest's hash, which changes with every re-prepare), or for a raw source, its name and URL."""
+    from pipeline.registry.naming import dataset_of
+    if cfg.data.shards:
+        from pipeline.registry.tracking import file_hash
+        return {"dataset": dataset_of(cfg), "shards": cfg.data.shards.rstrip("/"),
+                "manifest_hash": file_hash(cfg.data.shards.rstrip("/") + "/manifest.parquet")}
+    return {"dataset": cfg.data.dataset, "source": cfg.data.source or "bundled"}
+
+
+def check_data_identity(cfg: JobConfig) -> None:
+    """A re-run of a job name resumes its checkpoints only on the data they were trained on: the run folder
+    records the data's identity at the first start; a re-run on other data (another dataset, a re-prepared one)
+    is refused before Ray, naming both. Without checkpoints the record is (re)written."""
+    import json
+
+    import pyarrow.fs
+
+    from pipeline.urls import redact_text
+    path, fs = storage(cfg)
+    fs = fs or pyarrow.fs.LocalFileSystem()
+    record = f"{path}/{cfg.name}/{DATA_IDENTITY}"
+    now = data_identity(cfg)
+    if has_checkpoint(cfg):
+        try:
+            with fs.open_input_stream(record) as f:
+                before = json.loads(f.read())
+        except FileNotFoundError:
+            before = None  # a run folder from before the record existed: it starts now
+        if before is not None and {k: before.get(k) for k in ("dataset", "manifest_hash", "source")} != \
+                {k: now.get(k) for k in ("dataset", "manifest_hash", "source")}:
+            def say(d):
+                return ", ".join(f"{k} {redact_text(str(v))}" for k, v in sorted(d.items()))
+            field_name = ("data.shards" if cfg.data.shards
+                          else "data.dataset" if before.get("dataset") != now.get("dataset") else "data.source")
+            raise ConfigError(f"{field_name}: job {cfg.name!r} has checkpoints trained on {say(before)}; this run "
+                              f"asks for {say(now)}. Resuming would continue that model on other data (and "
+                              f"register it under this data's name): use another name=, or remove "
+                              f"{redact_text(path)}/{cfg.name} to start over")
+        if before is not None:
+            return
+    fs.create_dir(f"{path}/{cfg.name}", recursive=True)
+    with fs.open_output_stream(record) as f:
+        f.write(json.dumps(now, sort_keys=True).encode())
+
+
 def has_checkpoint(cfg: JobConfig) -> bool:
     """Whether the job's storage folder holds any checkpoint folder (complete or not), i.e. a re-run resumes."""
     import pyarrow.fs
@@ -269,6 +320,7 @@ def run(cfg: JobConfig, options: RunOptions = RunOptions()) -> Outcome:
     started_unix, started_from = options.started or job_start(fallback=(time.time(), "driver.run call"))
     cfg = resolved(cfg.validate())
     preflight(cfg)
+    check_data_identity(cfg)
     uri = tracking.resolve_uri(cfg.tracking.uri) if cfg.tracking.enabled else ""
     if uri:
         tracking.check_reachable(uri)

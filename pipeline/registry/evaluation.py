@@ -80,7 +80,7 @@ def test_set(reg: Registered, url: str, count: int = 0) -> TestSet:
     if episodes.shape[0] < count:
         warnings.append(f"the test split holds only {episodes.shape[0]} of the {count} episodes asked for")
     fp = promotion.fingerprint(file_hash(url.rstrip("/") + "/manifest.parquet"), count, cfg.episode_length, mode,
-                               eval_seed, None)
+                               eval_seed, promotion.episode_seed(True, mode, seed))
     return TestSet(episodes, url, int(episodes.shape[0]), mode, seed, eval_seed, fp, warnings,
                    reg.tags.get(promotion.EPISODES_TAG))
 

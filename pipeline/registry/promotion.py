@@ -4,11 +4,21 @@ the same fixed test episodes. Both numbers go on the version, with the decision 
 The bound and the fingerprint of the test episodes it was measured on are version tags (test.neg_elbo,
 test.episodes), written when the version is registered. Bounds measured on different episodes are not compared:
 the version is not promoted and the reason says so.
+
+Promotions are serialised per registered model: reading the champion, comparing and moving the alias happen under
+a lock, so two jobs finishing at once cannot both compare with the old champion and leave the worse one holding the
+alias. MLflow has no compare-and-set on aliases, but creating a registered model is atomic (a unique name), so the
+lock is a registered model `<name>.promotion-lock` that exists while a promotion holds it (`promotion_lock`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass
 
 from pipeline.train.config import JobConfig
@@ -21,10 +31,18 @@ UNIT_TAG = "test.unit"
 
 def episodes_fingerprint(cfg: JobConfig, manifest_hash: str) -> str:
     """What decides the fixed test episodes: the prepared data (its manifest's hash, or the source), how many
-    episodes and of what length, how they are drawn, and the evaluation's seed."""
+    episodes and of what length, how they are drawn, and every seed they are drawn with."""
     d = cfg.data
     return fingerprint(manifest_hash if d.shards else f"{d.dataset}:{d.source}", d.test_episodes,
-                       cfg.model.episode_length, d.episodes, cfg.eval.seed, cfg.seed if not d.shards else None)
+                       cfg.model.episode_length, d.episodes, cfg.eval.seed,
+                       episode_seed(bool(d.shards), d.episodes, cfg.seed))
+
+
+def episode_seed(prepared: bool, episodes: str, seed: int) -> int | None:
+    """The job seed the test episodes are drawn with, or None when they do not depend on it: a prepared dataset
+    stores its i.i.d. test episodes (drawn by jobs.prepare, in the manifest's hash), while class episodes are drawn
+    from its label index with the job's seed, and a raw source's with it in any case."""
+    return seed if (not prepared or episodes == "class") else None
 
 
 def fingerprint(data: str, test_episodes: int, episode_length: int, episodes: str, eval_seed: int,
@@ -45,23 +63,86 @@ class Decision:
     reason: str
 
 
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_TTL_S = 120.0  # a lock older than this is a crashed holder's (a promotion takes a few registry calls)
+
+
+@contextlib.contextmanager
+def promotion_lock(client, name: str, wait_s: float = 180.0, ttl_s: float = LOCK_TTL_S, poll_s: float = 0.2):
+    """Hold `<name>.promotion-lock` (created atomically by the registry; deleted on exit). A lock older than ttl_s
+    is taken over; after wait_s of waiting, TimeoutError naming the holder."""
+    from mlflow.exceptions import MlflowException
+    lock = name + LOCK_SUFFIX
+    me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"holder": me, "acquired_unix": f"{time.time():.3f}"},
+                                           description=f"held while {name}'s champion is decided (kpp promotion)")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+            since = float(held.tags.get("acquired_unix", "0"))
+        except MlflowException:  # released between the two calls
+            continue
+        if held.tags.get("holder") == me:  # the client retried a create that had succeeded: it is ours
+            break
+        if time.time() - since > ttl_s:
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock)  # its holder died mid-promotion
+            continue
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{lock}: held by {held.tags.get('holder', '?')} for {time.time() - since:.0f} s; "
+                               f"waited {wait_s:.0f} s")
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
+def _holder(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
 def promote(uri: str, name: str, version: str, alias: str = CHAMPION, measure=None) -> Decision:
-    """Move `alias` to `version` if its bound is lower than the alias holder's on the same episodes.
+    """Move `alias` to `version` if its bound is lower than the alias holder's on the same episodes; under the
+    registry's promotion lock, so concurrent promotions see each other's result.
 
     measure: optional `measure(champion_version) -> (bound, champion_bound, what)`, both bounds recomputed now on
     the same test episodes (jobs.promote --data); then the tags' numbers are not compared and `what` (the episodes
-    used) goes into the reason."""
+    used) goes into the reason. It runs outside the lock (it may take minutes); if the champion moved meanwhile,
+    it is measured again against the new one."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
     client = MlflowClient(uri)
     mv = client.get_model_version(name, version)
     if BOUND_TAG not in mv.tags or EPISODES_TAG not in mv.tags:
         raise ValueError(f"{name} version {version}: no {BOUND_TAG}/{EPISODES_TAG} tags; it cannot be compared")
+    for _ in range(5):
+        measured = None
+        if measure is not None:
+            champ = _holder(client, name, alias)
+            if champ is not None and str(champ.version) != str(version):
+                measured = (str(champ.version), measure(str(champ.version)))
+        with promotion_lock(client, name):
+            champ = _holder(client, name, alias)
+            if measured is not None and (champ is None or str(champ.version) != measured[0]):
+                continue  # the champion moved while the bounds were recomputed: compare with the new one
+            return _decide(client, name, str(version), mv, alias, champ, measured[1] if measured else None)
+    raise TimeoutError(f"{name}: {alias} moved during each of 5 measurements; promote again")
+
+
+def _decide(client, name: str, version: str, mv, alias: str, champ, measured) -> Decision:
+    """The comparison itself, with the lock held: tags the decision on the version and moves the alias."""
     bound = float(mv.tags[BOUND_TAG])
-    try:
-        champ = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        champ = None
 
     def decide(promoted: bool, champ_bound: float | None, reason: str) -> Decision:
         client.set_model_version_tag(name, version, f"{alias}.decision", "promoted" if promoted else "kept")
@@ -76,8 +157,8 @@ def promote(uri: str, name: str, version: str, alias: str = CHAMPION, measure=No
         return decide(True, None, f"no {alias} yet: version {version} ({bound:.3f}) becomes {alias}")
     if str(champ.version) == str(version):
         return Decision(True, bound, bound, str(version), f"version {version} already is {alias}")
-    if measure is not None:
-        bound, champ_bound, what = measure(str(champ.version))
+    if measured is not None:
+        bound, champ_bound, what = measured
         if bound < champ_bound:
             return decide(True, champ_bound, f"{bound:.3f} beats {alias} version {champ.version} ({champ_bound:.3f}) "
                                              f"{mv.tags.get(UNIT_TAG, '')}, both recomputed on {what}")

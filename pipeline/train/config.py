@@ -271,6 +271,9 @@ class JobConfig(Section):
             _need(bool(k.experiment.strip()), "tracking.experiment", "must be set", k.experiment)
             _need(not k.registered_model or bool(k.alias.strip()), "tracking.alias",
                   "must be set when tracking.registered_model is", k.alias)
+            _need(k.alias.strip() != "champion", "tracking.alias",
+                  "'champion' moves only through the promotion gate (a lower test bound on the same test "
+                  "episodes), which runs after registration; set another alias, e.g. candidate", k.alias)
         try:
             self.model.validate()
         except (ModelConfigError, ValueError) as e:

@@ -11,6 +11,8 @@ Order of work, and why:
   3. Each shard is built in memory (deterministic bytes), written to "<name>.partial-<uuid>" and moved to its
      name only when complete. A shard already at its name with the same size and sha256 (checked against the
      previous manifest, else by reading it back) is skipped: a re-run after a kill redoes only what is missing.
+     A name holding other bytes (a re-prepare with another seed or source into a live dataset) is never
+     overwritten: the new shard goes beside it as "<name>.<digest>.tar", so jobs reading the old manifest go on.
   4. The dataset card and then the manifest are written last, each atomically. No manifest, no dataset.
 Shards are written by a pool of spawned processes when workers > 1 (spawn: s3fs is not fork-safe).
 """
@@ -98,30 +100,58 @@ def shard_path(split: str, shard_index: int) -> str:
     return f"{split}/{split}-{shard_index:05d}.tar"
 
 
+def versioned_shard_path(split: str, shard_index: int, digest: str) -> str:
+    """The name of a shard whose plain name holds other committed bytes (an earlier preparation)."""
+    return f"{split}/{split}-{shard_index:05d}.{digest[:12]}.tar"
+
+
 def write_shard(task: ShardTask) -> tuple[ShardRecord, bool]:
-    """Writes one shard unless an identical one is already committed; returns its record and whether skipped."""
+    """Writes one shard unless an identical one is already committed; returns its record and whether skipped.
+
+    A re-prepare into a live dataset must not change a file a running job reads through the old manifest: when the
+    shard's plain name holds other bytes, the new shard goes beside it under a name with its digest, and the old
+    file stays until nothing reads it (the new manifest, committed last, names the new file)."""
     data = encode_shard(task.split, task.shard_index, task.arrays, task.block_size, task.bit_depth, task.compress)
     digest = hashlib.sha256(data).hexdigest()
     fs, root = filesystem(task.out, task.storage_options)
-    relative = shard_path(task.split, task.shard_index)
-    path = join(root, relative)
-    record = ShardRecord(task.split, task.shard_index, relative, unstrip_protocol(task.out, path),
-                         int(task.arrays.images.shape[0]), len(data), digest)
 
-    def store() -> bool:
-        """Writes the shard unless an identical one is committed; True if skipped. Idempotent, so retryable."""
-        if fs.exists(path) and fs.size(path) == len(data):
-            known = task.known
-            if known is not None and (known.num_bytes, known.sha256) == (len(data), digest):
-                return True
-            if hashlib.sha256(fs.cat_file(path)).hexdigest() == digest:
-                return True
+    def holds_it(path: str) -> bool:
+        if not (fs.exists(path) and fs.size(path) == len(data)):
+            return False
+        known = task.known
+        if known is not None and join(root, known.path) == path and (known.num_bytes, known.sha256) == (len(data), digest):
+            return True
+        return hashlib.sha256(fs.cat_file(path)).hexdigest() == digest
+
+    def damaged(relative: str, path: str) -> bool:
+        """The committed manifest names this file, and it no longer holds what the manifest says (a killed or
+        corrupted write): rewritten in place. Any other file there is some preparation's intact shard."""
+        known = task.known
+        return (known is not None and known.path == relative
+                and (fs.size(path) != known.num_bytes or hashlib.sha256(fs.cat_file(path)).hexdigest() != known.sha256))
+
+    def store() -> tuple[str, bool]:
+        """(relative path, skipped): an identical committed shard is kept, else written atomically. Idempotent,
+        so retryable."""
+        relative = shard_path(task.split, task.shard_index)
+        path = join(root, relative)
+        if fs.exists(path):
+            if holds_it(path):
+                return relative, True
+            if not damaged(relative, path):  # an intact shard of some preparation: left for its readers
+                relative = versioned_shard_path(task.split, task.shard_index, digest)
+            path = join(root, relative)
+            if holds_it(path):
+                return relative, True
         temporary = f"{path}.partial-{uuid.uuid4().hex}"  # unique: two runs must never share a half-written file
         fs.pipe_file(temporary, data)
         fs.mv(temporary, path)
-        return False
+        return relative, False
 
-    return record, with_retries(f"write shard {record.url}", store)
+    relative, skipped = with_retries(f"write shard {join(task.out, shard_path(task.split, task.shard_index))}", store)
+    record = ShardRecord(task.split, task.shard_index, relative, unstrip_protocol(task.out, join(root, relative)),
+                         int(task.arrays.images.shape[0]), len(data), digest)
+    return record, skipped
 
 
 def _remove_partials(out: str, storage_options: dict) -> None:
