@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pipeline.train import config
     torch.set_num_threads(1)  # the same as the Ray worker (scaling.cpus_per_worker=1)
     started, load_start = time.perf_counter(), os.getloadavg()
+    saved_env = dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         s3, mlflow = S3Server(pathlib.Path(tmp) / "s3"), MlflowServer(pathlib.Path(tmp) / "mlflow")
         try:
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ray.shutdown()
             mlflow.stop()
             s3.stop()
+            os.environ.clear()  # a caller in this process keeps its own endpoint and credentials
+            os.environ.update(saved_env)
     ratio = statistics.median(r["ratio"] for r in runs)
     bare_ms = statistics.median(r["bare_loop_s"] for r in runs) / args.steps * 1e3
     overhead_ms = statistics.median((r["full_loop_s"] - r["bare_loop_s"]) / args.steps * 1e3 for r in runs)

@@ -157,3 +157,62 @@ def test_a_job_resumed_on_other_data_is_refused_before_ray(ray_cluster, shared_d
     assert "data.dataset: job 'other-data' has checkpoints trained on dataset mnist" in r.stderr, r.stderr
     assert "this run asks for dataset fashion_mnist" in r.stderr and time.monotonic() - t0 < 60
     assert sorted(p.name for p in (tmp_path / "other-data").iterdir()) == before  # nothing written or removed
+
+
+def test_a_double_submit_leaves_one_run_and_refuses_the_second_driver(mlflow_uri):
+    """Four drivers of one job name open its run at the same moment (a double, here quadruple, submit): one run
+    is left, one driver goes on, the others are refused naming the run that holds the name."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from pipeline.registry import tracking
+    start = threading.Barrier(4)
+    outcomes: list = []
+
+    def driver():
+        start.wait(timeout=30)
+        try:
+            outcomes.append(tracking.open_job_run(mlflow_uri, "t-double", "twice", {"seed": 0}, {}, "seed: 0\n"))
+        except Exception as e:  # noqa: BLE001 - every outcome is asserted below
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=driver) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("t-double")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`kpp.job` = 'twice'")
+    started = [o for o in outcomes if isinstance(o, tuple)]
+    refused = [o for o in outcomes if isinstance(o, Exception)]
+    # one driver created the run; any driver that looked after it reopens it, as a re-run does
+    assert len(started) + len(refused) == 4 and {rid for rid, _ in started} == {run.info.run_id}, outcomes
+    assert sum(not resumed for _, resumed in started) == 1, outcomes
+    assert all(f"name: job 'twice' was claimed a moment ago by another driver (MLflow run {run.info.run_id}"
+               in str(e) for e in refused), [str(e) for e in refused]
+    # a later re-run of the job reopens that run, and its provenance is kept per attempt
+    again, resumed = tracking.open_job_run(mlflow_uri, "t-double", "twice", {"seed": 0}, {"git.commit": "abc"}, "")
+    assert again == run.info.run_id and resumed
+    tags = client.get_run(again).data.tags
+    attempts = {k.split(".")[2]: v for k, v in tags.items() if k.startswith("kpp.attempt.") and k.endswith(".git.commit")}
+    assert attempts[max(attempts, key=int)] == "abc" and "kpp.attempt.1.started_unix" in tags, tags
+
+
+def test_a_job_killed_during_its_first_upload_restarts_in_a_fresh_run(tmp_path):
+    """A checkpoint folder without its marker (or with a state file cut short) is not a resume point: the re-run
+    trains from step 0, so it must get a fresh run; the old run's metric floor would drop its first steps."""
+    import json
+
+    from pipeline.cluster import driver
+    from pipeline.train.checkpointing import MARKER, STATE
+    cfg = config.load(None, ["name=cut", f"checkpoint.storage_path={tmp_path}", "tracking.enabled=false"])
+    folder = tmp_path / "cut" / "checkpoint_000000010"
+    folder.mkdir(parents=True)
+    (folder / STATE).write_bytes(b"x" * 100)
+    assert driver.has_checkpoint(cfg) and not driver.has_complete_checkpoint(cfg)  # the upload stopped before the marker
+    (folder / MARKER).write_text(json.dumps({"bytes": 1000, "sha256": "0" * 64}))
+    assert not driver.has_complete_checkpoint(cfg)  # the state file is cut short
+    (folder / MARKER).write_text(json.dumps({"bytes": 100, "sha256": "0" * 64}))
+    assert driver.has_complete_checkpoint(cfg)

@@ -228,9 +228,15 @@ def test_sweep_killed_midway_resumes_and_registers_the_best(ray_cluster, mlflow_
     parents = client.search_runs([exp_id], filter_string="tags.`kpp.kind` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.run_id == out["parent_run_id"]
     assert parents[0].info.status == "FINISHED"
-    children = _children(client, exp_id, out["parent_run_id"])
+    # a trial killed before its first complete checkpoint restarts from step 0 in a fresh run: its first run stays
+    # under the parent, KILLED and retired (its trial tag moved aside), so each trial has one run that is its own
+    every_child = _children(client, exp_id, out["parent_run_id"])
+    children = [c for c in every_child if "kpp.trial_id" in c.data.tags]
+    retired = [c for c in every_child if "kpp.trial_id" not in c.data.tags]
     assert len(children) == 4 and len({c.data.tags["kpp.trial_id"] for c in children}) == 4
     assert sum(c.data.tags["kpp.trial_id"] == first_id for c in children) == 1
+    assert all(c.info.status == "KILLED" and c.data.tags.get("kpp.trial_id.retired") in
+               {t.data.tags["kpp.trial_id"] for t in children} for c in retired), [c.data.tags for c in retired]
     outcomes = {c.data.tags["kpp.trial_id"]: (c.data.tags.get("kpp.trial.outcome"), c.info.status) for c in children}
     assert all(o in {("finished", "FINISHED"), ("stopped_by_asha", "KILLED")} for o in outcomes.values()), outcomes
     # which trials ASHA stops depends on the order they ran in, and that on timing (the kill, the restore); what

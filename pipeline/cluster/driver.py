@@ -208,6 +208,30 @@ def has_checkpoint(cfg: JobConfig) -> bool:
     return any(i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)
 
 
+def has_complete_checkpoint(cfg: JobConfig) -> bool:
+    """Whether a re-run of the job resumes rather than trains from step 0: some checkpoint folder holds its
+    completion marker and a state file of the size the marker names (a job killed during its first upload left
+    only a partial folder, and its re-run starts over). Sizes only: the sha256 is checked where it is restored."""
+    import json
+
+    import pyarrow.fs
+
+    from pipeline.train.checkpointing import MARKER, PREFIX, STATE
+    path, fs = storage(cfg)
+    fs = fs or pyarrow.fs.LocalFileSystem()
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{cfg.name}", allow_not_found=True))
+    for folder in sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                          and i.base_name.startswith(PREFIX)), reverse=True):
+        try:
+            with fs.open_input_stream(f"{folder}/{MARKER}") as f:
+                marker = json.loads(f.read())
+            if fs.get_file_info(f"{folder}/{STATE}").size == marker["bytes"]:
+                return True
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return False
+
+
 # -- the cluster -----------------------------------------------------------------------------------------------
 # Environment of the job's Ray processes. The Train controller drains each worker's one-slot report queue once per
 # health-check interval (2 s by default), so a report sooner than that after the last one blocks the step loop
@@ -333,7 +357,7 @@ def run(cfg: JobConfig, options: RunOptions = RunOptions()) -> Outcome:
         if options.parent_run_id:
             tags["mlflow.parentRunId"] = options.parent_run_id  # MLflow's own nesting: the UI shows it under the parent
         run_id, _ = tracking.open_job_run(uri, cfg.tracking.experiment, cfg.name, cfg.flat(), tags,
-                                          tracking.config_yaml(cfg.to_dict()), fresh=not has_checkpoint(cfg))
+                                          tracking.config_yaml(cfg.to_dict()), fresh=not has_complete_checkpoint(cfg))
     ok = False
     try:
         path, fs = storage(cfg)

@@ -36,6 +36,9 @@ from pipeline.registry.run_logger import RankZeroLogger, TrackingError  # noqa: 
 
 log = logging.getLogger(__name__)
 JOB_TAG = "kpp.job"
+# tags that name the run a job writes to (the job; a sweep trial's id, by which the sweep closes its trials'
+# runs): a retired run gives them up (to `<tag>.retired`) so no lookup finds it
+NAMING_TAGS = (JOB_TAG, "kpp.trial_id")
 DEFAULT_URI_PATH = "outputs/mlflow.db"
 PYFUNC_CODE = pathlib.Path(__file__).with_name("pyfunc_model.py")
 KPP_DIR = pathlib.Path(__file__).resolve().parents[2] / "kpp"
@@ -107,15 +110,16 @@ def open_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], ta
     trainings on one step axis."""
     check_reachable(uri)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=2)
-    if len(found) > 1:
-        raise TrackingError(f"name: {len(found)} MLflow runs carry {JOB_TAG}={job!r} in {experiment!r}")
+    exp_id = _experiment_id(client, experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=20)
+    # the earliest run holds the name (_claim): a later one is a double submit's loser, about to be deleted
+    found = sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))[:1]
     if found and fresh:
         old = found[0].info.run_id
-        client.set_tag(old, f"{JOB_TAG}.retired", job)
-        client.delete_tag(old, JOB_TAG)
+        for tag in NAMING_TAGS:
+            if tag in found[0].data.tags:
+                client.set_tag(old, f"{tag}.retired", found[0].data.tags[tag])
+                client.delete_tag(old, tag)
         if found[0].info.status == "RUNNING":
             client.set_terminated(old, "KILLED")
         found = []
@@ -124,12 +128,17 @@ def open_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], ta
         run_id, logged = run.info.run_id, run.data.params
         client.update_run(run_id, status="RUNNING")
     else:
-        run_id = client.create_run(exp_id, run_name=job, tags={JOB_TAG: job}).info.run_id
+        run_id = _claim(client, exp_id, experiment, job)
         logged = {}
     values = {k: redact(_param_str(v)) for k, v in params.items()}  # no credentials in params
     new = [Param(k, v) for k, v in values.items() if k not in logged]
     changed = {k: {"logged": logged[k], "now": v} for k, v in values.items() if k in logged and logged[k] != v}
     tag_list = [RunTag(k, redact(v)) for k, v in tags.items()]
+    # the run-level tags say how the latest attempt ran; each attempt's own are kept beside them
+    attempt = 1 + sum(1 for k in (found[0].data.tags if found else {}) if k.startswith("kpp.attempt.")
+                      and k.endswith(".started_unix"))
+    tag_list += [RunTag(f"kpp.attempt.{attempt}.{k}", redact(v)) for k, v in tags.items() if k in PROVENANCE]
+    tag_list.append(RunTag(f"kpp.attempt.{attempt}.started_unix", f"{time.time():.0f}"))
     if changed:
         tag_list.append(RunTag(f"kpp.rerun.{int(time.time())}.changed_params", json.dumps(changed)[:5000]))
     for i in range(0, len(new), 100):  # log_batch takes at most 100 params per call
@@ -138,6 +147,41 @@ def open_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], ta
         client.log_batch(run_id, tags=tag_list)
     client.log_text(run_id, config_yaml, "config/resolved.yaml")
     return run_id, bool(found)
+
+
+# provenance tags of run_tags() that differ between attempts of one job (re-runs after a code or data change)
+PROVENANCE = ("git.commit", "git.dirty", "config.hash", "data.manifest_hash", "version.torch", "version.ray",
+              "version.mlflow", "version.python")
+
+
+def _experiment_id(client, experiment: str) -> str:
+    """The experiment's id, creating it; two drivers creating it at once both get the one that exists."""
+    from mlflow.exceptions import MlflowException
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(experiment)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def _claim(client, exp_id: str, experiment: str, job: str) -> str:
+    """A new run for job `job`, unless another driver claimed the name at the same moment (a double submit):
+    MLflow has no unique constraint on tags, so every driver creates its run, then looks; the earliest run keeps
+    the name and any later one is deleted, and its driver refused (TrackingError), so two drivers never train one
+    job into one storage folder."""
+    mine = client.create_run(exp_id, run_name=job, tags={JOB_TAG: job})
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=20)
+    first = min(runs, key=lambda r: (r.info.start_time, r.info.run_id), default=mine)
+    if first.info.run_id != mine.info.run_id:
+        client.delete_run(mine.info.run_id)
+        raise TrackingError(f"name: job {job!r} was claimed a moment ago by another driver (MLflow run "
+                            f"{first.info.run_id} in {experiment!r}, started {first.info.start_time} ms): two "
+                            "drivers would train one job into one storage folder; this one did not start")
+    return mine.info.run_id
 
 
 def _param_str(v: Any) -> str:

@@ -26,7 +26,7 @@ from pipeline.train.config import ConfigError
 from pipeline.tune.space import Sweep
 
 SWEEP_TAG = "kpp.sweep"
-TRIAL_TAG = "kpp.trial_id"
+TRIAL_TAG = "kpp.trial_id"  # also one of tracking.NAMING_TAGS (a run retired at a restart from step 0 gives it up)
 OUTCOME_TAG = "kpp.trial.outcome"
 
 

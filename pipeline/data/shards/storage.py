@@ -55,7 +55,10 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
         options = {**S3_DEFAULTS, **options}
     if protocol == "file":
         options.setdefault("auto_mkdir", True)  # object stores have no directories; make local paths behave alike
-    cache_key = (os.getpid(), protocol, _freeze(options))
+    # botocore reads the AWS_* variables when the filesystem is built: a process whose environment changed (a
+    # driver pointed at another endpoint) must not be handed the filesystem of the old one
+    aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))) if protocol != "file" else ()
+    cache_key = (os.getpid(), protocol, _freeze(options), aws_env)
     fs = _FILESYSTEMS.get(cache_key)
     if fs is None:
         fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)

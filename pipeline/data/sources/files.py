@@ -18,7 +18,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for a local path or fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    # a fresh instance: fsspec's cache would hand back one built under another AWS_* environment (endpoint)
+    fs, path = fsspec.core.url_to_fs(str(url), skip_instance_cache=True, **(storage_options or {}))
     return fs, path.rstrip("/") if len(path) > 1 else path
 
 
