@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 if not __package__:  # run as a script (python infra/local_stack.py): `pipeline` is in the repository root
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pipeline.net import free_port  # noqa: E402
+from pipeline.cluster.loopback import SINGLE_MACHINE_ENV  # noqa: E402
 
 BIN = pathlib.Path(sys.executable).parent
 BUCKETS = ("kpp-data", "kpp-runs")
@@ -202,6 +203,9 @@ class RayHead(Service):
     def env(self) -> dict[str, str]:
         env = {**os.environ, **self.extra_env}
         env.pop("RAY_ADDRESS", None)  # `ray start --head` must not try to join another cluster
+        # auth is off: Ray's single-machine mode makes the node's IP 127.0.0.1 and every server bind to it
+        # (pipeline.cluster.loopback); the processes of the cluster and the jobs it runs inherit it
+        env.update(SINGLE_MACHINE_ENV)
         # the State API inside this cluster must find this head's dashboard, not resolve "auto" among several
         env["RAY_API_SERVER_ADDRESS"] = self.dashboard_url
         # the job driver's Python must find this venv's packages and the project even outside the repo
@@ -244,13 +248,18 @@ class RayNode(Service):
         ports = {f"--{k}": str(free_port()) for k in ("node-manager-port", "object-manager-port",
                                                       "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                       "runtime-env-agent-port", "metrics-export-port")}
-        return [str(BIN / "ray"), "start", "--address", self.head.address, "--block", "--num-cpus",
+        # `ray start`, keeping the head's loopback address as it is (infra/ray_join_loopback.py)
+        return [str(BIN / "python"), str(pathlib.Path(__file__).with_name("ray_join_loopback.py")), "start",
+                "--address", self.head.address, "--block", "--num-cpus",
                 str(self.num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats",
                 *[a for kv in ports.items() for a in kv]]
 
     def env(self) -> dict[str, str]:
         env = {**os.environ, **self.extra_env}
         env.pop("RAY_ADDRESS", None)
+        # joining the head on 127.0.0.1 makes this node's IP 127.0.0.1; Ray refuses to join in single-machine mode
+        for k in SINGLE_MACHINE_ENV:
+            env.pop(k, None)
         env["RAY_API_SERVER_ADDRESS"] = self.head.dashboard_url
         env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
         return env

@@ -92,4 +92,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from pipeline.redaction import install
+    install()  # no credential in what this process writes (pipeline.redaction)
     main()

@@ -75,4 +75,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pipeline.redaction import install
+    install()  # no credential in what this process writes (pipeline.redaction)
     sys.exit(main())

@@ -53,6 +53,13 @@ def redact_tree(value: Any) -> Any:
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"()<>]+")
 
 
+# userinfo whose URL was taken apart by a library before it wrote its error (botocore: 'Invalid bucket name
+# "user:secret@bucket"', pyarrow: "bucket 'u:secret@b'"): user:password@host with no scheme left
+_BARE_USERINFO = re.compile(r"(?<![\w/])([\w.%+-]+):(?!\*\*\*@)[^\s@/:'\"()<>]+@(?=[\w.-])")
+
+
 def redact_text(text: str) -> str:
-    """`redact` applied to every URL inside free text (error messages, log lines)."""
-    return _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+    """`redact` applied to every URL inside free text (error messages, log lines), and the password of userinfo
+    left without its scheme."""
+    text = _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+    return _BARE_USERINFO.sub(lambda m: f"{m.group(1)}:{MASK}@", text) if "@" in text else text

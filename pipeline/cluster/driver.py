@@ -74,6 +74,9 @@ def preflight(cfg: JobConfig) -> None:
             info = fs.get_file_info(bucket)
         except OSError as e:
             raise ConfigError(f"checkpoint.storage_path: s3://{bucket} is unreachable ({e})") from None
+        except ValueError as e:  # pyarrow.lib.ArrowInvalid: not a bucket name (e.g. user:password@ in the URL)
+            raise ConfigError(f"checkpoint.storage_path: s3://{bucket} is not an S3 bucket path ({e}); "
+                              f"credentials go in the AWS_* variables, not the URL") from None
         if info.type == pyarrow.fs.FileType.NotFound:
             raise ConfigError(f"checkpoint.storage_path: bucket s3://{bucket} does not exist")
     if cfg.data.shards:
@@ -253,6 +256,7 @@ def connect(cfg: JobConfig) -> None:
     """RAY_ADDRESS (a cluster, or the one a submitted job runs on), else a local cluster sized to hold the request."""
     import ray
 
+    from pipeline.cluster.loopback import loopback_node
     from pipeline.job_env import driver_env_vars
     if ray.is_initialized():
         return
@@ -265,7 +269,7 @@ def connect(cfg: JobConfig) -> None:
         os.environ.setdefault(k, v)
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     env = {"env_vars": dict(RAY_ENV),
-           "worker_process_setup_hook": "pipeline.cluster.ray_logging.quiet_state_api_warnings"}
+           "worker_process_setup_hook": "pipeline.cluster.ray_logging.setup_worker"}
     # address="local": a new cluster, never one that happens to run on this machine already. With the dashboard
     # (ray[default]) on 127.0.0.1: Train V2's placement-group cleaner asks the State API, which the dashboard
     # serves; without it each ask blocks until its timeout and the job's tear-down fails to stop the cleaner.
@@ -276,8 +280,10 @@ def connect(cfg: JobConfig) -> None:
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     try:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port, runtime_env=env)
+        with loopback_node():  # auth is off: listen on 127.0.0.1 only
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                     include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+                     runtime_env=env)
     finally:
         if saved is None:
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)

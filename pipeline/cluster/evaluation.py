@@ -42,8 +42,10 @@ def connect(workers: int) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         return
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
-             log_to_driver=False)
+    from pipeline.cluster.loopback import loopback_node
+    with loopback_node():  # auth is off: listen on 127.0.0.1 only
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
+                 log_to_driver=False)
 
 
 def episode_values_on_ray(state_dict, config: dict[str, Any], episodes: torch.Tensor, *, workers: int,

@@ -1,4 +1,4 @@
-"""Set up logging in the Ray processes of a local cluster (runtime_env `worker_process_setup_hook`).
+"""Set up logging in the job's Ray processes (runtime_env `worker_process_setup_hook`).
 
 Kept free of heavy imports: Ray runs it in every worker process it starts, the small system actors included.
 
@@ -19,3 +19,11 @@ QUIET = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 def quiet_state_api_warnings() -> None:
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def setup_worker() -> None:
+    """The setup hook of the job's Ray processes: quiet the cleaner, and redact what the process writes (its lines
+    are forwarded to the driver and kept in the cluster's log files)."""
+    from pipeline.redaction import install
+    quiet_state_api_warnings()
+    install()
