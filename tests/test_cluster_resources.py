@@ -98,6 +98,13 @@ class AutoscalingHead(RayHead):
     def command(self):
         return super().command() + [f"--autoscaling-config={self.root / 'autoscaling.json'}"]
 
+    def env(self):
+        # the fake provider's nodes join with `ray start --address`, which Ray refuses in single-machine mode:
+        # this head listens on every interface, as a head of a real autoscaling cluster does
+        env = super().env()
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        return env
+
 
 def test_driver_waits_for_the_autoscaler_to_add_gpu_nodes(tmp_path):
     head = AutoscalingHead(tmp_path)

@@ -214,6 +214,16 @@ def test_sweep_killed_midway_resumes_and_registers_the_best(ray_cluster, mlflow_
     first_id = finished_first.data.tags["kpp.trial_id"]
     steps_before = [m.step for m in client.get_metric_history(finished_first.info.run_id, "train/loss")]
 
+    # 1b. the command with an edited sweep: Tune would restore the stored one and ignore the edit; refused before
+    # Ray with the difference, the stored sweep left as it was (step 2 resumes it)
+    stored = sorted(p.name for p in (tmp_path / "runs" / "resume").iterdir())
+    edited = subprocess.run([*cmd, "num_trials=8"], cwd=ROOT, env={**env, "RAY_ADDRESS": "127.0.0.1:1"},
+                            capture_output=True, text=True, timeout=120)  # no Ray there: asking it would fail
+    assert edited.returncode == 2, edited.stdout[-3000:] + edited.stderr[-3000:]
+    assert "name: sweep 'resume' is stored at" in edited.stderr and "-  num_trials: 4" in edited.stderr \
+        and "+  num_trials: 8" in edited.stderr, edited.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs" / "resume").iterdir()) == stored
+
     # 2. the same command again: the sweep is restored, the finished trial is not run again
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]

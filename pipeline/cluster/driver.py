@@ -256,14 +256,15 @@ def connect(cfg: JobConfig) -> None:
     """RAY_ADDRESS (a cluster, or the one a submitted job runs on), else a local cluster sized to hold the request."""
     import ray
 
-    from pipeline.cluster.loopback import loopback_node
+    from pipeline.cluster.loopback import loopback_node, node_context
     from pipeline.job_env import driver_env_vars
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         # a submitted job's runtime env may already set these: repeating a key fails ray.init (job_env)
         env_vars = driver_env_vars(RAY_ENV)
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env_vars} if env_vars else None)
+        with node_context(os.environ["RAY_ADDRESS"]):
+            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env_vars} if env_vars else None)
         return
     for k, v in RAY_ENV.items():  # the local raylet and every process it starts inherit the driver's env
         os.environ.setdefault(k, v)

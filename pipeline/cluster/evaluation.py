@@ -40,7 +40,9 @@ def connect(workers: int) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        from pipeline.cluster.loopback import node_context
+        with node_context(os.environ["RAY_ADDRESS"]):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         return
     from pipeline.cluster.loopback import loopback_node
     with loopback_node():  # auth is off: listen on 127.0.0.1 only

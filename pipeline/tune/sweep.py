@@ -153,6 +153,50 @@ def tuner_storage(sweep: Sweep) -> TunerSetup:
     return TunerSetup(root=path, path=f"{path}/{sweep.cfg.name}", filesystem=retrying(fs) if fs is not None else None)
 
 
+SETTINGS_FILE = "kpp_sweep_settings.yaml"
+
+
+def settings_text(sweep: Sweep) -> str:
+    """The sweep as it runs: its own settings and the base training config, credentials masked (it is stored)."""
+    import yaml
+
+    from pipeline.urls import redact_tree
+    own = {k: v for k, v in sweep.cfg.model_dump().items() if k != "train"}  # the train source: see "train"
+    return yaml.safe_dump(redact_tree({"sweep": own, "train": sweep.base.to_dict()}), sort_keys=True)
+
+
+def check_settings(sweep: Sweep, setup: TunerSetup, restoring: bool) -> None:
+    """A new sweep stores its settings beside Tune's state; a sweep restored from that state must have the same
+    ones: Tuner.restore takes the stored search, scheduler and trial count, so an edited YAML would otherwise be
+    printed and ignored. ConfigError with the difference when they differ."""
+    import difflib
+
+    import pyarrow.fs
+    fs = setup.filesystem or pyarrow.fs.LocalFileSystem()
+    record, now = f"{setup.path}/{SETTINGS_FILE}", settings_text(sweep)
+    stored = None
+    if restoring:
+        try:
+            with fs.open_input_stream(record) as f:
+                stored = f.read().decode()
+        except FileNotFoundError:
+            print(f"[tune] the sweep stored at {setup.path} has no record of its settings (it predates them): "
+                  f"resuming it as stored, with these settings recorded", flush=True)
+    if stored is not None:
+        if stored != now:
+            diff = list(difflib.unified_diff(stored.splitlines(), now.splitlines(), "stored sweep", "this run",
+                                             lineterm="", n=1))
+            raise ConfigError(
+                f"name: sweep {sweep.cfg.name!r} is stored at {setup.path} with other settings, and Ray Tune resumes "
+                f"a stored sweep as it was stored (its search, scheduler and trial count): use another name= for "
+                f"the new settings, remove the folder to start over, or run it as stored. The difference:\n"
+                + "\n".join(diff[:60]) + ("\n..." if len(diff) > 60 else ""))
+        return
+    fs.create_dir(setup.path, recursive=True)
+    with fs.open_output_stream(record) as f:
+        f.write(now.encode())
+
+
 def build_tuner(sweep: Sweep, setup: TunerSetup, restoring: bool, parent_run_id: str, uri: str, max_concurrent: int):
     """A new Tuner, or the one in storage restored when the sweep ran before (its driver died)."""
     from ray import tune
@@ -231,6 +275,9 @@ def run(sweep: Sweep, sweep_yaml: str) -> SweepOutcome:
     from pipeline.tune import report
     base = driver.resolved(sweep.base)
     driver.preflight(base)
+    setup = tuner_storage(sweep)
+    restoring = setup.can_restore()
+    check_settings(sweep, setup, restoring)  # before Ray: an edited sweep must not restore the old Tuner quietly
     uri = tracking.resolve_uri(base.tracking.uri) if base.tracking.enabled else ""
     if uri:
         tracking.check_reachable(uri)
@@ -239,8 +286,6 @@ def run(sweep: Sweep, sweep_yaml: str) -> SweepOutcome:
         sweep.pin_tracking_uri(uri)
     driver.connect(base)
     max_concurrent = concurrent_trials(sweep, ray.cluster_resources())
-    setup = tuner_storage(sweep)
-    restoring = setup.can_restore()
     parent = ""
     if uri:
         params = {"sweep.name": sweep.cfg.name, "sweep.metric": sweep.cfg.metric, "sweep.mode": sweep.cfg.mode,
