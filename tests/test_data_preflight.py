@@ -192,3 +192,20 @@ def test_class_eval_episodes_are_the_fixed_class_episodes_of_the_split_streamed_
     assert torch.equal(shard_eval_episodes(str(out), "test", 8, 12, "class", seed=3), got)
     labels_of = {tuple(e): labels[e] for e in class_episodes(labels, 8, seed=3)[:12]}
     assert all(len(set(v.tolist())) == 1 for v in labels_of.values())  # one class per episode
+
+
+def test_more_eval_episodes_than_a_split_holds_is_an_error_never_a_cap(tmp_path):
+    """The count asked is what gets recorded (tags, the promotion fingerprint): 64 asked of digits' 25 class
+    test episodes used to come back as 25 quietly. Every builder of fixed episodes refuses instead."""
+    from pipeline.data.sources import load_split
+    from pipeline.data.train_data import TooFewEpisodes, eval_episodes, shard_eval_episodes
+    out = tmp_path / "digits"
+    prepare(PrepareConfig(dataset="digits", source=None, out=str(out), episode_length=8, progress=False))
+    test = load_split("digits", None, "test")
+    for mode, labels in (("class", test.labels), ("random", None)):
+        with pytest.raises(TooFewEpisodes, match="64 fixed episodes of 8 images asked for, and the split holds"):
+            eval_episodes(test.images, 1, 8, 64, seed=0, labels=labels)
+        with pytest.raises(TooFewEpisodes) as e:
+            shard_eval_episodes(str(out), "test", 8, 64, mode)
+        assert 0 < e.value.have < 64
+        assert shard_eval_episodes(str(out), "test", 8, e.value.have, mode).shape[0] == e.value.have

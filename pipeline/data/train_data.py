@@ -99,7 +99,20 @@ def eval_episodes(images: np.ndarray, bit_depth: int, episode_length: int, count
     With labels, the fixed episodes of one class each."""
     idx = (fixed_episodes(len(images), episode_length, seed) if labels is None
            else class_episodes(labels, episode_length, seed))[:count]
+    _require(count, len(idx), episode_length)
     return to_model_input(images[idx], bit_depth)
+
+
+class TooFewEpisodes(ValueError):
+    def __init__(self, count: int, have: int, episode_length: int) -> None:
+        super().__init__(f"{count} fixed episodes of {episode_length} images asked for, and the split holds {have}")
+        self.count, self.have = count, have
+
+
+def _require(count: int, have: int, episode_length: int) -> None:
+    """Fewer episodes than asked is an error, never a silent cap: the count asked is what gets recorded."""
+    if have < count:
+        raise TooFewEpisodes(count, have, episode_length)
 
 
 @dataclass
@@ -191,7 +204,9 @@ def shard_eval_episodes(root: str, split: str, episode_length: int, count: int, 
     cfg = StreamConfig(root=root, split=split, episode_length=episode_length, batch_size=count, shuffle=False,
                        remainder="pad", as_float=True)
     batch = next(iter(make_loader(cfg, rank=0, world_size=1, cursor=Cursor(0))))
-    return batch.images[batch.mask.all(dim=1)]
+    episodes = batch.images[batch.mask.all(dim=1)]
+    _require(count, episodes.shape[0], episode_length)
+    return episodes
 
 
 def _class_eval_episodes(root: str, split: str, episode_length: int, count: int, seed: int,
@@ -206,6 +221,7 @@ def _class_eval_episodes(root: str, split: str, episode_length: int, count: int,
         raise ManifestError(f"{root}: data.episodes='class' needs labels, and split {split!r} has none")
     labels = np.concatenate([np.asarray(by_shard[i], np.int64) for i in sorted(by_shard)])
     chosen = class_episodes(labels, episode_length, seed)[:count]  # [E, T] positions in storage order
+    _require(count, len(chosen), episode_length)
     wanted = np.unique(chosen)
     picked: dict[int, torch.Tensor] = {}
     cfg = StreamConfig(root=root, split=split, episode_length=episode_length, batch_size=chunk_episodes,

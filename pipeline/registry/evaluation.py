@@ -61,7 +61,7 @@ def _tag(reg: Registered, key: str, default: Any) -> str:
 def test_set(reg: Registered, url: str, count: int = 0) -> TestSet:
     """The fixed test episodes of prepared data `url` for `reg`: the version's count (or `count`), episode mode
     and seeds; DataMismatch when the data is not what the version was trained on."""
-    from pipeline.data.train_data import shard_eval_episodes
+    from pipeline.data.train_data import TooFewEpisodes, shard_eval_episodes
     from pipeline.registry.tracking import file_hash
     from pipeline.urls import redact
     card = data_card(url)
@@ -72,13 +72,16 @@ def test_set(reg: Registered, url: str, count: int = 0) -> TestSet:
     seed, eval_seed = int(_tag(reg, naming.DATA_SEED, 0)), int(_tag(reg, naming.EVAL_SEED, 1234))
     try:
         episodes = shard_eval_episodes(url, "test", cfg.episode_length, count, mode, seed)
+    except TooFewEpisodes as e:
+        # a capped count would be recorded (and fingerprinted) as the count asked for: refused instead
+        raise RegistryError(f"--episodes: {count} {mode} test episodes of {cfg.episode_length} images asked for "
+                            f"(the version's data.test_episodes unless given), and the test split of "
+                            f"{redact(url)} holds {e.have}: pass --episodes <= {e.have}") from None
     except Exception as e:  # noqa: BLE001 - e.g. class episodes of a dataset without labels
         raise RegistryError(f"--data {redact(url)}: cannot build {count} {mode} test episodes ({e})") from None
     if episodes.shape[0] < 2:
         raise RegistryError(f"--data {redact(url)}: the test split holds {episodes.shape[0]} episode(s) of "
                             f"{cfg.episode_length}; evaluation needs at least 2")
-    if episodes.shape[0] < count:
-        warnings.append(f"the test split holds only {episodes.shape[0]} of the {count} episodes asked for")
     fp = promotion.fingerprint(file_hash(url.rstrip("/") + "/manifest.parquet"), count, cfg.episode_length, mode,
                                eval_seed, promotion.episode_seed(True, mode, seed))
     return TestSet(episodes, url, int(episodes.shape[0]), mode, seed, eval_seed, fp, warnings,
