@@ -29,6 +29,10 @@ CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied
                     "InvalidToken", "ACCESS_DENIED", "No credentials", "Unable to locate credentials")
 
 
+# A request the client refuses to send (a bucket name botocore rejects, e.g. a URL with user:password@ in it)
+INVALID_REQUEST_ERRORS = {"ParamValidationError"}
+
+
 def credential_error(err: BaseException) -> bool:
     """Credentials missing or refused (see CREDENTIAL_ERRORS, CREDENTIAL_CODES)."""
     return any(k.__name__ in CREDENTIAL_ERRORS for k in type(err).__mro__) or \
@@ -39,7 +43,7 @@ def permanent(err: BaseException) -> bool:
     """Whether a retry cannot mend `err` (see PERMANENT, CREDENTIAL_ERRORS)."""
     if isinstance(err, PERMANENT) and not isinstance(err, (TimeoutError, ConnectionError)):
         return True
-    if any(k.__name__ in CREDENTIAL_ERRORS for k in type(err).__mro__):
+    if any(k.__name__ in CREDENTIAL_ERRORS | INVALID_REQUEST_ERRORS for k in type(err).__mro__):
         return True
     text = str(err)
     return any(code in text for code in CREDENTIAL_CODES)

@@ -59,3 +59,18 @@ def test_a_failing_job_never_prints_the_credentials_of_its_urls(field):
     assert r.returncode == 2, out[-3000:]
     assert f"{field}:" in r.stderr and "me:***@" in r.stderr, r.stderr[-3000:]
     assert not leaks(out), leaks(out)
+
+
+def test_a_request_botocore_refuses_to_send_is_not_retried():
+    """botocore's ParamValidationError (an invalid bucket name) is raised again on every try: not an outage."""
+    import botocore.exceptions
+
+    from pipeline.retry import RetryPolicy, with_retries
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise botocore.exceptions.ParamValidationError(report='Invalid bucket name "me:***@bucket"')
+    with pytest.raises(botocore.exceptions.ParamValidationError):
+        with_retries("read s3://me:***@bucket/x", refused, RetryPolicy(max_attempts=4, backoff_s=0.01))
+    assert len(calls) == 1
