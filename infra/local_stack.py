@@ -357,13 +357,13 @@ class LocalStack:
         self._write_state()
         return self
 
-    def add_node(self, num_cpus: int = 1) -> RayNode:
+    def add_node(self, num_cpus: int = 1, timeout_s: float = 180) -> RayNode:
         """Another Ray node joining the head (a second machine, on this one); `down` stops it with the rest."""
         head = self.services["ray"]
         name = f"node{sum(isinstance(s, RayNode) for s in self.services.values()) + 1}"
         node = self.services[name] = RayNode(self.dir, head, name, num_cpus, env=head.extra_env)
         try:
-            node.start()
+            node.start(timeout_s)
         except BaseException:
             self.services.pop(name).stop()
             raise

@@ -103,7 +103,7 @@ def test_a_lost_node_mid_epoch_is_waited_for_and_every_image_is_trained_once(clu
         _wait_for(lambda: any("restarting from the last checkpoint" in line for line in log), 120,
                   "the driver's restart")
         time.sleep(12)  # longer than one placement attempt (10 s): the group waited, and was retried, for a node
-        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1, timeout_s=240)  # a node's start takes ~10 s, and minutes on a loaded machine
         job.wait(timeout=300)
     finally:
         if job.poll() is None:

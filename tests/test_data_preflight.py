@@ -100,7 +100,9 @@ def test_the_train_command_refuses_what_the_shards_cannot_serve_before_ray(many_
     p, took = _train(tmp_path, "data.dataset=npz", f"data.shards={many_small_classes / 'shards'}", *overrides)
     assert p.returncode == 2 and message in p.stderr, p.stderr[-3000:]
     assert "Started a local Ray instance" not in p.stdout + p.stderr and not (tmp_path / "ray" / "kpp-local").exists()
-    assert took < 20, took
+    # ~8 s here (torch's import, the card and label index): minutes would mean it waited for something; 22 s was
+    # seen beside two CPU-bound processes, so the bound is loose and the speed figure is not a test's
+    assert took < 60, took
 
 
 def test_the_in_memory_path_is_checked_the_same_way(many_small_classes, tmp_path):

@@ -124,12 +124,15 @@ def test_many_promotions_at_once_end_with_the_best_champion(mlflow_uri):
 def test_a_crashed_holders_lock_is_taken_over_after_its_ttl(mlflow_uri):
     from mlflow import MlflowClient
     client = MlflowClient(mlflow_uri)
+    import time
     v = _versions(client, "kpp-stale", {"a": 1.0})
-    client.create_registered_model("kpp-stale" + promotion.LOCK_SUFFIX,
-                                   tags={"holder": "gone:1", "acquired_unix": "1000.0"})  # a holder long dead
+    # the lock's age is the registry's creation time (its tags are written after it: not to be trusted)
+    client.create_registered_model("kpp-stale" + promotion.LOCK_SUFFIX, tags={"holder": "gone:1"})
+    time.sleep(1.5)
+    with promotion.promotion_lock(client, "kpp-stale", ttl_s=1.0):  # a holder dead for longer than the TTL
+        assert client.get_registered_model("kpp-stale" + promotion.LOCK_SUFFIX).tags["holder"] != "gone:1"
     assert promotion.promote(mlflow_uri, "kpp-stale", v["a"]).promoted
-    client.create_registered_model("kpp-stale" + promotion.LOCK_SUFFIX, tags={"holder": "alive:2",
-                                                                             "acquired_unix": "9999999999"})
+    client.create_registered_model("kpp-stale" + promotion.LOCK_SUFFIX, tags={"holder": "alive:2"})
     with pytest.raises(TimeoutError, match="held by alive:2"):
         with promotion.promotion_lock(client, "kpp-stale", wait_s=1):
             pass

@@ -81,13 +81,17 @@ def promotion_lock(client, name: str, wait_s: float = 180.0, ttl_s: float = LOCK
                                            description=f"held while {name}'s champion is decided (kpp promotion)")
             break
         except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            # RESOURCE_DOES_NOT_EXIST: the server created it and it was deleted before its tags were written
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         try:
             held = client.get_registered_model(lock)
-            since = float(held.tags.get("acquired_unix", "0"))
         except MlflowException:  # released between the two calls
             continue
+        # the age from the registry's own creation time: the server writes a new model's tags after the model,
+        # so a lock read in between has none, and its age from the tag would be "since 1970" (taken over while
+        # its holder worked: seen under load, two holders at once)
+        since = (held.creation_timestamp or time.time() * 1000) / 1000
         if held.tags.get("holder") == me:  # the client retried a create that had succeeded: it is ours
             break
         if time.time() - since > ttl_s:
