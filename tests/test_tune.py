@@ -114,6 +114,28 @@ def test_gpu_fractions_that_cannot_be_placed_are_named(overrides, message):
     assert message in str(e.value)
 
 
+def test_a_grid_sweep_runs_no_more_trials_at_once_than_asked(ray_cluster, tmp_path):
+    """max_concurrent_trials holds for the random/grid generator: Tune applies the limit only to a Searcher and
+    ignored it for the generator passed in, so this 4-point grid asked to run 1 at a time ran all 4 at once."""
+    from ray import tune
+
+    from pipeline.tune.sweep import param_space, search_algorithm
+    sweep = space.load(sweep_yaml(tmp_path, max_concurrent_trials=1), [], root=pathlib.Path(ROOT))
+    assert sweep.grid_size == 4
+
+    def trial(config):
+        t0 = time.time()
+        time.sleep(1.0)
+        tune.report({"t0": t0, "t1": time.time()})
+
+    tuner = tune.Tuner(tune.with_resources(trial, {"cpu": 0.001}), param_space=param_space(sweep),
+                       tune_config=tune.TuneConfig(search_alg=search_algorithm(sweep, 1), num_samples=1),
+                       run_config=tune.RunConfig(name="limit", storage_path=str(tmp_path / "tune"), verbose=0))
+    spans = sorted((r.metrics["t0"], r.metrics["t1"]) for r in tuner.fit())
+    assert len(spans) == 4
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+
+
 @pytest.mark.slow
 def test_four_trials_run_at_once_on_fractional_cpus(ray_cluster, mlflow_server, digits_shards, tmp_path):
     """The packing mechanism on CPU: 4 trials of one worker with 0.24 CPUs each on the 2-CPU cluster run side by
@@ -226,6 +248,7 @@ def test_sweep_killed_midway_resumes_and_registers_the_best(ray_cluster, mlflow_
 
     # 2. the same command again: the sweep is restored, the finished trial is not run again
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    (tmp_path / "second.log").write_text(r.stdout + r.stderr)  # kept for a failure's post-mortem
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
     assert "resuming the sweep stored at" in r.stdout
     # Ray forwards worker log lines to the driver's stdout asynchronously: one can land after the JSON line
@@ -252,7 +275,8 @@ def test_sweep_killed_midway_resumes_and_registers_the_best(ray_cluster, mlflow_
     # which trials ASHA stops depends on the order they ran in, and that on timing (the kill, the restore); what
     # is guaranteed is that its rungs survived the restart and every decision follows from them: replayed in the
     # order they were recorded, a trial is stopped iff its reward is below the rung's median of the ones before it
-    rungs = json.loads((tmp_path / "runs" / "resume" / "kpp_asha_rungs.json").read_text())[0]
+    from pipeline.tune.asha import STATE_NAME
+    rungs = json.loads((tmp_path / "runs" / "resume" / STATE_NAME).read_text())[0]
     stopped, judged = set(), set()
     for recorded in rungs.values():
         before = []

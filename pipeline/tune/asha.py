@@ -14,11 +14,14 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
-STATE_NAME = "kpp_asha_rungs.json"
+# In a folder of its own: at a restore Tune copies the experiment folder's top-level *.json and *.pkl files to the
+# new driver's staging folder and uploads them back over storage on every sync, so a record beside them would be
+# replaced by the copy taken at the restore and lose every decision taken after it.
+STATE_NAME = "kpp_asha/rungs.json"
 
 
 class ResumableASHA(ASHAScheduler):
-    """ASHAScheduler plus its rung records in `<experiment folder>/kpp_asha_rungs.json` (on `filesystem`, a pyarrow
+    """ASHAScheduler plus its rung records in `<experiment folder>/kpp_asha/rungs.json` (on `filesystem`, a pyarrow
     filesystem, or the local disk when None)."""
 
     def __init__(self, folder: str, filesystem: Any = None, **asha: Any):

@@ -82,8 +82,12 @@ def param_space(sweep: Sweep) -> dict[str, Any]:
     return {field: make[kind](arg) for field, (kind, arg) in sweep.domains.items()}
 
 
-def search_algorithm(sweep: Sweep):
-    """Optuna TPE, or Tune's random/grid generator (also for a space with a grid, which TPE cannot take)."""
+def search_algorithm(sweep: Sweep, max_concurrent: int):
+    """Optuna TPE, or Tune's random/grid generator (also for a space with a grid, which TPE cannot take).
+
+    The generator is given the trial limit itself: Tune applies TuneConfig.max_concurrent_trials only to a Searcher
+    (it wraps TPE in a ConcurrencyLimiter) and ignores it, with a log warning, for a generator passed in, so a grid
+    sweep asked to run one trial at a time ran all of them at once."""
     if sweep.cfg.algorithm == "optuna" and not sweep.has_grid:
         import optuna
         from ray.tune.search.optuna import OptunaSearch
@@ -93,7 +97,7 @@ def search_algorithm(sweep: Sweep):
         return OptunaSearch(metric=sweep.cfg.metric, mode=sweep.cfg.mode,
                             sampler=optuna.samplers.TPESampler(seed=sweep.cfg.seed, n_startup_trials=startup))
     from ray.tune.search import BasicVariantGenerator
-    return BasicVariantGenerator(random_state=sweep.cfg.seed)
+    return BasicVariantGenerator(random_state=sweep.cfg.seed, max_concurrent=max_concurrent)
 
 
 def scheduler(sweep: Sweep, setup: "TunerSetup"):
@@ -210,11 +214,14 @@ def build_tuner(sweep: Sweep, setup: TunerSetup, restoring: bool, parent_run_id:
                                   resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=setup.filesystem), True
     samples = sweep.cfg.num_trials // sweep.grid_size if sweep.has_grid else sweep.cfg.num_trials
+    from ray.tune.search import Searcher
+    search = search_algorithm(sweep, max_concurrent)
     tuner = tune.Tuner(
         trainable, param_space=param_space(sweep),
-        tune_config=tune.TuneConfig(metric=sweep.cfg.metric, mode=sweep.cfg.mode, search_alg=search_algorithm(sweep),
+        tune_config=tune.TuneConfig(metric=sweep.cfg.metric, mode=sweep.cfg.mode, search_alg=search,
                                     scheduler=scheduler(sweep, setup), num_samples=samples,
-                                    max_concurrent_trials=max_concurrent),
+                                    # the generator holds the limit itself (search_algorithm)
+                                    max_concurrent_trials=max_concurrent if isinstance(search, Searcher) else None),
         run_config=tune.RunConfig(name=sweep.cfg.name, storage_path=setup.root, storage_filesystem=setup.filesystem,
                                   callbacks=[make_close_trial_runs_callback(uri)] if uri else [],
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1))
