@@ -258,13 +258,6 @@ class KanervaConfig:
         return self
 
 
-def for_bit_depth(bit_depth: int, **overrides: Any) -> KanervaConfig:
-    """A config whose likelihood matches the data: Bernoulli for binarized, logistic mixture for 8-bit."""
-    kind = "bernoulli" if bit_depth == 1 else "logistic_mixture"
-    cfg = KanervaConfig.from_dict({"bit_depth": bit_depth, "likelihood": {"kind": kind}, **overrides})
-    return cfg.validate()
-
-
 def _check_types(obj: Any, prefix: str) -> None:
     """Every field holds a value of its annotated type (an int is a float; a bool is never a number), so a value
     that YAML or a command line read as the wrong type is named here rather than failing deep inside torch."""

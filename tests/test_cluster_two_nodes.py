@@ -74,6 +74,17 @@ def _audited_steps(audit: pathlib.Path, rank: int) -> int:
 
 
 @pytest.mark.slow
+def test_the_head_and_the_joined_node_listen_on_loopback_only(cluster):
+    """`ray start --head` of the local stack and the node that joined it (pipeline.cluster.loopback): auth is off on
+    them. Before: the GCS, raylets and core workers listened on every interface."""
+    from infra.local_stack import session_pids
+    from tests.test_loopback import listening, loopback
+    sockets = listening(set(session_pids(cluster.services["ray"].proc.pid))
+                        | set(session_pids(cluster.services["node1"].proc.pid)))
+    assert len(sockets) >= 8, sockets
+    assert [s for s in sockets if not loopback(s[0])] == [], sockets
+
+
 def test_a_lost_node_mid_epoch_is_waited_for_and_every_image_is_trained_once(cluster, tmp_path, monkeypatch):
     shards = _prepare_digits(cluster)
     audit = tmp_path / "audit"

@@ -85,18 +85,4 @@ def test_the_drivers_local_cluster_listens_on_loopback_only():
     assert [s for s in sockets if not loopback(s[0])] == [], sockets
 
 
-def test_the_local_stacks_head_and_worker_node_listen_on_loopback_only(tmp_path):
-    """`ray start --head` of the local stack and a node joining it (the two-node test's cluster)."""
-    from infra.local_stack import RayHead, RayNode, session_pids
-    from tests.fixtures.ray_cluster import AUTH_OFF
-    head = RayHead(tmp_path / "ray", num_cpus=1, env=AUTH_OFF)
-    head.start()
-    node = RayNode(tmp_path / "node1", head, env=AUTH_OFF)
-    try:
-        node.start()
-        sockets = listening(set(session_pids(head.proc.pid)) | set(session_pids(node.proc.pid)))
-        assert len(sockets) >= 8, sockets
-        assert [s for s in sockets if not loopback(s[0])] == [], sockets
-    finally:
-        node.stop()
-        head.stop()
+# the local stack's `ray start --head` and a node joining it: tests/test_cluster_two_nodes.py, on that test's cluster

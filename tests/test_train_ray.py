@@ -158,7 +158,7 @@ def _wait_for(predicate, timeout_s, what):
 
 
 def test_killed_worker_restores_from_last_complete_checkpoint(ray_cluster, mlflow_uri, mnist_shards, s3_env, tmp_path):
-    cfg = job("name=kill", f"data.shards={mnist_shards}", "train.max_steps=150", "checkpoint.every_steps=10",
+    cfg = job("name=kill", f"data.shards={mnist_shards}", "train.max_steps=80", "checkpoint.every_steps=10",
               f"checkpoint.storage_path={tmp_path}", "checkpoint.max_failures=1", "checkpoint.keep=2",
               "checkpoint.keep_by=recent", f"tracking.uri={mlflow_uri}", "tracking.experiment=t-kill",
               "tracking.registered_model=")
@@ -170,18 +170,18 @@ def test_killed_worker_restores_from_last_complete_checkpoint(ray_cluster, mlflo
     thread.join(timeout=300)
     assert not thread.is_alive() and "out" in result, repr(result.get("error"))
     out = result["out"]
-    assert out.finished and out.step == 150
+    assert out.finished and out.step == 80
     # storage holds exactly what the keep policy holds (the 2 most recent), also the checkpoint that was complete
     # on storage when the worker died but that Ray's controller had not registered yet (measured: step 10)
     left = sorted(p.name for p in (tmp_path / "kill").glob("checkpoint_0*"))
-    assert left == ["checkpoint_000000140", "checkpoint_000000150"], left
+    assert left == ["checkpoint_000000070", "checkpoint_000000080"], left
 
     (run,) = runs_of(mlflow_uri, "t-kill", "kill")
     client = MlflowClient(mlflow_uri)
     resumed = client.get_metric_history(run.info.run_id, "resume/from_step")
-    assert len(resumed) == 1 and 10 <= resumed[0].value < 150 and resumed[0].value % 10 == 0
+    assert len(resumed) == 1 and 10 <= resumed[0].value < 80 and resumed[0].value % 10 == 0
     steps = assert_monotone(client, run.info.run_id, "train/loss")
-    assert steps == list(range(5, 151, 5))  # every log step once, none replayed twice
+    assert steps == list(range(5, 81, 5))  # every log step once, none replayed twice
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
@@ -245,7 +245,7 @@ def test_halt_and_resume_equals_straight_run(ray_cluster, tmp_path):
 
 def test_stopped_job_rerun_with_the_same_command_resumes(ray_cluster, mlflow_uri, tmp_path):
     cmd = [sys.executable, "-m", "jobs.train", *TINY_MODEL, *SMALL_RUN, "name=rerun", "data.dataset=digits",
-           "train.max_steps=200", "checkpoint.every_steps=10", f"checkpoint.storage_path={tmp_path}",
+           "train.max_steps=100", "checkpoint.every_steps=10", f"checkpoint.storage_path={tmp_path}",
            f"tracking.uri={mlflow_uri}", "tracking.experiment=t-rerun", "tracking.registered_model="]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, **AUTH_OFF}
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -257,7 +257,7 @@ def test_stopped_job_rerun_with_the_same_command_resumes(ray_cluster, mlflow_uri
     stopped_at = checkpointing.verify(checkpointing.latest_complete(tmp_path / "rerun"))["step"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "finished at step 200 (resumed)" in done.stdout, done.stdout[-2000:]
+    assert "finished at step 100 (resumed)" in done.stdout, done.stdout[-2000:]
     (run,) = runs_of(mlflow_uri, "t-rerun", "rerun")  # still one run
     client = MlflowClient(mlflow_uri)
     resumed = client.get_metric_history(run.info.run_id, "resume/from_step")
@@ -410,7 +410,7 @@ def test_a_hung_worker_fails_the_group_after_the_collective_timeout_and_the_job_
     """A peer that stops answering (SIGSTOP: alive, silent, like a wedged GPU or a paused VM) must not stall the
     job forever: the others' collective times out after scaling.timeout_s, Ray restarts the group from the last
     complete checkpoint, and the job finishes."""
-    cfg = job("name=hung", "data.dataset=digits", "train.max_steps=150", "checkpoint.every_steps=10",
+    cfg = job("name=hung", "data.dataset=digits", "train.max_steps=80", "checkpoint.every_steps=10",
               f"checkpoint.storage_path={tmp_path}", "checkpoint.max_failures=2", "checkpoint.keep_by=recent",
               "scaling.timeout_s=15", "tracking.enabled=false")
     thread, result = _run_in_background(cfg)
@@ -429,5 +429,5 @@ def test_a_hung_worker_fails_the_group_after_the_collective_timeout_and_the_job_
     assert not thread.is_alive(), "the job hung on a stopped peer"
     assert "out" in result, repr(result.get("error"))
     out = result["out"]
-    assert out.finished and out.step == 150 and out.resumed
+    assert out.finished and out.step == 80 and out.resumed
     assert time.monotonic() - stopped < 240

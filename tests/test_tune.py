@@ -211,9 +211,11 @@ def _children(client, exp_id: str, parent: str):
 @pytest.mark.slow
 def test_sweep_killed_midway_resumes_and_registers_the_best(ray_cluster, mlflow_server, digits_shards, tmp_path):
     from mlflow import MlflowClient
+    # two trials at once: when the driver is killed after the first one finished, the other is mid-run
     overrides = {**TINY_TRAIN, "data.shards": digits_shards, "checkpoint.storage_path": str(tmp_path / "runs"),
-                 "tracking.uri": mlflow_server, "tracking.experiment": "sweeps"}
-    path = sweep_yaml(tmp_path, name="resume", train={"config": "jobs/configs/local.yaml", "overrides": overrides})
+                 "tracking.uri": mlflow_server, "tracking.experiment": "sweeps", "scaling.cpus_per_worker": 0.5}
+    path = sweep_yaml(tmp_path, name="resume", max_concurrent_trials=2,
+                      train={"config": "jobs/configs/local.yaml", "overrides": overrides})
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     client = MlflowClient(mlflow_server)
     cmd = [sys.executable, "-m", "jobs.tune", "--config", path]

@@ -74,10 +74,6 @@ def image_shape_tag(shape) -> str:
     return "x".join(str(int(v)) for v in shape)
 
 
-def parse_image_shape(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split("x"))
-
-
 def version_tags(cfg, metrics: Mapping[str, Any], run_id: str, run_tags: Mapping[str, str]) -> dict[str, str]:
     """The tags of a version trained by job `cfg` (resolved) in MLflow run `run_id`, whose final metrics are
     `metrics` (test/neg_elbo, ...) and whose run carries `run_tags` (git.commit, data.manifest_hash)."""

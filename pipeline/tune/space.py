@@ -17,7 +17,6 @@ and accept every value of its domain, domains must be well formed, the metric mu
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import pathlib
 from typing import Any, Literal
@@ -215,8 +214,3 @@ def _set(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
         node = node.setdefault(part, {})
     node[leaf] = value
     return raw
-
-
-def grid_points(sweep: Sweep) -> list[dict[str, Any]]:
-    grids = {k: a for k, (kind, a) in sweep.domains.items() if kind == "grid"}
-    return [dict(zip(grids, combo)) for combo in itertools.product(*grids.values())]
