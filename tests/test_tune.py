@@ -143,9 +143,9 @@ def test_four_trials_run_at_once_on_fractional_cpus(ray_cluster, mlflow_server, 
     from mlflow import MlflowClient
     overrides = {**TINY_TRAIN, "data.shards": digits_shards, "checkpoint.storage_path": str(tmp_path / "runs"),
                  "tracking.uri": mlflow_server, "tracking.experiment": "packed", "scaling.cpus_per_worker": 0.24,
-                 "train.max_steps": 150, "eval.every_steps": 75, "checkpoint.every_steps": 75}
+                 "train.max_steps": 100, "eval.every_steps": 50, "checkpoint.every_steps": 50}
     # register_best off: the session's MLflow server is shared, and the resume test below owns `kpp-digits`
-    path = sweep_yaml(tmp_path, name="packed", max_concurrent_trials=4, asha={"grace_steps": 149},
+    path = sweep_yaml(tmp_path, name="packed", max_concurrent_trials=4, asha={"grace_steps": 99},
                       register_best=False, train={"config": "jobs/configs/local.yaml", "overrides": overrides})
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run([sys.executable, "-m", "jobs.tune", "--config", path], cwd=ROOT, env=env,
