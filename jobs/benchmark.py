@@ -138,12 +138,13 @@ def sync(device: str) -> None:
 def trainer(cfg, prof: Profile, steps: int):
     from kpp import KanervaPlusPlus
     from pipeline.train import optim
-    from pipeline.train.local import LocalTrainConfig, optimizer_config
+    from pipeline.train.local import local_job
 
     torch.manual_seed(0)
     model = KanervaPlusPlus(cfg).to(prof.device)
-    tcfg = LocalTrainConfig(steps=steps, batch_size=prof.batch, lr=prof.lr, warmup_steps=min(50, steps // 4))
-    optimizer, scheduler = optim.build(model.parameters(), optimizer_config(tcfg))
+    tcfg = local_job([f"train.max_steps={steps}", f"data.batch_episodes={prof.batch}", f"train.lr={prof.lr}",
+                      f"train.warmup_steps={min(50, steps // 4)}"]).train
+    optimizer, scheduler = optim.build(model.parameters(), tcfg)
     return model, optimizer, scheduler, tcfg
 
 

@@ -19,7 +19,7 @@ from kpp.data import to_model_input
 from kpp.evaluate import describe, evaluate
 from kpp.viz import ROW_LABELS, save_sample_grid
 from pipeline.data.episodes import class_episodes, fixed_episodes
-from pipeline.train.local import LocalTrainConfig, train_local
+from pipeline.train.local import local_job, train_local
 from pipeline.data.sources import DATASETS, load_split
 
 # Small enough for a few CPU minutes; the objective settings are the ones that made the memory matter in
@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"demo: {train.name} ({len(train)} images) -> {test.name}, {args.steps} steps, {episodes} episodes", flush=True)
 
     start = time.perf_counter()
-    train_local(model, images, LocalTrainConfig(steps=args.steps, batch_size=8, lr=2e-3, warmup_steps=20, seed=args.seed,
-                                                episodes=episodes), labels=train.labels,
+    job = local_job([f"train.max_steps={args.steps}", "data.batch_episodes=8", "train.lr=2e-3",
+                     f"train.warmup_steps={min(20, args.steps // 4)}",
+                     f"seed={args.seed}", f"data.episodes={episodes}"])
+    train_local(model, images, job, labels=train.labels,
                 on_log=lambda r: print(f"  step {r['step']:4d}  -elbo {r['total']:8.2f}  KL_z {r['kl_z']:6.2f}  "
                                        f"KL_y {r['kl_y']:6.2f}  swap gap {r['swap_gap']:+6.2f}  {r['seconds']:5.0f}s",
                                        flush=True))

@@ -14,30 +14,40 @@ import pathlib
 import time
 
 import torch
-import yaml
 
-from kpp import KanervaConfig, KanervaPlusPlus
+from kpp import KanervaPlusPlus
 from kpp.checkpoint import save_model
 from kpp.data import to_model_input
 from kpp.evaluate import describe, evaluate
 from jobs.memory_report import plot_memory_samples
 from pipeline.data.episodes import class_episodes, fixed_episodes
-from pipeline.train.local import LocalTrainConfig, train_local
+from pipeline.train.local import local_job, train_local
 from pipeline.data.sources import load_split
+from pipeline.train.config import ConfigError
 
 
-def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
-    model: dict = {}
-    train: dict = {}
+# the in-process trainer's own names from before it took the job config, kept for the commands in the docs
+ALIASES = {"train.steps": "train.max_steps", "train.batch_size": "data.batch_episodes",
+           "train.lr_min_ratio": "train.min_lr_ratio", "train.seed": "seed", "train.episodes": "data.episodes"}
+
+
+def job_overrides(pairs: list[str]) -> list[str]:
+    """model.<field>=v and train.<field>=v (also data.<field>, seed) as the job config's overrides."""
+    out = []
     for pair in pairs:
-        key, _, raw = pair.partition("=")
-        value = yaml.safe_load(raw)
-        section, *path = key.split(".")
-        target = {"model": model, "train": train}[section]
-        for part in path[:-1]:
-            target = target.setdefault(part, {})
-        target[path[-1]] = value
-    return model, train
+        key, value = pair.split("=", 1) if "=" in pair else (pair, None)
+        if value is None or not key.startswith(("model.", "train.", "data.", "seed")):
+            raise ConfigError(f"override {pair!r}: expected model.<field>=value or train.<field>=value")
+        out.append(f"{ALIASES.get(key, key)}={value}")
+    return out
+
+
+def train_record(job) -> dict:
+    """The training settings in the records' format (jobs.memory_report reads steps and batch_size)."""
+    t = job.train
+    return {"steps": t.max_steps, "batch_size": job.data.batch_episodes, "lr": t.lr, "warmup_steps": t.warmup_steps,
+            "lr_min_ratio": t.min_lr_ratio, "grad_clip": t.grad_clip, "optimizer": t.optimizer, "seed": job.seed,
+            "log_every": t.log_every, "episodes": job.data.episodes}
 
 
 def device_name(device: torch.device) -> str:
@@ -69,17 +79,22 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_over, train_over = parse_overrides(args.overrides)
+    try:  # checked before the data is read; the image shape comes from the data, the user's fields win
+        overrides = [f"train.max_steps={args.steps}", f"data.episodes={args.episodes}",
+                     *job_overrides(args.overrides)]
+        local_job(overrides)
+    except ConfigError as e:
+        ap.error(str(e))
     options = {"binarize": True} if args.binarize else {}
     train = load_split(args.dataset, args.source, "train", **options)
     test = load_split(args.dataset, args.source, "test", **options)
     if args.episodes == "class" and (train.labels is None or test.labels is None):
         ap.error(f"--episodes class needs labels and {args.dataset} has none (try --dataset mnist --binarize)")
     c, h, w = train.image_shape
-    cfg = KanervaConfig.from_dict({"image_channels": c, "image_height": h, "image_width": w, "bit_depth": train.bit_depth,
-                                   **model_over}).validate()
-    tcfg = LocalTrainConfig(**{"steps": args.steps, "episodes": args.episodes, **train_over})
-    torch.manual_seed(tcfg.seed)
+    job = local_job([f"model.image_channels={c}", f"model.image_height={h}", f"model.image_width={w}",
+                     f"model.bit_depth={train.bit_depth}", *overrides])
+    cfg = job.model
+    torch.manual_seed(job.seed)
     model = KanervaPlusPlus(cfg).to(args.device)
     images = to_model_input(train.images, train.bit_depth)
     order = (fixed_episodes(len(test), cfg.episode_length, 1234) if args.episodes == "random"
@@ -87,7 +102,7 @@ def main() -> None:
     test_x = to_model_input(test.images, test.bit_depth)[torch.from_numpy(order)]
     test_x = test_x[: args.test_episodes]
     start = time.perf_counter()
-    history = train_local(model, images, tcfg, labels=train.labels, on_log=lambda r: print(
+    history = train_local(model, images, job, labels=train.labels, on_log=lambda r: print(
         f"step {r['step']:5d} loss {r['loss']:.2f} -elbo {r['total']:.2f} kl_z {r['kl_z']:.2f} kl_y {r['kl_y']:.2f} swap {r['swap_gap']:+.2f} "
         f"beta {r['beta']:.2f} {r['seconds']:.0f}s", flush=True))
     train_seconds = time.perf_counter() - start
@@ -100,7 +115,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     record = {"name": args.name, "device": str(device), "device_name": device_name(device),
-              "model_config": cfg.to_dict(), "train_config": vars(tcfg), "train_seconds": train_seconds,
+              "model_config": cfg.to_dict(), "train_config": train_record(job), "train_seconds": train_seconds,
               "test_images": int(test_x.shape[0] * test_x.shape[1]), "episodes": args.episodes,
               "dataset": args.dataset + ("-binarized" if args.binarize else ""), "keys_at_floor": idle,
               "test": result, "history": history}

@@ -13,37 +13,14 @@ import json
 import re
 import sys
 
+from pipeline import cli
 from pipeline.data.shards.prepare import PrepareConfig, prepare
 from pipeline.urls import redact, redact_text
-from pipeline.data.sources import DATASETS, DataSourceError
-
-
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the flag and exits 2 otherwise)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from pipeline.data.sources import DataSourceError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, choices=DATASETS, help="which dataset the source holds")
-    parser.add_argument("--source", default=None, help="directory/file URL of the source files (none for digits)")
-    parser.add_argument("--out", required=True, help="URL to write the prepared dataset to (path, file://, s3://)")
-    parser.add_argument("--shard-size", type=positive, default=10_000, help="images per shard (default 10000)")
-    parser.add_argument("--block-size", type=positive, default=500, help="images per packed block in a shard (default 500)")
-    parser.add_argument("--episode-length", type=positive, default=32,
-                        help="T of the fixed valid/test episodes stored in episode order (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the storage order and fixed episodes (default 0)")
-    parser.add_argument("--workers", type=positive, default=1, help="processes writing shards in parallel (default 1)")
-    parser.add_argument("--compress", action="store_true",
-                        help="gzip the image blocks: ~4x smaller 8-bit shards, slower to decode (for slow stores)")
-    parser.add_argument("--splits", default="train,valid,test", help="comma-separated splits (default all three)")
-    parser.add_argument("--resize", type=int, default=None, help="resize images to this size (omniglot, folder)")
-    parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-    return parser.parse_args(argv)
+    return cli.prepare_args(argv, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:

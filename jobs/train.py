@@ -14,18 +14,13 @@ import argparse
 import json
 import sys
 
+from pipeline import cli
 from pipeline.train import config
 from pipeline.urls import redact_text, redact_tree
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="fields (set any with section.field=value):\n" + config.describe())
-    ap.add_argument("--config", help="YAML run config (jobs/configs/*.yaml); defaults for every field if omitted")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    ap.add_argument("overrides", nargs="*", metavar="section.field=value", help="override one field")
-    return ap.parse_args(argv)
+    return cli.train_args(argv, __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ holds the training config (a file plus overrides), a `search:` section over its 
 loguniform, randint), the metric and mode, the number of trials and ASHA's settings (pipeline/tune/space.py).
 Re-running the same command after the driver died resumes the sweep without rerunning finished trials.
 The best finished trial is registered as a new version of `<tracking.registered_model>-<dataset>` (alias
-candidate) and becomes `champion` only if its test bound beats the champion's on the same test episodes.
+tracking.alias, candidate by default) and becomes `champion` only if its test bound beats the champion's on the same test episodes.
 Exit status: 0 done, 2 invalid sweep or unusable storage/data/tracking/cluster (no trial started), 1 failed.
 """
 from __future__ import annotations
@@ -17,16 +17,13 @@ import json
 import pathlib
 import sys
 
+from pipeline import cli
 from pipeline.train.config import ConfigError
 from pipeline.urls import redact_text
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="sweep YAML (jobs/configs/tune_*.yaml)")
-    ap.add_argument("overrides", nargs="*", metavar="field=value", help="override a field of the sweep YAML")
-    return ap.parse_args(argv)
+    return cli.tune_args(argv, __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,6 +88,28 @@ def test_malformed_override_and_missing_file(tmp_path):
         C.load(tmp_path / "absent.yaml")
 
 
+def test_every_override_parser_is_the_one_parser(tmp_path):
+    """Sweeps and the research script read overrides with pipeline.train.config's parser: the same typing and the
+    same refusal of a malformed one."""
+    import subprocess
+    import sys
+
+    from jobs.memory_experiment import job_overrides
+    from pipeline.train.local import local_job
+    from pipeline.tune import space
+    job = local_job(job_overrides(["model.keys.num_reads=4", "train.lr=1e-3", "train.steps=40",
+                                   "train.lr_min_ratio=0.0", "train.warmup_steps=10", "model.memory.writer=none"]))
+    assert (job.model.keys.num_reads, job.model.memory.writer, job.train.lr, job.train.max_steps,
+            job.train.min_lr_ratio, job.train.optimizer) == (4, "none", 1e-3, 40, 0.0, "adam")
+    with pytest.raises(C.ConfigError, match="model.keys.num_reads"):
+        local_job(job_overrides(["model.keys.num_reads=many"]))
+    with pytest.raises(C.ConfigError, match="key=value"):
+        space.load(str(ROOT / "jobs/configs/tune_cpu.yaml"), ["num_trials"], root=ROOT)
+    r = subprocess.run([sys.executable, "-m", "jobs.memory_experiment", "--name", "x", "bogus=1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "override 'bogus=1': expected model.<field>=value" in r.stderr, r.stderr[-2000:]
+
+
 def _leaf_paths(cls, prefix=""):
     """(dotted path, help text) of every leaf field: the job's pydantic sections, then kpp's dataclasses."""
     from kpp.config import KanervaConfig

@@ -12,7 +12,7 @@ from kpp.evaluate import evaluate
 from kpp.model import Noise
 from pipeline.data.episodes import fixed_episodes
 from pipeline.data.sources import load_split
-from pipeline.train.local import LocalTrainConfig, train_local
+from pipeline.train.local import local_job, train_local
 from tests.model_helpers import tiny_config
 from tests.test_model import binary_batch
 
@@ -150,7 +150,8 @@ def test_each_model_trains_on_real_binarized_mnist_and_its_bound_falls(shared_da
     torch.manual_seed(0)
     model = KanervaPlusPlus(tiny_config(**{**REAL, "memory": {**REAL["memory"], "writer": writer}}))
     before = evaluate(model, test_x, iwae_samples=4, leave_one_out=False)
-    history = train_local(model, images, LocalTrainConfig(steps=80, batch_size=8, lr=2e-3, warmup_steps=10, log_every=40))
+    history = train_local(model, images, local_job(["train.max_steps=80", "data.batch_episodes=8", "train.lr=2e-3", "train.warmup_steps=10",
+                                                    "train.log_every=40"]))
     after = evaluate(model, test_x, iwae_samples=4, leave_one_out=False)
     print(writer, before["neg_elbo"], "->", after["neg_elbo"], history[-1])
     assert after["neg_elbo"] < 0.6 * before["neg_elbo"]

@@ -187,6 +187,17 @@ def test_model_package_is_pure_pytorch():
                 assert name.split(".")[0] not in {"ray", "mlflow", "pipeline", "jobs"}, f"{path} imports {name}"
 
 
+def test_the_library_never_imports_its_entry_points():
+    """pipeline/ is what jobs/ is built on: an import the other way (as jobs.submit's entrypoint check once made)
+    ties the library to its scripts."""
+    for path in (pathlib.Path(__file__).parents[1] / "pipeline").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] == "jobs"], f"{path} imports {names}"
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "__import__":
+                assert False, f"{path}: __import__ of a module named at run time"
+
+
 def test_held_out_images_are_scored_under_a_memory_written_without_them():
     torch.manual_seed(0)
     model = KanervaPlusPlus(tiny_config(objective={"held_out": 2}))

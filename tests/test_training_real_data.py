@@ -7,7 +7,7 @@ from kpp import KanervaPlusPlus
 from kpp.data import to_model_input
 from kpp.evaluate import evaluate
 from pipeline.data.episodes import class_episodes, fixed_episodes
-from pipeline.train.local import LocalTrainConfig, train_local
+from pipeline.train.local import local_job, train_local
 from pipeline.data.sources import load_split
 from tests.model_helpers import tiny_config
 
@@ -36,7 +36,8 @@ def test_few_hundred_steps_on_real_binarized_mnist_lower_the_test_bound(mnist):
     torch.manual_seed(0)
     model = KanervaPlusPlus(tiny_config(**CONFIG))
     before = evaluate(model, test_x, iwae_samples=8, leave_one_out=False)
-    train_local(model, images, LocalTrainConfig(steps=300, batch_size=8, lr=2e-3, warmup_steps=20, log_every=100))
+    train_local(model, images, local_job(["train.max_steps=300", "data.batch_episodes=8", "train.lr=2e-3",
+                                                "train.warmup_steps=20", "train.log_every=100"]))
     after = evaluate(model, test_x, iwae_samples=8)
     print("before", before, "\nafter", after)
     # Measured here (seed 0, 2 busy cores): 498.8 -> 156.7 nats/image (IWAE 152.7); swap gap +0.03 (memory unused).
@@ -57,8 +58,9 @@ def test_default_recipe_uses_the_memory_on_episodes_of_one_class():
     torch.manual_seed(0)
     model = KanervaPlusPlus(tiny_config(**CONFIG, objective={"kl_warmup_steps": 120}))
     assert model.cfg.objective.key_free_bits == 0.5 and model.cfg.memory.writer == "key"  # the defaults
-    train_local(model, images, LocalTrainConfig(steps=300, batch_size=8, lr=2e-3, warmup_steps=20, log_every=100,
-                                                episodes="class"), labels=train.labels)
+    train_local(model, images, local_job(["train.max_steps=300", "data.batch_episodes=8", "train.lr=2e-3",
+                                                "train.warmup_steps=20", "train.log_every=100",
+                                                "data.episodes=class"]), labels=train.labels)
     result = evaluate(model, test_x, iwae_samples=4)
     print(result)
     # Measured here: swap gap +3.74 nats/image (-ELBO 141.8, LOO 142.1) after 300 steps (+8.56 with the splat
@@ -72,7 +74,8 @@ def test_seeded_training_is_reproducible(mnist):
     for _ in range(2):
         torch.manual_seed(123)
         model = KanervaPlusPlus(tiny_config(**CONFIG))
-        history = train_local(model, images, LocalTrainConfig(steps=6, batch_size=4, log_every=3, seed=7))
+        history = train_local(model, images, local_job(["train.max_steps=6", "data.batch_episodes=4",
+                                                                "train.warmup_steps=2", "train.log_every=3", "seed=7"]))
         runs.append((history, [p.detach().clone() for p in model.parameters()]))
     (h1, p1), (h2, p2) = runs
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in h1] == [{k: v for k, v in r.items() if k != "seconds"} for r in h2]

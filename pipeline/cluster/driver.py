@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-import torch
 
 from pipeline.net import free_port
 from pipeline.job_env import job_start, submitted_job_runtime_env
@@ -447,19 +445,10 @@ def _url(cfg: JobConfig, path: str) -> str:
 
 
 def _register(cfg: JobConfig, uri: str, run_id: str, checkpoint, metrics: dict[str, Any]):
-    """Register the final model as a new version of <prefix>-<dataset> (alias tracking.alias), tag it with what it
-    was trained on and its test bound (pipeline.registry.naming.version_tags), then let it take `champion` only if
-    its bound beats the champion's on the same test episodes. Returns (name, version, promotion decision)."""
-    from pipeline.registry import naming, promotion
-    name = naming.registered_name(cfg)
-    with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
-        payload = checkpointing.load(d)
-        weights = pathlib.Path(tmp) / "weights.pt"
-        torch.save(payload["model"], weights)  # a plain state_dict: loads with weights_only=True
-        version = tracking.register_model(uri, run_id, weights, cfg.model.to_dict(), name, cfg.tracking.alias)
-    run_tags = tracking.MlflowClient(uri).get_run(run_id).data.tags
-    naming.tag_version(uri, name, version, naming.version_tags(cfg, metrics, run_id, run_tags))
-    return name, version, promotion.promote(uri, name, version)
+    """The final checkpoint registered and offered champion (pipeline.registry.registration)."""
+    from pipeline.registry.registration import register_checkpoint
+    with checkpoint.as_directory() as d:
+        return register_checkpoint(cfg, uri, run_id, d, metrics)
 
 
 def _download_grid(uri: str, run_id: str) -> str:

@@ -73,17 +73,16 @@ def check_entrypoint(cmd: list[str], cwd: pathlib.Path) -> train_config.JobConfi
     job, args = cmd[2], cmd[3:]
     if not (cwd / (job.replace(".", "/") + ".py")).is_file():
         raise SubmitError(f"entrypoint: no module {job} in the working dir {cwd}")
+    from pipeline import cli
     if job == "jobs.prepare":
-        from jobs.prepare import parse_args
         try:
-            ns = parse_args(args)
+            ns = cli.prepare_args(args)
         except SystemExit:
             raise SubmitError(f"entrypoint: invalid arguments for jobs.prepare: {shlex.join(args)}") from None
         _durable({"--out": ns.out})
         return None
     if job in ("jobs.train", "jobs.tune"):
-        module = __import__(job, fromlist=["parse"])
-        ns = module.parse(args)
+        ns = (cli.tune_args if job == "jobs.tune" else cli.train_args)(args)
         if ns.config and not (cwd / ns.config).is_file() and not pathlib.Path(ns.config).is_absolute():
             raise SubmitError(f"--config: {ns.config} is not in the working dir {cwd}")
         try:

@@ -324,12 +324,18 @@ def load(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[st
     return JobConfig.from_dict(raw).validate()
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 3, 1e-3, true, [1, 2] work)."""
+def split_override(item: str) -> tuple[str, Any]:
+    """`a.b.c=value` as (key, value); the value is parsed as YAML (so 3, 1e-3, true, [1, 2] work). The one parser
+    of overrides: jobs.train, jobs.tune (pipeline.tune.space) and the research scripts all read theirs here."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
+    return key, parse_scalar(text)
+
+
+def set_path(raw: dict[str, Any], key: str, value: Any) -> None:
+    """raw[a][b][c] = value for key `a.b.c`, creating the mappings on the way."""
     parts = key.split(".")
     node = raw
     for i, p in enumerate(parts[:-1]):
@@ -337,10 +343,15 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, cannot set {key}")
         node = nxt
-    node[parts[-1]] = _parse_scalar(text)
+    node[parts[-1]] = value
 
 
-def _parse_scalar(text: str) -> Any:
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict (split_override, set_path)."""
+    set_path(raw, *split_override(item))
+
+
+def parse_scalar(text: str) -> Any:
     try:
         v = yaml.safe_load(text)
     except yaml.YAMLError:

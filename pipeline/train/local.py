@@ -6,8 +6,7 @@ the same step (pipeline.train.step) and the same optimiser and schedule (pipelin
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,24 +14,24 @@ import torch
 from kpp.evaluate import batch_swap_gap
 from kpp.model import KanervaPlusPlus
 from kpp.objective import keys_at_floor, kl_beta
-from pipeline.train import optim
-from pipeline.train.config import TrainConfig
+from pipeline.train import config, optim
+from pipeline.train.config import JobConfig
 from pipeline.data.episodes import class_episodes, epoch_episodes
 from pipeline.train.step import train_step
 
 
-@dataclass(kw_only=True)
-class LocalTrainConfig:
-    steps: int = 300
-    batch_size: int = 16  # episodes per step
-    lr: float = 1e-3
-    warmup_steps: int = 50  # linear lr warm-up, then cosine decay to lr_min_ratio * lr
-    lr_min_ratio: float = 0.1
-    grad_clip: float = 10.0
-    seed: int = 0
-    log_every: int = 50
-    # "random": T images drawn from the shuffled split (the paper); "class": T images of one class (needs labels).
-    episodes: str = "random"
+# The in-process recipe the memory experiments, the demo and the benchmark were measured with
+# (docs/memory-experiments.md): Adam, a looser gradient clip and a longer warm-up than the distributed job's
+# defaults. It comes first, so a caller's overrides win; every field is the job config's own.
+IN_PROCESS_RECIPE = ("train.optimizer=adam", "train.grad_clip=10.0", "train.warmup_steps=50", "train.log_every=50",
+                     "train.max_steps=300", "data.batch_episodes=16", "tracking.enabled=false")
+
+
+def local_job(overrides: Sequence[str] = ()) -> JobConfig:
+    """The config of an in-process run: the jobs' one config path (YAML-typed `a.b=value` overrides, validated,
+    errors naming the field) over IN_PROCESS_RECIPE. Of it the in-process trainer reads `train` (steps, optimiser,
+    schedule, clip, log_every), `data.batch_episodes`, `data.episodes`, `seed` and `model`."""
+    return config.load(None, [*IN_PROCESS_RECIPE, *overrides])
 
 
 def episode_batches(images: torch.Tensor, episode_length: int, batch_size: int, seed: int,
@@ -49,33 +48,26 @@ def episode_batches(images: torch.Tensor, episode_length: int, batch_size: int, 
         epoch += 1
 
 
-def optimizer_config(cfg: LocalTrainConfig) -> TrainConfig:
-    """The run config's train section for this local run: Adam, linear warm-up, cosine decay to lr_min_ratio."""
-    return TrainConfig(max_steps=cfg.steps, optimizer="adam", lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                       schedule="cosine", min_lr_ratio=cfg.lr_min_ratio, grad_clip=cfg.grad_clip)
-
-
-def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainConfig,
+def train_local(model: KanervaPlusPlus, images: torch.Tensor, job: JobConfig,
                 on_log: Callable[[dict], None] | None = None, labels: np.ndarray | None = None) -> list[dict]:
-    """Train in place on images [N, C, H, W] (floats in [0, 1]); returns the logged history. Class episodes
-    (cfg.episodes == "class") are built from `labels` [N]."""
-    if cfg.episodes not in ("random", "class"):
-        raise ValueError(f"train.episodes must be 'random' or 'class', got {cfg.episodes!r}")
-    if cfg.episodes == "class" and labels is None:
-        raise ValueError("train.episodes='class' needs labels, and this split has none")
-    torch.manual_seed(cfg.seed)
-    optimizer, scheduler = optim.build(model.parameters(), optimizer_config(cfg))
-    batches = episode_batches(images, model.cfg.episode_length, cfg.batch_size, cfg.seed,
-                              labels if cfg.episodes == "class" else None)
+    """Train in place on images [N, C, H, W] (floats in [0, 1]) as `job` says (local_job); returns the logged
+    history. Class episodes (data.episodes=class) are built from `labels` [N]."""
+    t, steps = job.train, job.train.max_steps
+    if job.data.episodes == "class" and labels is None:
+        raise ValueError("data.episodes='class' needs labels, and this split has none")
+    torch.manual_seed(job.seed)
+    optimizer, scheduler = optim.build(model.parameters(), t)
+    batches = episode_batches(images, model.cfg.episode_length, job.data.batch_episodes, job.seed,
+                              labels if job.data.episodes == "class" else None)
     history: list[dict] = []
     window: dict[str, torch.Tensor] = {}  # summed on the model's device: no host sync per step on a GPU
     start = time.perf_counter()
     device = next(model.parameters()).device
     model.train()
-    for step in range(cfg.steps):
+    for step in range(steps):
         x = next(batches).to(device, non_blocking=True)
         beta = kl_beta(step, model.cfg.objective)
-        r = train_step(model, optimizer, scheduler, x, beta=beta, grad_clip=cfg.grad_clip)
+        r = train_step(model, optimizer, scheduler, x, beta=beta, grad_clip=t.grad_clip)
         if not r.ok:
             raise FloatingPointError(f"non-finite loss or gradient at step {step}")
         grad_norm = r.grad_norm
@@ -85,8 +77,8 @@ def train_local(model: KanervaPlusPlus, images: torch.Tensor, cfg: LocalTrainCon
         max_per_key = torch.maximum(max_per_key, per_key)
         for name in ("loss", "total", "recon", "kl_z", "kl_y"):
             window[name] = window.get(name, 0.0) + r.terms[name].detach()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            n = (step % cfg.log_every) + 1
+        if (step + 1) % t.log_every == 0 or step + 1 == steps:
+            n = (step % t.log_every) + 1
             record = {"step": step + 1, "beta": beta, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "seconds": time.perf_counter() - start, **{k: float(v) / n for k, v in window.items()}}
             record["kl_y_per_key"] = per_key.tolist()

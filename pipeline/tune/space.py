@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from pipeline.train.config import ConfigError, JobConfig, Section
+from pipeline.train.config import ConfigError, JobConfig, Section, set_path, split_override
 
 # What the loop reports to Ray Train (and so to Tune) at every report: the metric must be one of these.
 REPORTED_METRICS = {"valid_neg_elbo": "min", "train/loss": "min", "train/total": "min", "train/recon": "min",
@@ -140,17 +140,11 @@ def load(path: str | None, overrides: list[str], root: pathlib.Path | None = Non
         except yaml.YAMLError as e:
             raise ConfigError(f"--config: {path}: {e}") from None
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected field=value")
+        key, value = split_override(item)
         if key.startswith("train.overrides."):  # one training field, itself dotted: train.overrides.train.lr=...
-            raw.setdefault("train", {}).setdefault("overrides", {})[key[len("train.overrides."):]] = yaml.safe_load(value)
+            raw.setdefault("train", {}).setdefault("overrides", {})[key[len("train.overrides."):]] = value
             continue
-        target = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[leaf] = yaml.safe_load(value)
+        set_path(raw, key, value)
     try:
         cfg = SweepConfig.model_validate(raw)
     except ValidationError as e:
@@ -207,10 +201,7 @@ def load(path: str | None, overrides: list[str], root: pathlib.Path | None = Non
 
 
 def _set(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of raw with `key` (dotted) set: the base config is shared by every trial."""
     raw = copy.deepcopy(raw)
-    node = raw
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
+    set_path(raw, key, value)
     return raw

@@ -242,15 +242,6 @@ def best_checkpoint(sweep: Sweep, trial_id: str, dst: pathlib.Path) -> pathlib.P
     return folder
 
 
-def registered_weights(folder: pathlib.Path, tmp: pathlib.Path) -> pathlib.Path:
-    import torch
-
-    from pipeline.train import checkpointing
-    weights = tmp / "weights.pt"
-    torch.save(checkpointing.load(folder)["model"], weights)  # a plain state_dict: loads with weights_only=True
-    return weights
-
-
 def new_tmp() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="kpp-sweep-")
 
@@ -348,7 +339,8 @@ def _log_report(sweep: Sweep, results, rows, table: str, uri: str, parent: str) 
 def _register_best(sweep: Sweep, results, best_row: dict[str, Any], uri: str, parent: str,
                    out: SweepOutcome) -> None:
     from pipeline.cluster import driver
-    from pipeline.registry import naming, promotion, tracking
+    from pipeline.registry import promotion, tracking
+    from pipeline.registry.registration import register_checkpoint
     from pipeline.tune.space import with_values
     client = tracking.MlflowClient(uri)
     trial_id = best_row["trial_id"]
@@ -367,14 +359,9 @@ def _register_best(sweep: Sweep, results, best_row: dict[str, Any], uri: str, pa
         return
     values = {k: best_row[k] for k in sweep.domains}
     cfg = driver.resolved(with_values(sweep.base_raw, {**values, "name": trial_name(sweep.cfg.name, trial_id)}))
-    with new_tmp() as d:
-        d = pathlib.Path(d)
-        weights = registered_weights(best_checkpoint(sweep, trial_id, d / "ckpt"), d)
-        version = tracking.register_model(uri, child.info.run_id, weights, cfg.model.to_dict(), name, "candidate")
     metrics = {k: v for k, v in best_row.items() if k.startswith("test/")}
-    tags = {**naming.version_tags(cfg, metrics, child.info.run_id, child.data.tags),
-            "sweep.parent_run_id": parent, "sweep.name": sweep.cfg.name, "sweep.trial_id": trial_id}
-    naming.tag_version(uri, name, version, tags)
-    out.model_name, out.model_version = name, version
-    out.decision = promotion.promote(uri, name, version)
-    client.set_tag(parent, "kpp.sweep.registered", f"{name}/{version}")
+    with new_tmp() as d:
+        out.model_name, out.model_version, out.decision = register_checkpoint(
+            cfg, uri, child.info.run_id, best_checkpoint(sweep, trial_id, pathlib.Path(d) / "ckpt"), metrics,
+            {"sweep.parent_run_id": parent, "sweep.name": sweep.cfg.name, "sweep.trial_id": trial_id})
+    client.set_tag(parent, "kpp.sweep.registered", f"{out.model_name}/{out.model_version}")
