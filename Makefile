@@ -7,7 +7,7 @@ DATA ?=
 DATASET ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-local test venv clean
+.PHONY: demo demo-local test test-unit venv clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,11 @@ demo-local: $(STAMP)
 # pytest exits 5 when it collected nothing; make then fails, so an empty suite never passes.
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The part that needs no service and trains nothing for minutes (tests/conftest.py marks the rest): a few
+# minutes while working; `make test` stays the full suite CI runs.
+test-unit: $(STAMP)
+	$(PY) -m pytest -m "not services and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

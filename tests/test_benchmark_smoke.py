@@ -5,6 +5,10 @@ import json
 import math
 import subprocess
 import sys
+import pytest
+
+# these tests start Ray clusters, a local stack or jobs of their own (tests/conftest.py: make test-unit skips them)
+pytestmark = pytest.mark.services
 
 
 def bench(*args, timeout=900):

@@ -20,6 +20,9 @@ from pipeline.cluster.resources import autoscaling_node_types, await_worker_reso
 from pipeline.train import config
 from pipeline.train.config import ConfigError, ScalingConfig
 
+# these tests start Ray clusters, a local stack or jobs of their own (tests/conftest.py: make test-unit skips them)
+pytestmark = pytest.mark.services
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

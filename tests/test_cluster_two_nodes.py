@@ -25,6 +25,9 @@ from infra.local_stack import LocalStack
 from pipeline.train import key_audit
 from tests.test_train_ray import TINY_MODEL, assert_monotone
 
+# these tests start Ray clusters, a local stack or jobs of their own (tests/conftest.py: make test-unit skips them)
+pytestmark = pytest.mark.services
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # node loss seen by the GCS in ~3 s (health check every 1 s, 3 misses) instead of ~15-30 s; one placement attempt
 # of the Train controller waits 10 s (Ray's default 60 s), so the restart's wait for a node fits in the test

@@ -12,6 +12,10 @@ import sys
 import textwrap
 
 from tests.infra_helpers import REPO
+import pytest
+
+# these tests start Ray clusters, a local stack or jobs of their own (tests/conftest.py: make test-unit skips them)
+pytestmark = pytest.mark.services
 
 
 def listening(pids: set[int]) -> list[tuple[str, int, int]]:

@@ -15,6 +15,9 @@ import pytest
 
 from infra.local_stack import LocalStack
 
+# these tests start Ray clusters, a local stack or jobs of their own (tests/conftest.py: make test-unit skips them)
+pytestmark = pytest.mark.services
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", "jobs/configs/local.yaml", "train.max_steps=20", "train.warmup_steps=2", "eval.every_steps=10",
         "checkpoint.every_steps=10", "train.log_every=10", "data.valid_episodes=8", "data.test_episodes=8",

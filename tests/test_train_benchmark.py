@@ -3,6 +3,10 @@ final loss, to float tolerance) and the report holds what the README promises. T
 import json
 import subprocess
 import sys
+import pytest
+
+# these tests start Ray clusters, a local stack or jobs of their own (tests/conftest.py: make test-unit skips them)
+pytestmark = pytest.mark.services
 
 
 def test_ray_and_torchrun_sides_do_identical_work(tmp_path):

@@ -11,6 +11,9 @@ from pipeline.train.local import local_job, train_local
 from pipeline.data.sources import load_split
 from tests.model_helpers import tiny_config
 
+# each trains for real for a few hundred steps (make test-unit skips them)
+pytestmark = pytest.mark.slow
+
 CONFIG = dict(
     episode_length=8,
     encoder={"width": 16, "groups": 4, "embedding_dim": 64},
