@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-
 from pipeline.net import free_port
 from pipeline.job_env import job_start, submitted_job_runtime_env
 from pipeline.train import checkpointing
