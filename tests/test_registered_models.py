@@ -95,6 +95,10 @@ def test_training_registers_a_tagged_version_under_the_dataset_name(trained, uri
     assert float(t[naming.SWAP_GAP]) == pytest.approx(trained.metrics["test/swap_gap"], abs=1e-5)
     assert t[naming.TRAINING_RUN] == trained.run_id == mv.run_id and len(t[naming.GIT_COMMIT]) == 40
     assert len(t[promotion.EPISODES_TAG]) == 16 and t[naming.TEST_EPISODES] == "8" and t[naming.DATA_URL] == data["digits"]
+    # and says the same in words, on the version and (once) on the registered model
+    assert "on digits 1x28x28" in mv.description and f"test bound {trained.metrics['test/neg_elbo']:.2f}" in mv.description
+    assert f"MLflow run {trained.run_id}" in mv.description
+    assert "trained on digits" in client.get_registered_model(NAME).description
     # the first version of the name is champion as well as candidate (nothing to beat)
     assert trained.champion.promoted and client.get_model_version_by_alias(NAME, "champion").version == mv.version
     assert client.get_model_version_by_alias(NAME, "candidate").version == mv.version

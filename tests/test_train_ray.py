@@ -101,6 +101,9 @@ def test_short_run_learns_checkpoints_on_s3_and_registers(ray_cluster, mlflow_ur
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     tags = run.data.tags
     assert tags["config.hash"] == driver.resolved(cfg).hash() and len(tags["git.commit"]) == 40
+    # MLflow's own source tags, which the UI shows as Source and Version
+    assert tags["mlflow.source.git.commit"] == tags["git.commit"] and tags["mlflow.source.type"] == "JOB"
+    assert tags["mlflow.source.name"]
     assert tags["data.manifest_hash"] != "none" and tags["version.torch"] == torch.__version__
     # called as a library: the start-to-first-step clock starts at the driver.run call
     assert tags["perf.first_step_from"] == "driver.run call" and run.data.metrics["perf/start_to_first_step_s"] > 0

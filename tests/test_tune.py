@@ -295,6 +295,9 @@ def test_sweep_killed_midway_resumes_and_registers_the_best(ray_cluster, mlflow_
     assert all(outcomes[t][0] == "finished" for t in set(outcomes) - stopped), (rungs, outcomes)
     # each trial's start-to-first-step clock starts with the trial, not with the sweep's driver
     assert {c.data.tags["perf.first_step_from"] for c in children} == {"trial start"}
+    # MLflow's source column names the command the user ran, on the parent and on every trial
+    assert parents[0].data.tags["mlflow.source.name"] == "jobs.tune"
+    assert {c.data.tags["mlflow.source.name"] for c in children} == {"jobs.tune"}
     assert all(c.data.metrics["perf/start_to_first_step_s"] > 0 for c in children)
 
     # 4. the parent's table and figures; the best finished trial registered once, under the dataset's name
@@ -311,6 +314,7 @@ def test_sweep_killed_midway_resumes_and_registers_the_best(ray_cluster, mlflow_
     assert len(versions) == 1, [(v.version, v.run_id, v.tags.get("sweep.parent_run_id")) for v in versions]
     tags = versions[0].tags
     assert tags["sweep.parent_run_id"] == out["parent_run_id"] and tags["dataset"] == "digits"
+    assert f"MLflow run {versions[0].run_id}" in versions[0].description
     assert abs(float(tags["test.neg_elbo"]) - float(best["test/neg_elbo"])) < 1e-3
     assert client.get_model_version_by_alias("kpp-digits", "champion").version == versions[0].version
 

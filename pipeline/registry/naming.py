@@ -97,6 +97,45 @@ def version_tags(cfg, metrics: Mapping[str, Any], run_id: str, run_tags: Mapping
     return tags
 
 
+def model_description(cfg) -> str:
+    """The registered model's description (set once, when its first version is registered)."""
+    dataset = dataset_of(cfg)
+    return (f"Kanerva++ models trained on {dataset} by the kpp pipeline (jobs.train, jobs.tune). Versions are "
+            f"compared by their test bound ({cfg.model.unit}, lower is better) on the same fixed test episodes; "
+            f"the `champion` alias is the best so far, `{cfg.tracking.alias}` the newest. Each version's tags "
+            f"name its data, test episodes, commit and training run.")
+
+
+def version_description(cfg, metrics: Mapping[str, Any], run_id: str, run_tags: Mapping[str, str]) -> str:
+    """One paragraph on a version: what was trained on what, how, and what it scored (the tags hold the same in
+    machine-readable form)."""
+    m, t = cfg.model, cfg.train
+    kind = {"kpp": f"Kanerva++ (writer={m.memory.writer}, {m.keys.num_reads} reads)", "dkm": "DKM baseline",
+            "vae": "VAE baseline"}[m.kind]
+    scores = []
+    for label, key in (("test bound", "test/neg_elbo"), ("IWAE", "test/iwae"), ("swap gap", "test/swap_gap"),
+                       ("leave-one-out bound", "test/loo_neg_elbo")):
+        if metrics.get(key) is not None:
+            scores.append(f"{label} {float(metrics[key]):+.2f}" if key == "test/swap_gap"
+                          else f"{label} {float(metrics[key]):.2f}")
+    scored = (", ".join(scores) + f" {m.unit} on {cfg.data.test_episodes} test episodes (seed {cfg.eval.seed})"
+              if scores else "No test bound recorded")
+    commit = run_tags.get(GIT_COMMIT, "unknown")
+    return (f"{kind} on {dataset_of(cfg)} {image_shape_tag(m.image_shape)}, {m.episode_length}-image episodes; "
+            f"{t.max_steps} steps x {cfg.scaling.num_workers} worker(s) x {cfg.data.batch_episodes} episodes, "
+            f"{t.optimizer} lr {t.lr:g}, seed {cfg.seed}. {scored}. Job {cfg.name!r}, MLflow run {run_id}, "
+            f"commit {commit[:12]}.")
+
+
+def describe(uri: str, name: str, version: str, model_text: str, version_text: str) -> None:
+    """Set the version's description, and the registered model's when it has none (a user's own text stays)."""
+    from mlflow import MlflowClient
+    client = MlflowClient(uri)
+    client.update_model_version(name, version, description=version_text)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=model_text)
+
+
 def tag_version(uri: str, name: str, version: str, tags: Mapping[str, str]) -> None:
     from mlflow import MlflowClient
     client = MlflowClient(uri)

@@ -3,7 +3,7 @@ trial) share.
 
 A version of `<tracking.registered_model>-<dataset>` is created from a checkpoint folder (its weights as a plain
 state_dict, so it loads with weights_only=True), tagged with what it was trained on and its test bounds
-(pipeline.registry.naming.version_tags), given `tracking.alias`, and then offered `champion` through the promotion
+(pipeline.registry.naming.version_tags), described in words (naming.version_description), given `tracking.alias`, and then offered `champion` through the promotion
 gate (pipeline.registry.promotion: a lower test bound on the same test episodes)."""
 from __future__ import annotations
 
@@ -28,4 +28,6 @@ def register_checkpoint(cfg, uri: str, run_id: str, folder: str | pathlib.Path, 
     run_tags = tracking.MlflowClient(uri).get_run(run_id).data.tags
     naming.tag_version(uri, name, version, {**naming.version_tags(cfg, metrics, run_id, run_tags),
                                             **(extra_tags or {})})
+    naming.describe(uri, name, version, naming.model_description(cfg),
+                    naming.version_description(cfg, metrics, run_id, run_tags))
     return name, version, promotion.promote(uri, name, version)

@@ -74,20 +74,42 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def run_tags(config_hash: str, manifest: str = "") -> dict[str, str]:
-    """Provenance tags: code version, config, data and library versions."""
+    """Provenance tags: code version, config, data and library versions, and MLflow's own source tags (so the
+    UI's Source and Version columns show the entry point and the commit)."""
     import ray
     import torch
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=pathlib.Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        commit, dirty = "unknown", ""
+    commit, dirty = git_state()
     return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower(), "config.hash": config_hash,
             "data.manifest_hash": file_hash(manifest) if manifest else "none",
             "version.torch": torch.__version__, "version.ray": ray.__version__,
-            "version.mlflow": mlflow.__version__, "version.python": platform.python_version()}
+            "version.mlflow": mlflow.__version__, "version.python": platform.python_version(), **source_tags(commit)}
+
+
+def git_state() -> tuple[str, str]:
+    """(HEAD's commit or "unknown", `git status --porcelain` of tracked files: empty when clean)."""
+    here = pathlib.Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=here).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=here).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown", ""
+    return commit, dirty
+
+
+def source_tags(commit: str | None = None) -> dict[str, str]:
+    """MLflow's standard source tags (mlflow.utils.mlflow_tags), which only the fluent start_run sets by itself:
+    the entry point (`python -m jobs.train` gives "jobs.train"), the source type and the git commit."""
+    import sys
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = spec.name if spec is not None and spec.name else pathlib.Path(sys.argv[0] or "python").name
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "JOB"}
+    commit = commit if commit is not None else git_state()[0]
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def file_hash(url: str) -> str:

@@ -35,8 +35,10 @@ def trial_name(sweep_name: str, trial_id: str) -> str:
 
 
 # -- one trial (runs inside Ray, in the trial's actor) ---------------------------------------------------------
-def run_trial(values: dict[str, Any], *, base_raw: dict[str, Any], sweep_name: str, parent_run_id: str) -> None:
-    """The Tune trainable: one training job with these values, reporting to Tune through TuneReportCallback."""
+def run_trial(values: dict[str, Any], *, base_raw: dict[str, Any], sweep_name: str, parent_run_id: str,
+              source: str = "") -> None:
+    """The Tune trainable: one training job with these values, reporting to Tune through TuneReportCallback.
+    source: the sweep driver's entry point (mlflow.source.name); in the trial's actor __main__ is Ray's worker."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -46,6 +48,8 @@ def run_trial(values: dict[str, Any], *, base_raw: dict[str, Any], sweep_name: s
     cfg = with_values(base_raw, {**values, "name": trial_name(sweep_name, trial_id)})
     tags = {SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id,
             "kpp.trial.values": json.dumps(values, sort_keys=True, default=str)}
+    if source:
+        tags["mlflow.source.name"] = source
     driver.run(cfg, driver.RunOptions(callbacks=(TuneReportCallback(),), tags=tags, parent_run_id=parent_run_id,
                                       register=False, progress=False, close_run=False,
                                       started=(time.time(), "trial start")))
@@ -204,9 +208,11 @@ def check_settings(sweep: Sweep, setup: TunerSetup, restoring: bool) -> None:
 def build_tuner(sweep: Sweep, setup: TunerSetup, restoring: bool, parent_run_id: str, uri: str, max_concurrent: int):
     """A new Tuner, or the one in storage restored when the sweep ran before (its driver died)."""
     from ray import tune
+
+    from pipeline.registry import tracking
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_raw=sweep.base_raw, sweep_name=sweep.cfg.name,
-                             parent_run_id=parent_run_id),
+                             parent_run_id=parent_run_id, source=tracking.source_tags()["mlflow.source.name"]),
         {"cpu": 0.001})  # the function only drives a TorchTrainer; a whole CPU each would starve the workers
     if restoring:
         print(f"[tune] resuming the sweep stored at {setup.path}: finished trials are kept", flush=True)
@@ -293,7 +299,8 @@ def run(sweep: Sweep, sweep_yaml: str) -> SweepOutcome:
                   "sweep.max_concurrent_trials": max_concurrent,
                   **{f"search.{k}": json.dumps(v) for k, v in sweep.cfg.search.items()}}
         parent, _ = tracking.open_job_run(uri, base.tracking.experiment, f"sweep:{sweep.cfg.name}", params,
-                                          {SWEEP_TAG: sweep.cfg.name, "kpp.kind": "sweep"}, sweep_yaml,
+                                          {SWEEP_TAG: sweep.cfg.name, "kpp.kind": "sweep", **tracking.source_tags()},
+                                          sweep_yaml,
                                           fresh=not restoring)
     print(f"[tune] sweep {sweep.cfg.name}: {sweep.cfg.num_trials} trials, {max_concurrent} at once, "
           f"{'TPE (Optuna)' if sweep.cfg.algorithm == 'optuna' and not sweep.has_grid else 'random/grid'} search, "

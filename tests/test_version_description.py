@@ -1,0 +1,22 @@
+"""What a registered version says of itself in words (naming.version_description), beside its tags."""
+from pipeline.registry import naming
+from pipeline.train import config
+
+
+def test_a_version_description_names_data_training_scores_and_provenance():
+    cfg = config.load(None, ["name=digits-a", "data.dataset=binarized_mnist", "train.max_steps=3000", "seed=7",
+                             "scaling.num_workers=2", "data.test_episodes=32"])
+    text = naming.version_description(cfg, {"test/neg_elbo": 107.334, "test/iwae": 97.091, "test/swap_gap": 16.21},
+                                      "run123", {naming.GIT_COMMIT: "0123456789abcdef0123"})
+    for part in ("Kanerva++ (writer=key", "binarized_mnist 1x28x28", "16-image episodes", "3000 steps x 2 worker(s)",
+                 "seed 7", "test bound 107.33", "IWAE 97.09", "swap gap +16.21 nats/image on 32 test episodes",
+                 "Job 'digits-a'", "MLflow run run123", "commit 0123456789ab."):
+        assert part in text, (part, text)
+
+
+def test_a_version_without_test_bounds_says_so_and_a_baseline_says_which():
+    cfg = config.load(None, ["model.memory.writer=vae", "model.bit_depth=8",
+                             "model.likelihood.kind=logistic_mixture"])
+    text = naming.version_description(cfg, {}, "r", {})
+    assert text.startswith("VAE baseline on ") and "No test bound recorded" in text and "commit unknown" in text
+    assert "bits/dim" in naming.model_description(cfg)
