@@ -49,13 +49,19 @@ class SaveTiming:
 
 
 class Checkpointer:
+    """The loop's checkpoints: when (`due`), what a save needs first (`needs_fresh_valid`, the keep rule), the save
+    and report off the training thread, and the restore at start-up. Keeping `checkpoint.keep` of them is the
+    store's part (Ray's CheckpointConfig, then checkpointing.prune of what Ray never registered: pipeline.cluster.driver)."""
+
     def __init__(self, session, every_steps: int, background: bool = True, max_in_flight: int = 2,
-                 before_checkpoint: Callable[[], Any] | None = None):
+                 before_checkpoint: Callable[[], Any] | None = None, keep_by: str = "recent"):
         """before_checkpoint: called on the background thread before a checkpoint is reported (rank 0's MLflow
-        logger waits there until the metrics logged so far are in the store)."""
+        logger waits there until the metrics logged so far are in the store). keep_by: "valid" keeps the
+        checkpoints with the best validation bound, so each must carry a bound of its own step."""
         self.session = session
         self.before_checkpoint = before_checkpoint
         self.schedule = Every(every_steps)
+        self.keep_by = keep_by
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kpp-report") if background else None
         self._in_flight: collections.deque[Future] = collections.deque()
         self.max_in_flight = max_in_flight
@@ -63,6 +69,18 @@ class Checkpointer:
 
     def due(self, step: int, last: bool) -> bool:
         return self.schedule.due(step, last)
+
+    def needs_fresh_valid(self, step: int, last: bool) -> bool:
+        """Whether this step's checkpoint needs a validation bound of its own step (checkpoint.keep_by=valid)."""
+        return self.keep_by == "valid" and self.due(step, last)
+
+    def restore(self, map_location) -> dict[str, Any] | None:
+        """The payload of the checkpoint to resume from (the session's: Ray's latest, or the newest complete local
+        folder), loaded onto `map_location`; None when the job starts fresh."""
+        with self.session.restore_dir() as folder:
+            if folder is None:
+                return None
+            return checkpointing.load(folder, map_location=map_location)
 
     def report(self, metrics: dict[str, Any]) -> None:
         """A report of metrics alone (every rank calls it: a report is a barrier)."""

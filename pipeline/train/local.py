@@ -13,10 +13,11 @@ import torch
 
 from kpp.evaluate import batch_swap_gap
 from kpp.model import KanervaPlusPlus
-from kpp.objective import keys_at_floor, kl_beta
+from kpp.objective import kl_beta
 from pipeline.train import config, optim
 from pipeline.train.config import JobConfig
 from pipeline.data.episodes import class_episodes, epoch_episodes
+from pipeline.train.metrics import IdleKeys
 from pipeline.train.step import train_step
 
 
@@ -63,6 +64,7 @@ def train_local(model: KanervaPlusPlus, images: torch.Tensor, job: JobConfig,
     window: dict[str, torch.Tensor] = {}  # summed on the model's device: no host sync per step on a GPU
     start = time.perf_counter()
     device = next(model.parameters()).device
+    keys = IdleKeys(model.cfg.objective.kl_warmup_steps)  # the distributed loop's idle-key rule, fed every step
     model.train()
     for step in range(steps):
         x = next(batches).to(device, non_blocking=True)
@@ -71,18 +73,16 @@ def train_local(model: KanervaPlusPlus, images: torch.Tensor, job: JobConfig,
         if not r.ok:
             raise FloatingPointError(f"non-finite loss or gradient at step {step}")
         grad_norm = r.grad_norm
-        per_key = torch.stack([r.terms[f"kl_y_key{k}"] for k in range(model.cfg.key_terms)]) if model.cfg.key_terms else torch.zeros(0)
-        if step == 0 or step == model.cfg.objective.kl_warmup_steps:  # idle keys are judged after the warm-up
-            max_per_key = per_key
-        max_per_key = torch.maximum(max_per_key, per_key)
+        per_key = [float(r.terms[f"kl_y_key{k}"]) for k in range(model.cfg.key_terms)]
+        keys.update(step + 1, per_key)
         for name in ("loss", "total", "recon", "kl_z", "kl_y"):
             window[name] = window.get(name, 0.0) + r.terms[name].detach()
         if (step + 1) % t.log_every == 0 or step + 1 == steps:
             n = (step % t.log_every) + 1
             record = {"step": step + 1, "beta": beta, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "seconds": time.perf_counter() - start, **{k: float(v) / n for k, v in window.items()}}
-            record["kl_y_per_key"] = per_key.tolist()
-            record["keys_at_floor"] = keys_at_floor(max_per_key.tolist(), model.cfg.objective.key_free_bits)
+            record["kl_y_per_key"] = per_key
+            record["keys_at_floor"] = keys.at_floor(model.cfg.objective.key_free_bits)
             record["swap_gap"] = batch_swap_gap(model, x)
             history.append(record)
             window.clear()

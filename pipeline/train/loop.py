@@ -95,10 +95,11 @@ class Loop:
         # a checkpoint waits for the metrics before it to be stored, but never near the collective timeout: the
         # other ranks wait for this one at their next collective (a tracking outage must not fail the group)
         delivery_s = min(60.0, job.scaling.timeout_s / 4)
-        self.checkpointer = Checkpointer(session, job.checkpoint.every_steps,
+        self.checkpointer = Checkpointer(session, job.checkpoint.every_steps, keep_by=job.checkpoint.keep_by,
                                          before_checkpoint=lambda: self.tracker.delivered(delivery_s))
         self.metrics = StepMetrics(rank=session.rank, world_size=session.world_size, device=self.device,
-                                   key_terms=self.mcfg.key_terms, warmup_steps=self.mcfg.objective.kl_warmup_steps)
+                                   key_terms=self.mcfg.key_terms, warmup_steps=self.mcfg.objective.kl_warmup_steps,
+                                   min_report_interval_s=session.min_report_interval_s)
         self.validation = Every(job.eval.every_steps)
         self.grids = Every(job.tracking.images_every_steps)
         self.step = 0
@@ -228,8 +229,7 @@ class Loop:
     def _after_step(self, terms, grad_norm, done: bool) -> dict[str, Any] | None:
         """Whatever is due at this step: validation, the sample grid, metrics, the checkpoint (in that order)."""
         save = self.checkpointer.due(self.step, done)
-        # a checkpoint kept by its validation bound must carry a fresh one
-        if self.validation.due(self.step, done) or (save and self.job.checkpoint.keep_by == "valid"):
+        if self.validation.due(self.step, done) or self.checkpointer.needs_fresh_valid(self.step, done):
             if self.rank0:
                 self.last_valid = self._validate()
                 self.best_valid = min(self.best_valid, self.last_valid)
@@ -251,7 +251,7 @@ class Loop:
         elif report_due:  # the same decision on every rank (StepMetrics.collect)
             self.checkpointer.report(metrics)
         if save or report_due:
-            self.metrics.last_report_t = time.perf_counter()
+            self.metrics.reported()
         return metrics
 
     # -- one optimiser step -----------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ class Loop:
             m["perf/start_to_first_step_s"] = self._start_to_first_step_s
         m.update({"step": self.step, "max_steps": self.job.train.max_steps, "resumed_from_step": self.resumed_from,
                   "valid_neg_elbo": self.last_valid})
-        return m, window["report_due_s"] >= self.session.min_report_interval_s
+        return m, window["report_due"]
 
     def _enforce_nonfinite_policy(self, window: dict[str, Any]) -> None:
         t = self.job.train
@@ -356,10 +356,9 @@ class Loop:
         self.tracker.log_image(viz.figure_array(memory), "memory_keys", self.step, attempts)
 
     def _restore(self) -> int | None:
-        with self.session.restore_dir() as d:
-            if d is None:
-                return None
-            payload = checkpointing.load(d, map_location=self.device)
+        payload = self.checkpointer.restore(self.device)
+        if payload is None:
+            return None
         checkpointing.restore(payload, model=self.net, optimizer=self.opt, scheduler=self.sched)
         c = payload["cursor"]
         self.step = payload["step"]

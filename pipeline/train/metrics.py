@@ -31,14 +31,20 @@ class Window:
 
 
 class StepMetrics:
-    def __init__(self, *, rank: int, world_size: int, device: torch.device, key_terms: int, warmup_steps: int):
+    """The loop's metrics: device-side counters per step, the reduction at log steps, the throughput window, the
+    report clock (a metrics-only report is due once `min_report_interval_s` have passed on rank 0 since the last
+    report) and the idle keys."""
+
+    def __init__(self, *, rank: int, world_size: int, device: torch.device, key_terms: int, warmup_steps: int,
+                 min_report_interval_s: float = 0.0):
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.key_terms, self.warmup_steps = key_terms, warmup_steps
+        self.key_terms = key_terms
+        self.min_report_interval_s = min_report_interval_s
+        self.keys = IdleKeys(warmup_steps)
         zero = torch.zeros((), device=device)
         self._skips, self._run, self._run_max = zero.clone(), zero.clone(), zero.clone()
         self._first_bad = torch.full((), -1.0, device=device)
         self.skipped = 0  # non-finite steps skipped over the whole job (host; updated at each collect)
-        self.key_kl_max: list[float] = []  # each key's largest logged KL_y: a key that never left the floor is idle
         self.window = Window(time.perf_counter(), 0)
         self.last_report_t = time.perf_counter()  # rank 0's clock of reports
 
@@ -94,22 +100,48 @@ class StepMetrics:
                 m[f"perf/gpu_peak_mem_mb_rank{r}"] = mem
                 if util >= 0:
                     m[f"perf/gpu_util_rank{r}"] = util
-        self._track_idle_keys(step, [m[f"train/kl_y_key{k}"] for k in range(self.key_terms)], steps)
+        self.keys.update(step, [m[f"train/kl_y_key{k}"] for k in range(self.key_terms)], steps)
         self._skips.zero_()
         self._run_max.copy_(self._run)
         self._first_bad.fill_(-1.0)
         self.window = Window(now, step)
-        return {"metrics": m, "report_due_s": values[len(mean_part)], "window_skips": int(round(skips)),
-                "run_max": int(round(run_max)), "first_bad": int(first_bad)}
+        return {"metrics": m, "report_due": values[len(mean_part)] >= self.min_report_interval_s,
+                "window_skips": int(round(skips)), "run_max": int(round(run_max)), "first_bad": int(first_bad)}
 
-    def _track_idle_keys(self, step: int, per_key: list[float], window_steps: int) -> None:
-        restart = step - window_steps < self.warmup_steps <= step
-        if not self.key_kl_max or restart:  # idle keys are judged from the end of the KL warm-up on
-            self.key_kl_max = per_key
-        self.key_kl_max = [max(a, b) for a, b in zip(self.key_kl_max, per_key)]
+    def reported(self) -> None:
+        """A report was made (every rank, at the same step): the report clock starts again."""
+        self.last_report_t = time.perf_counter()
+
+    @property
+    def key_kl_max(self) -> list[float]:
+        return self.keys.max_per_key
+
+    @key_kl_max.setter
+    def key_kl_max(self, values: list[float]) -> None:
+        self.keys.max_per_key = list(values)
 
     def idle_keys(self, free_bits: float) -> list[int]:
-        return keys_at_floor(self.key_kl_max, free_bits)
+        return self.keys.at_floor(free_bits)
+
+
+class IdleKeys:
+    """Each key's largest KL_y since the KL warm-up ended: a key that never left the free-bits floor carries no
+    address (kpp.objective.keys_at_floor). The distributed loop feeds it at log steps, the in-process trainer at
+    every step."""
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps = warmup_steps
+        self.max_per_key: list[float] = []
+
+    def update(self, step: int, per_key: list[float], window_steps: int = 1) -> None:
+        """`per_key`: KL_y per key of the window ending at `step` (1-based, the step just trained)."""
+        restart = step - window_steps < self.warmup_steps <= step
+        if not self.max_per_key or restart:  # judged from the end of the warm-up on
+            self.max_per_key = list(per_key)
+        self.max_per_key = [max(a, b) for a, b in zip(self.max_per_key, per_key)]
+
+    def at_floor(self, free_bits: float) -> list[int]:
+        return keys_at_floor(self.max_per_key, free_bits)
 
 
 def _utilisation(device: torch.device) -> float:
