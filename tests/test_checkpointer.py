@@ -84,3 +84,32 @@ def test_a_non_finite_state_is_refused_off_the_training_thread_and_the_error_rea
     with pytest.raises(checkpointing.NonFiniteState, match="step 7"):
         ck.drain()
     assert session.reports == []
+
+
+def test_the_keep_rule_and_the_restore_belong_to_the_checkpointer(tmp_path):
+    from pipeline.train.loop import LocalSession
+    session = LocalSession(tmp_path)
+    by_valid = Checkpointer(session, every_steps=5, keep_by="valid", background=False)
+    by_recent = Checkpointer(session, every_steps=5, keep_by="recent", background=False)
+    # a checkpoint kept by its validation bound needs one of its own step; off-schedule steps need none
+    assert [s for s in range(1, 13) if by_valid.needs_fresh_valid(s, last=s == 12)] == [5, 10, 12]
+    assert not any(by_recent.needs_fresh_valid(s, last=s == 12) for s in range(1, 13))
+    assert by_valid.restore("cpu") is None  # nothing saved yet: a fresh start
+    by_valid.save(5, {"step": 5}, _state(5))
+    by_valid.save(10, {"step": 10}, _state(10))
+    by_valid.close()
+    payload = by_valid.restore("cpu")  # the newest complete folder, through the session
+    assert payload["step"] == 10 and payload["cursor"] == {"epoch": 0}
+
+
+def test_idle_keys_are_judged_from_the_end_of_the_warm_up_on():
+    from pipeline.train.metrics import IdleKeys
+    keys = IdleKeys(warmup_steps=4)
+    keys.update(2, [9.0, 0.1], window_steps=2)  # during the warm-up key 0 is busy...
+    keys.update(4, [0.2, 0.1], window_steps=2)  # ...the window reaching the warm-up's end starts the record again
+    keys.update(6, [0.3, 0.9], window_steps=2)
+    assert keys.max_per_key == [0.3, 0.9] and keys.at_floor(0.5) == [0]
+    every_step = IdleKeys(warmup_steps=0)  # fed every step (the in-process trainer)
+    for step, kl in enumerate([[0.1, 2.0], [0.4, 0.3]], start=1):
+        every_step.update(step, kl)
+    assert every_step.at_floor(0.5) == [0]
