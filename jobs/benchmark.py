@@ -3,7 +3,7 @@
     python -m jobs.benchmark --profile cpu-small          # this 2-core machine, under 30 minutes
     python -m jobs.benchmark --profile gpu                # one GPU; the same under `ray job submit`
     python -m jobs.benchmark --profile tiny               # seconds: what the smoke test runs
-    python -m jobs.benchmark --profile loop               # the training loop against bare train_step (jobs.benchmark_loop)
+    python -m jobs.benchmark --profile loop               # the training loop against bare train_step (research.benchmark_loop)
 
 Writes outputs/benchmarks/<profile>.json and <profile>.md (the Markdown tables the README quotes).
 
@@ -17,7 +17,7 @@ Speed: training images/s per worker of each model (interleaved repeats, the medi
 (the memory's overhead) from the same run; a torch.profiler breakdown of one K++ step (encoder, write, STN read +
 prior, decoder, likelihood, backward, optimiser); the shard reader's supply against what training consumes; and
 (CPU profiles) Ray Train against plain torchrun on identical work, with 1 and 2 workers, peak memory per worker,
-the fixed start-up cost and launch to first step, from jobs.benchmark_train. The load average is recorded: these
+the fixed start-up cost and launch to first step, from research.benchmark_train. The load average is recorded: these
 machines are shared.
 """
 from __future__ import annotations
@@ -317,7 +317,7 @@ def profile_step(data, prof: Profile, name: str = "kpp") -> dict:
 def loader_supply(prof: Profile, length: int, tmp: str) -> dict:
     """Images/s the shard reader delivers (binarized MNIST shards on local disk, 0 DataLoader workers: what one
     training process gets without helpers)."""
-    from jobs.benchmark_data import measure
+    from research.benchmark_data import measure
     from pipeline.data.shards.prepare import PrepareConfig, prepare
     from pipeline.data.shards.reader import StreamConfig
 
@@ -329,7 +329,7 @@ def loader_supply(prof: Profile, length: int, tmp: str) -> dict:
 
 
 def ray_vs_torchrun(prof: Profile) -> dict:
-    from jobs import benchmark_train
+    from research import benchmark_train
 
     out = {"model": benchmark_train.MODEL, "steps": prof.ray_steps, "by_workers": {}}
     for workers in prof.ray_workers:
@@ -415,7 +415,7 @@ def markdown(report: dict) -> str:
     rv = report.get("ray_vs_torchrun")
     if rv:
         lines += ["## Ray Train vs plain torchrun (identical DDP work, gloo, 1 thread per worker)", "",
-                  f"jobs.benchmark_train's model, {rv['steps']} steps of 8 episodes x 8 images per worker.", "",
+                  f"research.benchmark_train's model, {rv['steps']} steps of 8 episodes x 8 images per worker.", "",
                   "| workers | loop time Ray/torchrun | episodes/s per worker (Ray) | episodes/s per worker (torchrun) | "
                   "peak RSS per worker MB (Ray) | launch to first step s (Ray / torchrun) | "
                   "start-up + tear-down s (Ray / torchrun) | same final loss |",
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="outputs/benchmarks", help="directory for <profile>.json and <profile>.md")
     args = ap.parse_args(argv)
     if args.profile == "loop":  # its own job: services, Ray Train and a bare loop side by side
-        from jobs import benchmark_loop
+        from research import benchmark_loop
         return benchmark_loop.main(["--out", args.out])
     if args.profile not in PROFILES:
         raise BenchmarkError(f"unknown profile {args.profile!r}: choose from {', '.join(PROFILES)}")

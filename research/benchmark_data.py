@@ -1,7 +1,7 @@
 """Benchmark (not a test): images/s and MB/s of the episode reader from local shards and from an S3 endpoint,
 with 0, 1 and 2 DataLoader workers; writes JSON.
 
-    python -m jobs.benchmark_data --out outputs/benchmark_data.json
+    python -m research.benchmark_data --out outputs/benchmark_data.json
 
 Real data: binarized MNIST (bit-packed shards) and MNIST (8-bit; plain and with gzipped blocks, prepare --compress)
 from ../shared/data, prepared into a temporary
@@ -72,7 +72,7 @@ def measure(config: StreamConfig, workers: int, epochs: int, context: str) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.benchmark_data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m research.benchmark_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/benchmark_data.json", help="where to write the JSON report")
     parser.add_argument("--episode-length", type=int, default=32, help="T (default 32)")
     parser.add_argument("--batch-size", type=int, default=8, help="episodes per batch (default 8)")

@@ -1,7 +1,7 @@
 """Benchmark (not a test): what the training loop costs beyond the training step, as it will show on a GPU.
 
-    python -m jobs.benchmark --profile loop            # the same as: python -m jobs.benchmark_loop
-    python -m jobs.benchmark_loop [--steps 400] [--repeats 2] [--out outputs/benchmarks]
+    python -m jobs.benchmark --profile loop            # the same as: python -m research.benchmark_loop
+    python -m research.benchmark_loop [--steps 400] [--repeats 2] [--out outputs/benchmarks]
 
 Two loops over the same batches, side by side in one run, on one worker with one thread:
   - full: the real path, `pipeline.cluster.driver.run` (Ray Train, one worker) with binarized MNIST shards read
@@ -96,7 +96,7 @@ def read_batches(cfg, count: int) -> list:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m jobs.benchmark_loop", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m research.benchmark_loop", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=600, help="training steps of each loop")
     ap.add_argument("--repeats", type=int, default=5, help="paired (bare, full) runs; the median ratio is reported "
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bare_ms = statistics.median(r["bare_loop_s"] for r in runs) / args.steps * 1e3
     overhead_ms = statistics.median((r["full_loop_s"] - r["bare_loop_s"]) / args.steps * 1e3 for r in runs)
     report = {
-        "command": "python -m jobs.benchmark_loop " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m research.benchmark_loop " + " ".join(argv if argv is not None else sys.argv[1:]),
         "steps": args.steps, "log_every": args.log_every, "eval_every_steps": args.eval_every,
         "checkpoint_every_steps": args.checkpoint_every, "valid_episodes": args.valid_episodes,
         "model": MODEL, "batch": "2 episodes x 4 images of 28 x 28, 1 thread",

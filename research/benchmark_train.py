@@ -1,6 +1,6 @@
 """Benchmark (not a test): this Ray Train job against a plain torchrun DDP loop doing identical work.
 
-    python -m jobs.benchmark_train [--steps 200] [--workers 2,1] [--out outputs/benchmarks/train.json]
+    python -m research.benchmark_train [--steps 200] [--workers 2,1] [--out outputs/benchmarks/train.json]
 
 Both sides: the same model, data (binarized MNIST held in memory, the same per-rank batches), optimiser,
 N processes with gloo and 1 intra-op thread each, the same steps. The Ray side is `pipeline.cluster.driver.run` with
@@ -94,7 +94,7 @@ def run_torchrun(steps: int, source: str, workers: int) -> dict:
         result = pathlib.Path(d) / "r.json"
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={workers}",
-                        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "jobs.benchmark_train",
+                        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "research.benchmark_train",
                         "--worker", "--steps", str(steps), "--workers", str(workers), "--source", source,
                         "--result", str(result), "--launched", repr(time.time())],
                        cwd=REPO, check=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})

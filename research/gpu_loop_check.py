@@ -1,6 +1,6 @@
 """Device check (not a test): the training loop's images/s against the bare training step, on one GPU, in one call.
 
-    python -m jobs.gpu_loop_check --data ../shared/data/binarized_mnist [--steps 600] [--out outputs/benchmarks/gpu_loop.json]
+    python -m research.gpu_loop_check --data ../shared/data/binarized_mnist [--steps 600] [--out outputs/benchmarks/gpu_loop.json]
 
 Needs only torch and numpy (no Ray, MLflow or pyarrow), so it runs on a bare GPU box. Two measurements in the same
 process, on the same device, at the paper's shape (32 episodes x 32 binarized MNIST images, kpp's default model):
@@ -67,7 +67,7 @@ def sync(device) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m jobs.gpu_loop_check", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m research.gpu_loop_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="a binarized_mnist directory (the standard .amat files), or "
                     "'random': 50,000 random binary images (speed does not depend on the pixels; for a GPU box "

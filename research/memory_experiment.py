@@ -1,6 +1,6 @@
 """Does the memory get used? Train one setting on binarized MNIST in-process and write its bounds as JSON.
 
-    python -m jobs.memory_experiment --name key-warmup --source ../shared/data/binarized_mnist \
+    python -m research.memory_experiment --name key-warmup --source ../shared/data/binarized_mnist \
         --steps 1500 model.memory.writer=key model.objective.kl_warmup_steps=600 model.objective.key_free_bits=0.5
 
 Reports, on fixed test episodes: the paper's memory-conditional -ELBO and its IWAE bound, KL_y per key, the paired
@@ -19,7 +19,7 @@ from kpp import KanervaPlusPlus
 from kpp.checkpoint import save_model
 from kpp.data import to_model_input
 from kpp.evaluate import describe, evaluate
-from jobs.memory_report import plot_memory_samples
+from research.memory_report import plot_memory_samples
 from pipeline.data.episodes import class_episodes, fixed_episodes
 from pipeline.train.local import local_job, train_local
 from pipeline.data.sources import load_split
@@ -43,7 +43,7 @@ def job_overrides(pairs: list[str]) -> list[str]:
 
 
 def train_record(job) -> dict:
-    """The training settings in the records' format (jobs.memory_report reads steps and batch_size)."""
+    """The training settings in the records' format (research.memory_report reads steps and batch_size)."""
     t = job.train
     return {"steps": t.max_steps, "batch_size": job.data.batch_episodes, "lr": t.lr, "warmup_steps": t.warmup_steps,
             "lr_min_ratio": t.min_lr_ratio, "grad_clip": t.grad_clip, "optimizer": t.optimizer, "seed": job.seed,

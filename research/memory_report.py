@@ -1,7 +1,7 @@
-"""Tables and the budget curve from memory-experiment results (the JSON files jobs.memory_experiment writes).
+"""Tables and the budget curve from memory-experiment results (the JSON files research.memory_experiment writes).
 
-    python -m jobs.memory_report outputs/experiments/*.json                      # a Markdown table, one row per run
-    python -m jobs.memory_report --curve docs/memory-curve.png outputs/experiments/curve-*.json
+    python -m research.memory_report outputs/experiments/*.json                      # a Markdown table, one row per run
+    python -m research.memory_report --curve docs/memory-curve.png outputs/experiments/curve-*.json
 
 The curve plots the memory-conditional -ELBO (solid) and IWAE (dashed) against training steps, one line per
 memory writer, so the K++ advantage over its no-memory control can be read at every budget.
@@ -127,7 +127,7 @@ def plot_memory_samples(model, episodes, out: str, labels=None, seed: int = 0) -
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", nargs="+", help="JSON files written by jobs.memory_experiment")
+    ap.add_argument("results", nargs="+", help="JSON files written by research.memory_experiment")
     ap.add_argument("--curve", help="also plot -ELBO and IWAE against steps per writer into this PNG")
     args = ap.parse_args(argv)
     records = load(args.results)

@@ -2,7 +2,7 @@
 was filed against), interleaved in one window, as CPU seconds per step (the stable measure on shared cores).
 
     git worktree add /tmp/kpp-before 3a71fdb
-    python -m jobs.step_speed_vs_tree --before /tmp/kpp-before --rounds 3 --out outputs/benchmarks/before_after.json
+    python -m research.step_speed_vs_tree --before /tmp/kpp-before --rounds 3 --out outputs/benchmarks/before_after.json
 
 Each measurement is a fresh process that imports `kpp` from one tree, builds that tree's default model with the key
 writer, and times forward + backward + clip + Adam on 16 episodes x 16 binarized-MNIST images (the same work for

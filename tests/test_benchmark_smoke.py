@@ -67,31 +67,31 @@ def test_a_gpu_profile_on_a_machine_without_enough_gpus_is_refused(tmp_path):
 
 
 def test_step_speed_against_another_tree_writes_every_ratio(tmp_path):
-    """jobs.step_speed_vs_tree with this tree as its own 'before' (one round, one timed step): the four timings
+    """research.step_speed_vs_tree with this tree as its own 'before' (one round, one timed step): the four timings
     run, each in its own process, and the JSON holds every ratio (equal trees: after/before near 1 is not asserted,
     times on shared cores are not)."""
     out = tmp_path / "before_after.json"
-    r = subprocess.run([sys.executable, "-m", "jobs.step_speed_vs_tree", "--before", ".", "--rounds", "1",
+    r = subprocess.run([sys.executable, "-m", "research.step_speed_vs_tree", "--before", ".", "--rounds", "1",
                         "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["runs"]) == {"before", "after", "vae_after", "reference"}
     assert report["runs"]["after"][0]["num_reads"] == 2 and report["runs"]["reference"][0]["num_reads"] is None
     assert all(v > 0 and math.isfinite(v) for v in report["ratios"].values()), report["ratios"]
-    bad = subprocess.run([sys.executable, "-m", "jobs.step_speed_vs_tree", "--before", str(tmp_path)],
+    bad = subprocess.run([sys.executable, "-m", "research.step_speed_vs_tree", "--before", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--before: no kpp/ in it" in bad.stderr
 
 
 def test_the_gpu_loop_check_runs_end_to_end(tmp_path):
-    """jobs.gpu_loop_check is spent on scarce GPU minutes: its code path runs here first (CPU, tiny model)."""
+    """research.gpu_loop_check is spent on scarce GPU minutes: its code path runs here first (CPU, tiny model)."""
     out = tmp_path / "gpu_loop.json"
-    r = subprocess.run([sys.executable, "-m", "jobs.gpu_loop_check", "--data", "random", "--steps", "6",
+    r = subprocess.run([sys.executable, "-m", "research.gpu_loop_check", "--data", "random", "--steps", "6",
                         "--log-every", "3", "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["loop_ms_per_step"] > 0 and report["step_ms"] > 0 and report["host_syncs_warned"] == 0
     assert math.isclose(report["loop_over_step"], report["step_ms"] / report["loop_ms_per_step"])
-    bad = subprocess.run([sys.executable, "-m", "jobs.gpu_loop_check", "--data", str(tmp_path / "nowhere")],
+    bad = subprocess.run([sys.executable, "-m", "research.gpu_loop_check", "--data", str(tmp_path / "nowhere")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--data: no such directory" in bad.stderr

@@ -94,7 +94,7 @@ def test_every_override_parser_is_the_one_parser(tmp_path):
     import subprocess
     import sys
 
-    from jobs.memory_experiment import job_overrides
+    from research.memory_experiment import job_overrides
     from pipeline.train.local import local_job
     from pipeline.tune import space
     job = local_job(job_overrides(["model.keys.num_reads=4", "train.lr=1e-3", "train.steps=40",
@@ -105,7 +105,7 @@ def test_every_override_parser_is_the_one_parser(tmp_path):
         local_job(job_overrides(["model.keys.num_reads=many"]))
     with pytest.raises(C.ConfigError, match="key=value"):
         space.load(str(ROOT / "jobs/configs/tune_cpu.yaml"), ["num_trials"], root=ROOT)
-    r = subprocess.run([sys.executable, "-m", "jobs.memory_experiment", "--name", "x", "bogus=1"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "research.memory_experiment", "--name", "x", "bogus=1"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "override 'bogus=1': expected model.<field>=value" in r.stderr, r.stderr[-2000:]
 

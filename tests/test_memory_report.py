@@ -1,7 +1,7 @@
-"""jobs.memory_report turns jobs.memory_experiment's JSON into the doc's tables and curve, for every model kind."""
+"""research.memory_report turns research.memory_experiment's JSON into the doc's tables and curve, for every model kind."""
 import json
 
-from jobs import memory_report
+from research import memory_report
 
 
 def record(name, writer, steps, neg_elbo, per_key, device="cpu"):

@@ -188,12 +188,13 @@ def test_model_package_is_pure_pytorch():
 
 
 def test_the_library_never_imports_its_entry_points():
-    """pipeline/ is what jobs/ is built on: an import the other way (as jobs.submit's entrypoint check once made)
-    ties the library to its scripts."""
-    for path in (pathlib.Path(__file__).parents[1] / "pipeline").rglob("*.py"):
+    """pipeline/ and kpp/ are what jobs/ and research/ are built on: an import the other way (as jobs.submit's
+    entrypoint check once made) ties the library to its scripts."""
+    root = pathlib.Path(__file__).parents[1]
+    for path in [*(root / "pipeline").rglob("*.py"), *(root / "kpp").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not [n for n in names if n.split(".")[0] == "jobs"], f"{path} imports {names}"
+            assert not [n for n in names if n.split(".")[0] in ("jobs", "research")], f"{path} imports {names}"
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "__import__":
                 assert False, f"{path}: __import__ of a module named at run time"
 

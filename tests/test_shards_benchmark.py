@@ -6,7 +6,7 @@ import sys
 
 def test_benchmark_writes_a_report_for_each_store(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "-m", "jobs.benchmark_data", "--datasets", "binarized_mnist",
+    result = subprocess.run([sys.executable, "-m", "research.benchmark_data", "--datasets", "binarized_mnist",
                              "--workers", "0", "--epochs", "1", "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.services
 
 def test_ray_and_torchrun_sides_do_identical_work(tmp_path):
     out = tmp_path / "train.json"
-    result = subprocess.run([sys.executable, "-m", "jobs.benchmark_train", "--steps", "6", "--repeats", "1",
+    result = subprocess.run([sys.executable, "-m", "research.benchmark_train", "--steps", "6", "--repeats", "1",
                              "--workers", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     one = json.loads(out.read_text())["by_workers"]["1"]

@@ -243,7 +243,7 @@ def has_complete_checkpoint(cfg: JobConfig) -> bool:
 # line a worker printed reached the driver twice (Ray 2.60). Unpatched, print goes to the worker's stdout once.
 # RAY_worker_niceness=0: the raylet starts every worker process (the training workers too) at niceness 15 by
 # default, so any process of normal priority on the node (the data loader's workers, a tracking or storage server,
-# Ray's own daemons) pre-empts training. Measured (jobs.benchmark_loop, 2 cores, a ~30 ms step): the full loop over
+# Ray's own daemons) pre-empts training. Measured (research.benchmark_loop, 2 cores, a ~30 ms step): the full loop over
 # the bare step 1.42 (paired runs 1.83 and 1.01) at niceness 15, 1.06 at 0. It is read by the raylet, so it has to
 # be in the environment of `ray start` (the local cluster inherits the driver's; the deployment files set it).
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_worker_niceness": "0"}

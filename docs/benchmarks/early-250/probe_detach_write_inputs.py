@@ -16,5 +16,5 @@ def contributions(self, embedding, key_mean):
         key_mean = key_mean.detach()
     return orig(self, embedding, key_mean)
 memory.KeyWriter.contributions = contributions
-from jobs import memory_experiment
+from research import memory_experiment
 memory_experiment.main()

@@ -16,5 +16,5 @@ def init(self, cfg):
         self.block.weight.mul_(gain)
         self.block.bias.mul_(gain)
 memory.KeyWriter.__init__ = init
-from jobs import memory_experiment
+from research import memory_experiment
 memory_experiment.main()

@@ -21,6 +21,6 @@ def forward(self, embedding, key_mean):
 
 
 memory.KeyWriter.forward = forward
-from jobs import memory_experiment  # noqa: E402
+from research import memory_experiment  # noqa: E402
 
 memory_experiment.main()
