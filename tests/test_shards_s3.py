@@ -198,7 +198,7 @@ def test_truncated_or_grown_shard_on_s3_is_named(s3, s3_dataset):
 def test_a_process_pointed_at_another_endpoint_reads_from_it(s3, s3_dataset, monkeypatch):
     """The per-process filesystem is keyed by the AWS_* environment: a driver whose AWS_ENDPOINT_URL changed (a
     test, a notebook switching stores) reads from the new endpoint, not a cached client of the old one."""
-    from pipeline.data.shards import storage
+    from pipeline import storage
     from pipeline.data.shards.manifest import read_manifest
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     for k, v in s3.env.items():

@@ -114,9 +114,10 @@ def source_tags(commit: str | None = None) -> dict[str, str]:
 
 def file_hash(url: str) -> str:
     """sha256 of a (possibly remote) file, e.g. the shard manifest: ties a run to the exact data."""
-    import fsspec
+    from pipeline.storage import filesystem
+    fs, path = filesystem(url)
     h = hashlib.sha256()
-    with fsspec.open(url, "rb") as f:
+    with fs.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]

@@ -1,13 +1,12 @@
 """Episode shards on object storage: prepare once, stream exactly once per epoch, resume mid-epoch.
 
-Modules, one idea each:
+Modules, one idea each (filesystems of any URL: pipeline/storage.py, shared with the source readers):
     format.py            a shard = WebDataset tar of packed .npy blocks of images (bit-packed when binary)
     tar_index.py         zero-copy walk of a shard tar (no per-member copies, header checksums verified)
     manifest.py          manifest.parquet (shard path, url, count, bytes, sha256) and dataset.json (the card)
     source_checksums.py  sha256 of the source files, for the card
     prepare.py           load + validate every split, write shards atomically, skip valid ones, manifest last
     progress.py          the progress line of prepare
-    storage.py           one filesystem per process (fork-safe), S3 defaults, the single retry layer
     fetch.py             one shard: ranged GET, retries, size/sha256 check against the manifest
     plan.py              the read order as pure functions of integers: who reads what, in which order
     reader.py            StreamConfig, Cursor, make_loader -> EpisodeLoader of EpisodeBatch (the training API)

@@ -6,7 +6,7 @@ import hashlib
 from typing import Any, Literal
 
 from pipeline.data.shards.manifest import ShardRecord
-from pipeline.data.shards.storage import filesystem, join
+from pipeline.storage import filesystem, join
 from pipeline.retry import RetryPolicy, with_retries
 
 __all__ = ["RetryPolicy", "ShardIntegrityError", "ShardMissingError", "fetch_shard", "shard_url"]

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.shards.storage import filesystem, join
+from pipeline.storage import filesystem, join
 from pipeline.retry import with_retries
 
 MANIFEST_NAME = "manifest.parquet"

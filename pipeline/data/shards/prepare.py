@@ -34,7 +34,7 @@ from pipeline.data.shards.format import ShardArrays, encode_shard
 from pipeline.data.shards.manifest import ManifestError, ShardRecord, read_manifest, write_card, write_labels, write_manifest
 from pipeline.data.shards.progress import PrepareProgress
 from pipeline.data.shards.source_checksums import source_checksums
-from pipeline.data.shards.storage import filesystem, join, unstrip_protocol
+from pipeline.storage import filesystem, join, unstrip_protocol
 from pipeline.retry import with_retries
 from pipeline.data.sources import SPLITS, ImageSet, SourceFormatError, load_split
 

@@ -18,7 +18,7 @@ Guarantees (tests/test_shards_*.py):
     have yielded next, with any number of workers; under another world size or batch size it yields the rest
     of the epoch's episodes split the new way (pipeline.data.shards.plan: a change of layout), each exactly once;
     a cursor from another data plan (seed, T, split, shards, ...) is refused rather than repeating or skipping;
-  - workers may be forked or spawned: each builds its own filesystem (pipeline.data.shards.storage);
+  - workers may be forked or spawned: each builds its own filesystem (pipeline.storage);
   - every shard is checked against the manifest (size, and sha256 unless verify="size"); a mismatch raises
     ShardIntegrityError naming the shard, or with on_corrupt="skip" its images become padding, reported in
     EpisodeBatch.skipped_shards and logged (never silent);

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from pipeline.data.shards.storage import filesystem
+from pipeline.storage import filesystem
 
 
 def _sha256_file(fs, path: str) -> str:

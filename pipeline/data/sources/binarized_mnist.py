@@ -11,8 +11,9 @@ import io
 import numpy as np
 
 from pipeline.data.sources.errors import SourceFormatError, SourceNotFoundError
-from pipeline.data.sources.files import filesystem, join, read_bytes
+from pipeline.data.sources.files import read_bytes
 from pipeline.data.sources.image_set import ImageSet
+from pipeline.storage import filesystem, join
 
 NPZ_NAME = "binarized_mnist.npz"
 PIXELS = 28 * 28

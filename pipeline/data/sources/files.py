@@ -1,30 +1,20 @@
 """Reading source files from a local path or any fsspec URL (file://, s3://, ...).
 
-S3 settings come from the standard AWS environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), which
-s3fs honours, or from explicit storage_options.
+Filesystems come from pipeline.storage (one per process, fork-safe, bounded S3 timeouts) and reads go through
+pipeline.retry, as the shards' do. S3 settings come from the standard AWS environment variables
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), which s3fs honours, or from explicit storage_options.
 """
 from __future__ import annotations
 
 import gzip
 import zlib
-from typing import Any
 
 import fsspec
 
 from pipeline.data.sources.errors import SourceFormatError, SourceNotFoundError
+from pipeline.retry import with_retries
 
 GZIP_MAGIC = b"\x1f\x8b"
-
-
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the path inside it for a local path or fsspec URL."""
-    # a fresh instance: fsspec's cache would hand back one built under another AWS_* environment (endpoint)
-    fs, path = fsspec.core.url_to_fs(str(url), skip_instance_cache=True, **(storage_options or {}))
-    return fs, path.rstrip("/") if len(path) > 1 else path
-
-
-def join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}"
 
 
 def require_dir(fs: fsspec.AbstractFileSystem, path: str, url: str, what: str) -> None:
@@ -35,7 +25,7 @@ def require_dir(fs: fsspec.AbstractFileSystem, path: str, url: str, what: str) -
 def find_file(fs: fsspec.AbstractFileSystem, base: str, names: list[str], url: str) -> str:
     """The first of `names` that exists under `base` (e.g. the .gz and the plain form of one file)."""
     for name in names:
-        candidate = join(base, name)
+        candidate = f"{base.rstrip('/')}/{name}"
         if fs.isfile(candidate):
             return candidate
     raise SourceNotFoundError(f"{url}: none of {names} found there")
@@ -44,7 +34,7 @@ def find_file(fs: fsspec.AbstractFileSystem, base: str, names: list[str], url: s
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     """The file's content, gunzipped when it starts with the gzip magic (whatever its name says)."""
     try:
-        raw = fs.cat_file(path)
+        raw = with_retries(f"read {path}", lambda: fs.cat_file(path))
     except FileNotFoundError as err:
         raise SourceNotFoundError(f"{path}: file not found") from err
     if raw[:2] == GZIP_MAGIC:

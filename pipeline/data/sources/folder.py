@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.data.sources.errors import SourceFormatError
-from pipeline.data.sources.files import filesystem, join, require_dir
+from pipeline.data.sources.files import require_dir
 from pipeline.data.sources.image_set import ImageSet
 from pipeline.data.sources.images import IMAGE_SUFFIXES, decode_image, fetch_all, image_mode
+from pipeline.storage import filesystem, join
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 

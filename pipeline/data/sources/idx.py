@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.data.sources.errors import SourceFormatError
-from pipeline.data.sources.files import filesystem, find_file, read_bytes, require_dir
+from pipeline.data.sources.files import find_file, read_bytes, require_dir
 from pipeline.data.sources.image_set import ImageSet
+from pipeline.storage import filesystem
 
 IMAGE_MAGIC = 0x00000803
 LABEL_MAGIC = 0x00000801

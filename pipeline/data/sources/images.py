@@ -10,6 +10,7 @@ import io
 import numpy as np
 
 from pipeline.data.sources.errors import SourceFormatError
+from pipeline.retry import with_retries
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm")
 FETCH_CHUNK = 256
@@ -19,7 +20,7 @@ def fetch_all(fs, paths: list[str]) -> dict[str, bytes]:
     contents: dict[str, bytes] = {}
     for start in range(0, len(paths), FETCH_CHUNK):
         chunk = paths[start : start + FETCH_CHUNK]
-        fetched = fs.cat(chunk)
+        fetched = with_retries(f"read {len(chunk)} files from {chunk[0]}", lambda: fs.cat(chunk))
         contents.update(fetched if isinstance(fetched, dict) else {chunk[0]: fetched})
     return contents
 

@@ -10,8 +10,9 @@ import io
 import numpy as np
 
 from pipeline.data.sources.errors import SourceFormatError
-from pipeline.data.sources.files import filesystem, read_bytes
+from pipeline.data.sources.files import read_bytes
 from pipeline.data.sources.image_set import ImageSet
+from pipeline.storage import filesystem
 
 
 def load_npz_split(source: str, split: str, storage_options: dict | None = None,

@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.data.sources.errors import SourceFormatError
-from pipeline.data.sources.files import filesystem, join, require_dir
+from pipeline.data.sources.files import require_dir
 from pipeline.data.sources.image_set import ImageSet
 from pipeline.data.sources.images import fetch_all, decode_image
+from pipeline.storage import filesystem, join
 
 NATIVE_SIZE = 105
 VALID_FRACTION = 0.1

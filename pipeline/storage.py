@@ -1,4 +1,6 @@
-"""Object-store access shared by the writer and the reader: one filesystem per process, retries with backoff.
+"""The one filesystem factory for every URL the pipeline reads or writes: source files, shards, manifests, cards.
+
+One filesystem per process, bounded timeouts, no retries below pipeline.retry (the one retry layer).
 
 Filesystems are built lazily INSIDE each process (keyed by pid) and never shared across fork: s3fs runs an
 asyncio loop on a thread, which a forked DataLoader worker would inherit half-dead and hang on (s3fs #914,
