@@ -159,3 +159,20 @@ def test_sources_read_from_s3(s3, shared_data, omniglot):
     np.testing.assert_array_equal(remote.images, load_split("omniglot", omniglot, "test").images)
     with pytest.raises(SourceNotFoundError, match="source directory not found"):
         load_split("mnist", f"{bucket}/nothing", "test", storage_options=s3.storage_options)
+
+
+def test_a_source_read_rides_out_an_s3_outage(s3, s3_proxy, shared_data, caplog):
+    """Connections cut and refused for 2 s as the source is read: the one retry layer (pipeline.retry) waits it
+    out and logs it, as it does for shards. (Before, the read rode on botocore's own silent retries: it passed,
+    but no line said so, and the shards' bounded timeouts did not apply. The log assertion fails there.)"""
+    bucket = s3.new_bucket("outage-sources")
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        fs.put_file(str(shared_data / "mnist" / name), f"{bucket}/mnist/{name}")
+    s3_proxy.cut(seconds=2.0)
+    caplog.set_level("WARNING", logger="pipeline.retry")
+    test = load_split("mnist", f"{bucket}/mnist", "test",
+                      storage_options={**s3.storage_options, "endpoint_url": s3_proxy.url})
+    assert s3_proxy.refused > 0, "the outage never hit a request: the test did not test anything"
+    assert any("retrying in" in r.getMessage() for r in caplog.records)
+    assert len(test) == 10_000 and test.labels[:3].tolist() == [7, 2, 1]

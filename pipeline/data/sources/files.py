@@ -18,7 +18,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 
 def require_dir(fs: fsspec.AbstractFileSystem, path: str, url: str, what: str) -> None:
-    if not fs.isdir(path):
+    if not with_retries(f"list {path}", lambda: fs.isdir(path)):
         raise SourceNotFoundError(f"{url}: source directory not found (expected {what})")
 
 
@@ -26,7 +26,7 @@ def find_file(fs: fsspec.AbstractFileSystem, base: str, names: list[str], url: s
     """The first of `names` that exists under `base` (e.g. the .gz and the plain form of one file)."""
     for name in names:
         candidate = f"{base.rstrip('/')}/{name}"
-        if fs.isfile(candidate):
+        if with_retries(f"look for {candidate}", lambda: fs.isfile(candidate)):
             return candidate
     raise SourceNotFoundError(f"{url}: none of {names} found there")
 
