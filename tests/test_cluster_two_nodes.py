@@ -146,7 +146,7 @@ def test_a_lost_node_mid_epoch_is_waited_for_and_every_image_is_trained_once(clu
     kept = {key: sorted(keys) for key, keys in key_audit.trained_keys(audit, epoch=0).items()}
     assert kept == straight
     delivered = sorted(k for keys in kept.values() for k in keys)
-    n_train = read_card(shards)["splits"]["train"]["num_images"]
+    n_train = read_card(shards).num_images["train"]
     assert len(delivered) == len(set(delivered)) and n_train - len(delivered) < 2 * 4 * 4 + 4, (len(delivered), n_train)
     assert killed_at < max(s for _, s in straight), f"the node was lost after epoch 0 ended (step {killed_at})"
     # the replayed steps (after the restored checkpoint) saw the same images as before the loss

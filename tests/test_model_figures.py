@@ -9,6 +9,7 @@ from kpp import generate as gen
 from kpp import viz
 from kpp.evaluate import episode_bounds, evaluate
 from kpp.model import KanervaPlusPlus
+from pipeline.data.shards.manifest import DataCard
 from pipeline.registry import naming
 from pipeline.registry.loading import DataMismatch, ModelRef, Registered, RegistryError, check_data, parse_model_uri
 from tests.model_helpers import tiny_config
@@ -126,9 +127,10 @@ def _registered(model, **tags):
 
 
 def _card(**fields):
-    card = {"dataset": "digits", "image_shape": [1, 28, 28], "bit_depth": 1, "episodes": {"episode_length": 6}}
+    card = {"dataset": "digits", "image_shape": [1, 28, 28], "bit_depth": 1, "episodes": {"episode_length": 6},
+            "splits": {"test": {"num_images": 60}}}
     card.update(fields)
-    return card
+    return DataCard.from_dict(card, "data/dataset.json")
 
 
 def test_data_that_differs_from_the_version_is_refused_naming_the_field(model):

@@ -107,3 +107,29 @@ def test_object_npy_member_is_refused():
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(TarIndexError, match="objects"):
         npy_from_view(memoryview(buffer.getvalue()), "m.npy")
+
+
+def test_a_damaged_dataset_card_is_named_with_its_field(tmp_path):
+    """The card is read into a typed DataCard: a missing or malformed field is a ManifestError naming the file
+    and the field, not a KeyError deep in the reader or the preflight."""
+    import json
+
+    import pytest
+
+    from pipeline.data.shards.manifest import ManifestError, read_card
+    good = {"dataset": "digits", "image_shape": [1, 8, 8], "bit_depth": 1, "has_labels": True,
+            "splits": {"train": {"num_images": 100}, "test": {"num_images": 20}}, "episodes": {"episode_length": 4}}
+    (tmp_path / "dataset.json").write_text(json.dumps(good))
+    card = read_card(str(tmp_path))
+    assert (card.image_shape, card.bit_depth, card.num_images, card.episode_length) == ((1, 8, 8), 1,
+                                                                                       {"train": 100, "test": 20}, 4)
+    for broken, message in (({k: v for k, v in good.items() if k != "bit_depth"}, "field 'bit_depth' missing"),
+                            ({**good, "image_shape": [8, 8]}, r"field 'image_shape' is \[8, 8\], expected \[C, H, W\]"),
+                            ({**good, "splits": {"train": {}}}, "field 'splits.train.num_images' missing"),
+                            ({**good, "bit_depth": "one"}, "field 'bit_depth' is 'one'")):
+        (tmp_path / "dataset.json").write_text(json.dumps(broken))
+        with pytest.raises(ManifestError, match=f"dataset.json: {message}"):
+            read_card(str(tmp_path))
+    (tmp_path / "dataset.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="dataset.json: not valid JSON"):
+        read_card(str(tmp_path))

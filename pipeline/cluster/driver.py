@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+from pipeline.data.shards.manifest import DataCard
 from pipeline.net import free_port
 from pipeline.job_env import job_start, submitted_job_runtime_env
 from pipeline.train import checkpointing
@@ -87,13 +88,12 @@ def preflight(cfg: JobConfig) -> None:
         if missing:
             raise ConfigError(f"data.shards: {cfg.data.shards} has no shards of split(s) {sorted(missing)}")
         mcfg = cfg.model
-        if tuple(card["image_shape"]) != mcfg.image_shape or int(card["bit_depth"]) != mcfg.bit_depth:
+        if card.image_shape != mcfg.image_shape or card.bit_depth != mcfg.bit_depth:
             raise ConfigError(f"model.image_*/bit_depth: the model expects {mcfg.image_shape} at bit depth "
-                              f"{mcfg.bit_depth}, {cfg.data.shards} holds {tuple(card['image_shape'])} at "
-                              f"{card['bit_depth']}")
-        if int(card["episodes"]["episode_length"]) != mcfg.episode_length:
+                              f"{mcfg.bit_depth}, {cfg.data.shards} holds {card.image_shape} at {card.bit_depth}")
+        if card.episode_length != mcfg.episode_length:
             raise ConfigError(f"model.episode_length: {mcfg.episode_length}, but {cfg.data.shards} stores its fixed "
-                              f"evaluation episodes with episode_length {card['episodes']['episode_length']} "
+                              f"evaluation episodes with episode_length {card.episode_length} "
                               f"(jobs.prepare --episode-length)")
         check_data_plan(cfg, card)
     else:
@@ -115,10 +115,12 @@ def check_in_memory_plan(cfg: JobConfig) -> None:
         sets = {split: load_split(d.dataset, d.source or None, split) for split in ("train", "valid", "test")}
     except (OSError, ValueError) as e:
         raise ConfigError(f"data.source: cannot read {d.dataset} from {d.source or 'its bundled copy'} ({e})") from None
-    card = {"splits": {split: {"num_images": len(s)} for split, s in sets.items()},
-            "has_labels": all(s.labels is not None for s in sets.values())}
+    first = sets["train"]
+    card = DataCard(dataset=d.dataset, image_shape=tuple(first.image_shape), bit_depth=first.bit_depth,
+                    has_labels=all(s.labels is not None for s in sets.values()),
+                    num_images={split: len(s) for split, s in sets.items()})
     sizes = ({split: Counter(s.labels.tolist()) for split, s in sets.items()}
-             if d.episodes == "class" and card["has_labels"] else None)
+             if d.episodes == "class" and card.has_labels else None)
     request = preflight.DataRequest(d.source or d.dataset, d.episodes, cfg.model.episode_length, d.batch_episodes,
                                     cfg.scaling.num_workers, d.valid_episodes, d.test_episodes)
     try:
@@ -127,14 +129,14 @@ def check_in_memory_plan(cfg: JobConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def check_data_plan(cfg: JobConfig, card: dict[str, Any]) -> None:
+def check_data_plan(cfg: JobConfig, card: DataCard) -> None:
     """What the workers would find out about the data (class episodes possible, enough evaluation episodes, one
     batch per rank), from the card and label index: ConfigError naming the field and the split (pipeline.data.preflight)."""
     from pipeline.data import preflight
     from pipeline.data.shards.manifest import ManifestError, read_label_index
     d = cfg.data
     sizes = None
-    if d.episodes == "class" and card.get("has_labels"):
+    if d.episodes == "class" and card.has_labels:
         try:
             index = read_label_index(d.shards)
             sizes = {split: preflight.class_sizes_of(index.get(split, {})) for split in ("train", "valid", "test")}

@@ -47,17 +47,17 @@ def split_episodes(split: str, num_images: int, episode_length: int, class_sizes
                          max(class_sizes.values(), default=0), len(class_sizes))
 
 
-def check(req: DataRequest, card: dict, class_sizes: dict[str, Counter] | None) -> dict[str, SplitEpisodes]:
+def check(req: DataRequest, card, class_sizes: dict[str, Counter] | None) -> dict[str, SplitEpisodes]:
     """Raise DataPlanError for the first setting the dataset cannot serve; return each split's episode count.
     class_sizes: {split: Counter(label -> images)} from the label index; needed for episodes="class"."""
     T = req.episode_length
     if req.episodes == "class" and class_sizes is None:
         raise DataPlanError(f"data.episodes: 'class' needs labels, and {req.root} has none (its card says "
-                            f"has_labels={card.get('has_labels')}); use data.episodes=random")
+                            f"has_labels={card.has_labels}); use data.episodes=random")
     counts = {}
     for split in ("train", "valid", "test"):
         sizes = class_sizes.get(split, Counter()) if req.episodes == "class" else None
-        counts[split] = s = split_episodes(split, int(card["splits"][split]["num_images"]), T, sizes)
+        counts[split] = s = split_episodes(split, card.num_images[split], T, sizes)
         if s.episodes >= 1:
             continue
         if req.episodes == "class":

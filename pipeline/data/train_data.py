@@ -251,7 +251,7 @@ def load_data(dataset: str, source: str, episode_length: int, batch_episodes: in
         stream = ShardStream(shards, episode_length, batch_episodes, seed, rank, world_size, loader_workers, episodes)
         return (stream, shard_eval_episodes(shards, "valid", episode_length, valid_episodes, episodes, seed),
                 shard_eval_episodes(shards, "test", episode_length, test_episodes, episodes, seed),
-                int(read_card(shards)["bit_depth"]))
+                read_card(shards).bit_depth)
     from pipeline.data.sources import load_split
     src = source or None
     train, valid, test = (load_split(dataset, src, s) for s in ("train", "valid", "test"))

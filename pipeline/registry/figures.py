@@ -43,7 +43,7 @@ def episode(reg: Registered, url: str = "", index: int = 0, random: bool = False
     card = data_card(url)
     check_data(reg, card, url)
     mode = reg.tags.get(naming.EPISODES_MODE, "random")
-    count = -(-int(card["splits"]["test"]["num_images"]) // cfg.episode_length)
+    count = -(-card.num_images["test"] // cfg.episode_length)
     if random:  # one of the first 64 fixed test episodes
         index = int(np.random.default_rng(seed).integers(0, max(1, min(count, 64))))
     episodes = shard_eval_episodes(url, "test", cfg.episode_length, index + 1, mode,

@@ -165,7 +165,7 @@ def _download(reg: Registered, uri: str, dst: str) -> tuple[str, str]:
 
 
 # -- the data a model may consume -------------------------------------------------------------------------------
-def data_card(url: str) -> dict[str, Any]:
+def data_card(url: str):
     from pipeline.data.shards.manifest import read_card, read_manifest
     from pipeline.urls import redact
     try:
@@ -185,14 +185,14 @@ def expected(reg: Registered) -> dict[str, str]:
             "episode_length": reg.tags.get(naming.EPISODE_LENGTH, str(cfg.episode_length))}
 
 
-def check_data(reg: Registered, card: dict[str, Any], url: str) -> list[str]:
+def check_data(reg: Registered, card, url: str) -> list[str]:
     """DataMismatch naming every field in which the prepared data at `url` differs from what the version was
     trained on; returns warnings (a version without a dataset tag cannot have its dataset checked)."""
     from pipeline.urls import redact
     want = expected(reg)
-    have = {"dataset": str(card.get("dataset", "")), "image_shape": naming.image_shape_tag(card["image_shape"]),
-            "bit_depth": str(card["bit_depth"]),
-            "episode_length": str((card.get("episodes") or {}).get("episode_length", want["episode_length"]))}
+    have = {"dataset": card.dataset, "image_shape": naming.image_shape_tag(card.image_shape),
+            "bit_depth": str(card.bit_depth),
+            "episode_length": str(card.episode_length or want["episode_length"])}
     what = {"dataset": "dataset", "image_shape": "image shape (CxHxW)", "bit_depth": "bit depth",
             "episode_length": "episode length of the fixed test episodes (jobs.prepare --episode-length)"}
     bad = [f"{what[k]}: the model has {want[k]}, the data has {have[k]}" for k in what

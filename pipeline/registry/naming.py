@@ -57,7 +57,7 @@ def dataset_of(cfg) -> str:
     if cfg.data.shards:
         from pipeline.data.shards.manifest import read_card
         try:
-            return str(read_card(cfg.data.shards)["dataset"])
+            return read_card(cfg.data.shards).dataset
         except Exception:  # noqa: BLE001 - unreadable: preflight has already named the problem
             pass
     return cfg.data.dataset

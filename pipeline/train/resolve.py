@@ -34,7 +34,7 @@ def with_data_card(cfg: JobConfig) -> JobConfig:
         return cfg
     explicit = cfg.model_set
     model = cfg.model.to_dict()
-    (c, h, w), bits = card["image_shape"], int(card["bit_depth"])
+    (c, h, w), bits = card.image_shape, card.bit_depth
     for name, value in (("image_channels", c), ("image_height", h), ("image_width", w), ("bit_depth", bits)):
         if name not in explicit:
             model[name] = int(value)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -103,12 +103,58 @@ def write_card(root: str, card: dict[str, Any], storage_options: dict | None = N
     _atomic_write(join(root, CARD_NAME), json.dumps(card, indent=2, sort_keys=True).encode(), storage_options)
 
 
-def read_card(root: str, storage_options: dict | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DataCard:
+    """What the pipeline reads of a dataset card (dataset.json); the whole JSON stays in `raw` for the rest
+    (source checksums, binarization, seeds). episode_length: that of the stored fixed evaluation episodes, None
+    for a card from before it was recorded."""
+    dataset: str
+    image_shape: tuple[int, int, int]
+    bit_depth: int
+    has_labels: bool
+    num_images: dict[str, int]  # per split
+    episode_length: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, card: dict[str, Any], where: str) -> "DataCard":
+        """ManifestError naming `where` and the field when a field is missing or of the wrong kind."""
+        def get(path: str, convert):
+            value: Any = card
+            for key in path.split("."):
+                if not isinstance(value, dict) or key not in value:
+                    raise ManifestError(f"{where}: field {path!r} missing")
+                value = value[key]
+            try:
+                return convert(value)
+            except (TypeError, ValueError) as err:
+                raise ManifestError(f"{where}: field {path!r} is {value!r} ({err})") from None
+        shape = get("image_shape", lambda v: tuple(int(x) for x in v))
+        if len(shape) != 3:
+            raise ManifestError(f"{where}: field 'image_shape' is {list(shape)}, expected [C, H, W]")
+        splits = get("splits", dict)
+        episodes = card.get("episodes") or {}
+        return cls(dataset=str(card.get("dataset", "")), image_shape=shape, bit_depth=get("bit_depth", int),
+                   has_labels=bool(card.get("has_labels", False)),
+                   num_images={split: get(f"splits.{split}.num_images", int) for split in splits},
+                   episode_length=int(episodes["episode_length"]) if "episode_length" in episodes else None,
+                   raw=card)
+
+
+def read_card(root: str, storage_options: dict | None = None) -> DataCard:
     fs, base = filesystem(root, storage_options)
+    where = join(root, CARD_NAME)
     try:
-        return json.loads(with_retries(f"read {join(root, CARD_NAME)}", lambda: fs.cat_file(join(base, CARD_NAME))))
+        text = with_retries(f"read {where}", lambda: fs.cat_file(join(base, CARD_NAME)))
     except FileNotFoundError as err:
-        raise ManifestError(f"{join(root, CARD_NAME)}: no dataset card") from err
+        raise ManifestError(f"{where}: no dataset card") from err
+    try:
+        card = json.loads(text)
+    except ValueError as err:
+        raise ManifestError(f"{where}: not valid JSON ({err})") from None
+    if not isinstance(card, dict):
+        raise ManifestError(f"{where}: not a JSON object")
+    return DataCard.from_dict(card, where)
 
 
 def write_labels(root: str, labels: dict[tuple[str, int], list[int]], storage_options: dict | None = None) -> None:

@@ -116,9 +116,9 @@ class EpisodeStream(IterableDataset):
         self.shards = sorted((r for r in read_manifest(config.root, config.storage_options) if r.split == config.split),
                              key=lambda r: r.shard_index)
         card = read_card(config.root, config.storage_options)
-        self.image_shape = tuple(card["image_shape"])
-        self.bit_depth = int(card["bit_depth"])
-        self.has_labels = bool(card["has_labels"])
+        self.image_shape = card.image_shape
+        self.bit_depth = card.bit_depth
+        self.has_labels = card.has_labels
         if not self.shards:
             raise ManifestError(f"{config.root}: no shards of split {config.split!r} in the manifest")
         if [r.shard_index for r in self.shards] != list(range(len(self.shards))):
