@@ -3,6 +3,7 @@ Ray starts (pipeline.data.preflight); a deterministic error that only a worker c
 attempt, while crashes are still retried (pipeline.cluster.failures)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -19,12 +20,14 @@ from mlflow.tracking import MlflowClient
 from pipeline.cluster import driver
 from pipeline.cluster.failures import DeterministicFailure, deterministic
 from pipeline.data.preflight import DataPlanError, DataRequest, check
+from pipeline.data.shards.manifest import DataCard
 from pipeline.data.shards.prepare import PrepareConfig, prepare
 from pipeline.train import config
+from tests.model_helpers import tiny_model_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CARD = {"splits": {"train": {"num_images": 400}, "valid": {"num_images": 80}, "test": {"num_images": 80}},
-        "has_labels": True}
+CARD = DataCard(dataset="d", image_shape=(1, 8, 8), bit_depth=1, has_labels=True,
+                num_images={"train": 400, "valid": 80, "test": 80})
 
 
 def request(**kw) -> DataRequest:
@@ -47,7 +50,7 @@ def test_class_episodes_with_classes_smaller_than_an_episode_name_the_split_and_
     with pytest.raises(DataPlanError, match=r"^data.episodes: .*split 'valid' .*largest of 16 classes has 5 images"):
         check(request(episodes="class", batch_episodes=1), CARD, small)
     with pytest.raises(DataPlanError, match="data.episodes: 'class' needs labels"):
-        check(request(episodes="class"), {**CARD, "has_labels": False}, None)
+        check(request(episodes="class"), dataclasses.replace(CARD, has_labels=False), None)
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -157,9 +160,7 @@ def test_a_corrupt_shard_fails_the_job_after_one_attempt_despite_max_failures(ra
     shard = sorted((out / "train").glob("train-*.tar"))[-1]
     shard.write_bytes(shard.read_bytes()[:-700])  # truncated: the manifest's byte count no longer matches
     cfg = config.load(None, [
-        "name=corrupt", f"data.shards={out}", "model.episode_length=4", "model.encoder={width: 8, embedding_dim: 32}",
-        "model.memory={channels: 4, height: 8, width: 8}", "model.read.window=4", "model.latent={dim: 8}",
-        "model.decoder={width: 8}", "data.batch_episodes=4", "data.valid_episodes=4", "data.test_episodes=4",
+        "name=corrupt", f"data.shards={out}", *tiny_model_overrides(), "data.batch_episodes=4", "data.valid_episodes=4", "data.test_episodes=4",
         "scaling.num_workers=2", "scaling.cpus_per_worker=0.49", "train.max_steps=200", "train.warmup_steps=2",
         "checkpoint.max_failures=3", f"checkpoint.storage_path={tmp_path}/ray", f"tracking.uri={mlflow_uri}",
         "tracking.experiment=t-corrupt", "tracking.registered_model="])

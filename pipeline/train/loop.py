@@ -14,8 +14,8 @@ Validation, checkpoints and sample grids each run on their own step schedule (`E
 
 The loop is a short list of components: the data stream (batches with their cursor, copied to the device a step
 ahead), `train_step` (no host sync), `StepMetrics` (device-side counters, one all-reduce and one host read per
-`log_every` steps), `Checkpointer` (reports and checkpoint writes on a background thread; the training thread only
-copies the state) and rank 0's MLflow logger (a sender thread). So between log steps the CPU never waits for the
+`log_every` steps, the report clock, idle keys), `Checkpointer` (its schedule and keep rule, the restore, reports and
+checkpoint writes on a background thread; the training thread only copies the state) and rank 0's MLflow logger (a sender thread). So between log steps the CPU never waits for the
 GPU, and a checkpoint upload or a slow tracking server never holds up a step (docs/speed.md has the figures).
 """
 from __future__ import annotations
