@@ -12,10 +12,9 @@ from pipeline.train import config
 from pipeline.data.shards.plan import Cursor
 from pipeline.data.train_data import InMemoryStream, load_data
 from pipeline.train.loop import LocalSession, Loop
+from tests.model_helpers import tiny_model_overrides
 
-TINY = ["model.episode_length=4", "model.encoder={width: 8, embedding_dim: 32, groups: 4}",
-        "model.memory={channels: 4, height: 8, width: 8}", "model.read.window=4",
-        "model.latent={dim: 8, prior_width: 16}", "model.decoder={width: 8, groups: 4}",
+TINY = [*tiny_model_overrides(),
         "data.valid_episodes=4", "data.test_episodes=4", "eval.iwae_samples=2", "eval.every_steps=0",
         "train.warmup_steps=2", "train.log_every=5", "checkpoint.every_steps=5", "tracking.enabled=false"]
 

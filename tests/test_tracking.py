@@ -13,10 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.registry import tracking
 from tests.fixtures.mlflow_server import free_port
+from tests.model_helpers import tiny_model_dict
 
-TINY = {"episode_length": 4, "encoder": {"width": 8, "embedding_dim": 32, "groups": 4},
-        "memory": {"channels": 4, "height": 8, "width": 8}, "read": {"window": 4},
-        "latent": {"dim": 8, "prior_width": 16}, "decoder": {"width": 8, "groups": 4}}
+TINY = tiny_model_dict()
 
 
 def _open(uri, job, params, exp="t-open"):

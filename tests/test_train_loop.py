@@ -8,10 +8,9 @@ from pipeline.train import checkpointing
 from pipeline.train import config
 from pipeline.data.train_data import InMemoryStream, load_data
 from pipeline.train.loop import LocalSession, Loop, NonFiniteLoss
+from tests.model_helpers import tiny_model_overrides
 
-TINY = ["model.episode_length=4", "model.encoder={width: 8, embedding_dim: 32, groups: 4}",
-        "model.memory={channels: 4, height: 8, width: 8}", "model.read.window=4",
-        "model.latent={dim: 8, prior_width: 16}", "model.decoder={width: 8, groups: 4}",
+TINY = [*tiny_model_overrides(),
         "data.batch_episodes=4", "data.valid_episodes=4", "data.test_episodes=4", "eval.iwae_samples=2",
         "train.warmup_steps=2", "train.log_every=1", "checkpoint.every_steps=2", "tracking.enabled=false"]
 

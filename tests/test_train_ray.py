@@ -23,11 +23,10 @@ from pipeline.train import checkpointing
 from pipeline.train import config
 from pipeline.cluster import driver
 from tests.fixtures.ray_cluster import AUTH_OFF
+from tests.model_helpers import tiny_model_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY_MODEL = ["model.episode_length=4", "model.encoder={width: 8, embedding_dim: 32, groups: 4}",
-              "model.memory={channels: 4, height: 8, width: 8}", "model.read.window=4",
-              "model.latent={dim: 8, prior_width: 16}", "model.decoder={width: 8, groups: 4}"]
+TINY_MODEL = tiny_model_overrides()
 SMALL_RUN = ["data.batch_episodes=4", "data.valid_episodes=16", "data.test_episodes=16", "eval.iwae_samples=4",
              "scaling.num_workers=2", "scaling.cpus_per_worker=0.49", "train.warmup_steps=5", "train.log_every=5"]
 
