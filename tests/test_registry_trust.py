@@ -162,6 +162,24 @@ def test_a_job_resumed_on_other_data_is_refused_before_ray(ray_cluster, shared_d
     assert sorted(p.name for p in (tmp_path / "other-data").iterdir()) == before  # nothing written or removed
 
 
+def test_a_claim_whose_clock_runs_behind_is_still_refused(mlflow_uri, monkeypatch):
+    """The race seen under load, made deterministic: MLflow's client stamps a run's start_time before its request
+    reaches the server, so a driver that claims second can carry the earlier stamp. Deciding by start_time, both
+    drivers won (two runs, two trainings); under the claim lock the second finds the first's run and is refused."""
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service import client as tracking_client
+
+    from pipeline.registry import tracking
+    first, _ = tracking.open_job_run(mlflow_uri, "t-skew", "skewed", {"seed": 0}, {}, "")
+    monkeypatch.setattr(tracking_client, "get_current_time_millis", lambda: 1_000)  # an hour-old stamp
+    client = MlflowClient(mlflow_uri)
+    exp_id = client.get_experiment_by_name("t-skew").experiment_id
+    with pytest.raises(tracking.TrackingError, match=f"claimed a moment ago by another driver \\(MLflow run {first}"):
+        tracking._claim(client, exp_id, "t-skew", "skewed")  # what the second of two simultaneous drivers calls
+    (run,) = client.search_runs([exp_id], filter_string="tags.`kpp.job` = 'skewed'")
+    assert run.info.run_id == first
+
+
 def test_a_double_submit_leaves_one_run_and_refuses_the_second_driver(mlflow_uri):
     """Four drivers of one job name open its run at the same moment (a double, here quadruple, submit): one run
     is left, one driver goes on, the others are refused naming the run that holds the name."""
@@ -195,6 +213,8 @@ def test_a_double_submit_leaves_one_run_and_refuses_the_second_driver(mlflow_uri
     assert sum(not resumed for _, resumed in started) == 1, outcomes
     assert all(f"name: job 'twice' was claimed a moment ago by another driver (MLflow run {run.info.run_id}"
                in str(e) for e in refused), [str(e) for e in refused]
+    # the claim lock is gone once the claims are decided
+    assert not [m.name for m in client.search_registered_models() if m.name.startswith("kpp-job-claim.")]
     # a later re-run of the job reopens that run, and its provenance is kept per attempt
     again, resumed = tracking.open_job_run(mlflow_uri, "t-double", "twice", {"seed": 0}, {"git.commit": "abc"}, "")
     assert again == run.info.run_id and resumed

@@ -143,9 +143,9 @@ def test_four_trials_run_at_once_on_fractional_cpus(ray_cluster, mlflow_server, 
     from mlflow import MlflowClient
     overrides = {**TINY_TRAIN, "data.shards": digits_shards, "checkpoint.storage_path": str(tmp_path / "runs"),
                  "tracking.uri": mlflow_server, "tracking.experiment": "packed", "scaling.cpus_per_worker": 0.24,
-                 "train.max_steps": 200, "eval.every_steps": 100, "checkpoint.every_steps": 100}
+                 "train.max_steps": 300, "eval.every_steps": 150, "checkpoint.every_steps": 150}
     # register_best off: the session's MLflow server is shared, and the resume test below owns `kpp-digits`
-    path = sweep_yaml(tmp_path, name="packed", max_concurrent_trials=4, asha={"grace_steps": 199},
+    path = sweep_yaml(tmp_path, name="packed", max_concurrent_trials=4, asha={"grace_steps": 299},
                       register_best=False, train={"config": "jobs/configs/local.yaml", "overrides": overrides})
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run([sys.executable, "-m", "jobs.tune", "--config", path], cwd=ROOT, env=env,
@@ -157,8 +157,8 @@ def test_four_trials_run_at_once_on_fractional_cpus(ray_cluster, mlflow_server, 
     assert len(trials) == 4
     # every trial's job started (its MLflow run opened) and trained (its first logged step) before any trial's
     # training ended: the four ran at once. Ray starts worker processes two at a time here, so their first steps
-    # come apart: 12 s unloaded, 42 s beside a CPU-bound process (measured), where 100 steps took the first trial
-    # 34 s; 200 steps leave room for that
+    # come apart: 12 s unloaded, 42 s beside a CPU-bound process and 51 s beside two (measured), where 100 steps
+    # took the first trial 34 s and 200 steps 51 s (it failed there by 21 ms); 300 steps leave room for that
     spans = []
     for t in trials:
         steps = client.get_metric_history(t.info.run_id, "train/loss")

@@ -67,18 +67,25 @@ LOCK_SUFFIX = ".promotion-lock"
 LOCK_TTL_S = 120.0  # a lock older than this is a crashed holder's (a promotion takes a few registry calls)
 
 
-@contextlib.contextmanager
 def promotion_lock(client, name: str, wait_s: float = 180.0, ttl_s: float = LOCK_TTL_S, poll_s: float = 0.2):
-    """Hold `<name>.promotion-lock` (created atomically by the registry; deleted on exit). A lock older than ttl_s
+    """Hold `<name>.promotion-lock` while `name`'s champion is decided (registry_lock)."""
+    return registry_lock(client, name + LOCK_SUFFIX, f"held while {name}'s champion is decided (kpp promotion)",
+                         wait_s=wait_s, ttl_s=ttl_s, poll_s=poll_s)
+
+
+@contextlib.contextmanager
+def registry_lock(client, lock: str, purpose: str, wait_s: float = 180.0, ttl_s: float = LOCK_TTL_S,
+                  poll_s: float = 0.2):
+    """Hold the registered model `lock`: a registered model's name is the one key MLflow's server keeps unique,
+    so creating it is an atomic test-and-set (deleted on exit). A lock older than ttl_s is a crashed holder's and
     is taken over; after wait_s of waiting, TimeoutError naming the holder."""
     from mlflow.exceptions import MlflowException
-    lock = name + LOCK_SUFFIX
     me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + wait_s
     while True:
         try:
             client.create_registered_model(lock, tags={"holder": me, "acquired_unix": f"{time.time():.3f}"},
-                                           description=f"held while {name}'s champion is decided (kpp promotion)")
+                                           description=purpose)
             break
         except MlflowException as e:
             # RESOURCE_DOES_NOT_EXIST: the server created it and it was deleted before its tags were written
@@ -96,7 +103,7 @@ def promotion_lock(client, name: str, wait_s: float = 180.0, ttl_s: float = LOCK
             break
         if time.time() - since > ttl_s:
             with contextlib.suppress(MlflowException):
-                client.delete_registered_model(lock)  # its holder died mid-promotion
+                client.delete_registered_model(lock)  # its holder died holding it
             continue
         if time.monotonic() > deadline:
             raise TimeoutError(f"{lock}: held by {held.tags.get('holder', '?')} for {time.time() - since:.0f} s; "

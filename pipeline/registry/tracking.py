@@ -135,7 +135,7 @@ def open_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], ta
     client = MlflowClient(uri)
     exp_id = _experiment_id(client, experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=20)
-    # the earliest run holds the name (_claim): a later one is a double submit's loser, about to be deleted
+    # one run holds the name (_claim creates it under the claim lock); the earliest, should older trees have left two
     found = sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))[:1]
     if found and fresh:
         old = found[0].info.run_id
@@ -192,19 +192,30 @@ def _experiment_id(client, experiment: str) -> str:
 
 
 def _claim(client, exp_id: str, experiment: str, job: str) -> str:
-    """A new run for job `job`, unless another driver claimed the name at the same moment (a double submit):
-    MLflow has no unique constraint on tags, so every driver creates its run, then looks; the earliest run keeps
-    the name and any later one is deleted, and its driver refused (TrackingError), so two drivers never train one
-    job into one storage folder."""
-    mine = client.create_run(exp_id, run_name=job, tags={JOB_TAG: job})
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=20)
-    first = min(runs, key=lambda r: (r.info.start_time, r.info.run_id), default=mine)
-    if first.info.run_id != mine.info.run_id:
-        client.delete_run(mine.info.run_id)
-        raise TrackingError(f"name: job {job!r} was claimed a moment ago by another driver (MLflow run "
-                            f"{first.info.run_id} in {experiment!r}, started {first.info.start_time} ms): two "
-                            "drivers would train one job into one storage folder; this one did not start")
-    return mine.info.run_id
+    """A new run for job `job`, unless another driver claimed the name at the same moment (a double submit).
+    MLflow has no unique constraint on tags, so the look and the create run under a registry lock (the claim
+    lock, promotion.registry_lock): the first driver creates the run, every later one finds it and is refused
+    (TrackingError), so two drivers never train one job into one storage folder. (Create-then-look, kept before,
+    let two drivers both win under load: a run's start_time is stamped by the client before its request reaches
+    the server, so the run created second could sort first.)"""
+    from pipeline.registry.promotion import registry_lock
+    with registry_lock(client, claim_lock_name(exp_id, job), f"held while a driver claims job {job!r} in "
+                       f"{experiment!r} (kpp)", wait_s=120.0, ttl_s=60.0):
+        runs = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=20)
+        if runs:
+            first = min(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+            raise TrackingError(f"name: job {job!r} was claimed a moment ago by another driver (MLflow run "
+                                f"{first.info.run_id} in {experiment!r}, started {first.info.start_time} ms): two "
+                                "drivers would train one job into one storage folder; this one did not start")
+        return client.create_run(exp_id, run_name=job, tags={JOB_TAG: job}).info.run_id
+
+
+def claim_lock_name(exp_id: str, job: str) -> str:
+    """The claim lock's registered-model name: registry names may not hold '/' or ':' (a sweep's job is
+    `sweep:NAME`), so the job is spelled safely and its hash keeps two jobs apart."""
+    import re
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", job)[:80]
+    return f"kpp-job-claim.{exp_id}.{safe}.{hashlib.sha1(job.encode()).hexdigest()[:8]}"
 
 
 def _param_str(v: Any) -> str:
