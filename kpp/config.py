@@ -148,6 +148,9 @@ class ObjectiveConfig:
 
 @dataclass(kw_only=True)
 class KanervaConfig:
+    """The whole model: the images it is trained on, then one section per component, in the order of the step
+    (encode, write, address, read, infer z, decode, score). `validate()` checks them together."""
+
     image_channels: int = _f(1, "C of the images (1: MNIST-family, 3: CIFAR10)")
     image_height: int = _f(28, "H of the images")
     image_width: int = _f(28, "W of the images")
