@@ -204,7 +204,7 @@ def test_configs_never_show_storage_credentials():
     assert "very-secret" not in text and "AKIAEXAMPLE" not in text
 
 
-def test_the_model_takes_image_shape_bit_depth_and_likelihood_from_the_data_card(tmp_path):
+def test_the_job_takes_its_dataset_image_shape_bit_depth_and_likelihood_from_the_data_card(tmp_path):
     """make demo DATA=fashion_mnist failed: the model kept its binarized defaults for 8-bit data."""
     from pipeline.train import config
     from pipeline.cluster import driver
@@ -215,7 +215,10 @@ def test_the_model_takes_image_shape_bit_depth_and_likelihood_from_the_data_card
                           episode_length=4, progress=False))
     cfg = config.load(None, [f"data.shards={tmp_path / 'p'}", "model.episode_length=4", "data.valid_episodes=16",
                              "data.test_episodes=16", f"checkpoint.storage_path={tmp_path / 'ray'}"])
-    model = driver.resolved(cfg).model
+    resolved = driver.resolved(cfg)
+    model = resolved.model
+    # the card's dataset, not the config's default 'digits': registry name, tags and data identity read it here
+    assert resolved.data.dataset == "npz" and cfg.data.dataset == "digits"
     assert (model.image_channels, model.image_height, model.image_width, model.bit_depth) == (3, 16, 16, 8)
     assert model.likelihood.kind == "logistic_mixture"
     driver.preflight(driver.resolved(cfg))  # consistent: no error

@@ -102,10 +102,12 @@ def test_training_registers_a_tagged_version_under_the_dataset_name(trained, uri
     # the first version of the name is champion as well as candidate (nothing to beat)
     assert trained.champion.promoted and client.get_model_version_by_alias(NAME, "champion").version == mv.version
     assert client.get_model_version_by_alias(NAME, "candidate").version == mv.version
-    # an Omniglot job registers under another name: read from the prepared data's card, whatever data.dataset says
+    # an Omniglot job registers under another name: its resolved config takes the dataset from the prepared
+    # data's card, whatever data.dataset says
+    from pipeline.cluster import driver
     from pipeline.train import config
     other = config.load(None, [f"data.shards={data['omniglot']}", f"tracking.registered_model={PREFIX}"])
-    assert naming.registered_name(other) == f"{PREFIX}-omniglot" != NAME
+    assert other.data.dataset == "digits" and naming.registered_name(driver.resolved(other)) == f"{PREFIX}-omniglot" != NAME
     # the artifacts are on S3 behind the server (the client never touched S3)
     import boto3
     bucket = mlflow_s3_server.artifacts.split("/")[2]

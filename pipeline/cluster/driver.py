@@ -157,10 +157,9 @@ DATA_IDENTITY = "kpp_data.json"  # in the run folder, beside the checkpoints
 def data_identity(cfg: JobConfig) -> dict[str, str]:
     """What makes two runs' data the same: the dataset the data says it holds (the card of prepared data) and its
     content (the manifest's hash, which changes with every re-prepare), or for a raw source, its name and URL."""
-    from pipeline.registry.naming import dataset_of
     if cfg.data.shards:
         from pipeline.registry.tracking import file_hash
-        return {"dataset": dataset_of(cfg), "shards": cfg.data.shards.rstrip("/"),
+        return {"dataset": cfg.data.dataset, "shards": cfg.data.shards.rstrip("/"),
                 "manifest_hash": file_hash(cfg.data.shards.rstrip("/") + "/manifest.parquet")}
     return {"dataset": cfg.data.dataset, "source": cfg.data.source or "bundled"}
 
@@ -201,13 +200,21 @@ def check_data_identity(cfg: JobConfig) -> None:
         f.write(json.dumps(now, sort_keys=True).encode())
 
 
-def has_checkpoint(cfg: JobConfig) -> bool:
-    """Whether the job's storage folder holds any checkpoint folder (complete or not), i.e. a re-run resumes."""
+def checkpoint_folders(cfg: JobConfig) -> tuple[list[str], Any]:
+    """(the job's checkpoint folders, newest first; the filesystem they are on): complete or not."""
     import pyarrow.fs
+
+    from pipeline.train.checkpointing import PREFIX
     path, fs = storage(cfg)
     fs = fs or pyarrow.fs.LocalFileSystem()
     infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{cfg.name}", allow_not_found=True))
-    return any(i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)
+    return sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                   and i.base_name.startswith(PREFIX)), reverse=True), fs
+
+
+def has_checkpoint(cfg: JobConfig) -> bool:
+    """Whether the job's storage folder holds any checkpoint folder (complete or not), i.e. a re-run resumes."""
+    return bool(checkpoint_folders(cfg)[0])
 
 
 def has_complete_checkpoint(cfg: JobConfig) -> bool:
@@ -216,14 +223,9 @@ def has_complete_checkpoint(cfg: JobConfig) -> bool:
     only a partial folder, and its re-run starts over). Sizes only: the sha256 is checked where it is restored."""
     import json
 
-    import pyarrow.fs
-
-    from pipeline.train.checkpointing import MARKER, PREFIX, STATE
-    path, fs = storage(cfg)
-    fs = fs or pyarrow.fs.LocalFileSystem()
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{cfg.name}", allow_not_found=True))
-    for folder in sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
-                          and i.base_name.startswith(PREFIX)), reverse=True):
+    from pipeline.train.checkpointing import MARKER, STATE
+    folders, fs = checkpoint_folders(cfg)
+    for folder in folders:
         try:
             with fs.open_input_stream(f"{folder}/{MARKER}") as f:
                 marker = json.loads(f.read())

@@ -51,23 +51,12 @@ def model_name(prefix: str, dataset: str) -> str:
     return f"{prefix}-{dataset}"
 
 
-def dataset_of(cfg) -> str:
-    """The dataset a job trains on: the prepared data's card when data.shards is set (it knows what it holds,
-    whatever data.dataset says), else data.dataset."""
-    if cfg.data.shards:
-        from pipeline.data.shards.manifest import read_card
-        try:
-            return read_card(cfg.data.shards).dataset
-        except Exception:  # noqa: BLE001 - unreadable: preflight has already named the problem
-            pass
-    return cfg.data.dataset
-
-
 def registered_name(cfg) -> str:
-    """The registry name of a job's model ('' when the job does not register)."""
+    """The registry name of a job's model ('' when the job does not register). `cfg` is resolved: for prepared
+    data its data.dataset is the card's (pipeline.train.resolve.with_data_card)."""
     if not cfg.tracking.registered_model:
         return ""
-    return model_name(cfg.tracking.registered_model, dataset_of(cfg))
+    return model_name(cfg.tracking.registered_model, cfg.data.dataset)
 
 
 def image_shape_tag(shape) -> str:
@@ -80,7 +69,7 @@ def version_tags(cfg, metrics: Mapping[str, Any], run_id: str, run_tags: Mapping
     m = cfg.model
     manifest = run_tags.get(MANIFEST_HASH, "none")
     tags = {
-        DATASET: dataset_of(cfg), IMAGE_SHAPE: image_shape_tag(m.image_shape), BIT_DEPTH: str(m.bit_depth),
+        DATASET: cfg.data.dataset, IMAGE_SHAPE: image_shape_tag(m.image_shape), BIT_DEPTH: str(m.bit_depth),
         LIKELIHOOD: m.likelihood.kind, EPISODE_LENGTH: str(m.episode_length),
         TEST_EPISODES: str(cfg.data.test_episodes), EPISODES_MODE: cfg.data.episodes, DATA_SEED: str(cfg.seed),
         EVAL_SEED: str(cfg.eval.seed), IWAE_SAMPLES: str(cfg.eval.iwae_samples), MANIFEST_HASH: manifest,
@@ -99,8 +88,7 @@ def version_tags(cfg, metrics: Mapping[str, Any], run_id: str, run_tags: Mapping
 
 def model_description(cfg) -> str:
     """The registered model's description (set once, when its first version is registered)."""
-    dataset = dataset_of(cfg)
-    return (f"Kanerva++ models trained on {dataset} by the kpp pipeline (jobs.train, jobs.tune). Versions are "
+    return (f"Kanerva++ models trained on {cfg.data.dataset} by the kpp pipeline (jobs.train, jobs.tune). Versions are "
             f"compared by their test bound ({cfg.model.unit}, lower is better) on the same fixed test episodes; "
             f"the `champion` alias is the best so far, `{cfg.tracking.alias}` the newest. Each version's tags "
             f"name its data, test episodes, commit and training run.")
@@ -121,7 +109,7 @@ def version_description(cfg, metrics: Mapping[str, Any], run_id: str, run_tags: 
     scored = (", ".join(scores) + f" {m.unit} on {cfg.data.test_episodes} test episodes (seed {cfg.eval.seed})"
               if scores else "No test bound recorded")
     commit = run_tags.get(GIT_COMMIT, "unknown")
-    return (f"{kind} on {dataset_of(cfg)} {image_shape_tag(m.image_shape)}, {m.episode_length}-image episodes; "
+    return (f"{kind} on {cfg.data.dataset} {image_shape_tag(m.image_shape)}, {m.episode_length}-image episodes; "
             f"{t.max_steps} steps x {cfg.scaling.num_workers} worker(s) x {cfg.data.batch_episodes} episodes, "
             f"{t.optimizer} lr {t.lr:g}, seed {cfg.seed}. {scored}. Job {cfg.name!r}, MLflow run {run_id}, "
             f"commit {commit[:12]}.")

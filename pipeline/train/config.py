@@ -57,7 +57,8 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dataset: str = _f("digits", "dataset name understood by pipeline.data.sources (digits, mnist, binarized_mnist, ...)")
+    dataset: str = _f("digits", "dataset name understood by pipeline.data.sources (digits, mnist, "
+                                 "binarized_mnist, ...); with data.shards, the prepared data's card decides it")
     source: str = _f("", "path or fsspec URL of the raw dataset; '' = the dataset's bundled default")
     shards: str = _f("", "URL of a prepared dataset (the --out of jobs.prepare: manifest.parquet + shards); when "
                          "set, every worker streams its share of the shards instead of reading `source`")

@@ -22,9 +22,11 @@ def resolved(cfg: JobConfig) -> JobConfig:
 
 
 def with_data_card(cfg: JobConfig) -> JobConfig:
-    """Model fields the data decides, from data.shards' card, unless the config sets them: image_channels,
-    image_height, image_width, bit_depth, and likelihood.kind (bernoulli for binarized data, the discretized
-    logistic mixture for 8-bit). A card that cannot be read changes nothing: preflight then names the problem."""
+    """What the data decides, from data.shards' card, read here once for the driver: data.dataset (the prepared
+    data knows what it holds, whatever the config says: the registry name, tags and data identity follow it), and
+    unless the config sets them, the model's image_channels, image_height, image_width, bit_depth and
+    likelihood.kind (bernoulli for binarized data, the discretized logistic mixture for 8-bit). A card that
+    cannot be read changes nothing: preflight then names the problem."""
     if not cfg.data.shards:
         return cfg
     from pipeline.data.shards.manifest import read_card
@@ -41,7 +43,7 @@ def with_data_card(cfg: JobConfig) -> JobConfig:
     if "kind" not in (explicit.get("likelihood") or {}):
         model["likelihood"]["kind"] = "bernoulli" if int(model["bit_depth"]) == 1 else "logistic_mixture"
     try:
-        return cfg.replace(model=model)
+        return cfg.replace(model=model, data=cfg.data.model_copy(update={"dataset": card.dataset}))
     except ConfigError:
         return cfg  # what the config set contradicts the data: preflight names the fields
 

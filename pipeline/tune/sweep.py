@@ -265,12 +265,6 @@ class SweepOutcome:
     resumed: bool = False
 
 
-def registry_name(sweep: Sweep) -> str:
-    """One registered model per dataset (pipeline.registry.naming, the same name jobs.train registers under)."""
-    from pipeline.registry import naming
-    return naming.model_name(sweep.base.tracking.registered_model or "kpp", naming.dataset_of(sweep.base))
-
-
 def run(sweep: Sweep, sweep_yaml: str) -> SweepOutcome:
     import ray
 
@@ -346,7 +340,7 @@ def _log_report(sweep: Sweep, results, rows, table: str, uri: str, parent: str) 
 def _register_best(sweep: Sweep, results, best_row: dict[str, Any], uri: str, parent: str,
                    out: SweepOutcome) -> None:
     from pipeline.cluster import driver
-    from pipeline.registry import promotion, tracking
+    from pipeline.registry import naming, promotion, tracking
     from pipeline.registry.registration import register_checkpoint
     from pipeline.tune.space import with_values
     client = tracking.MlflowClient(uri)
@@ -356,7 +350,9 @@ def _register_best(sweep: Sweep, results, best_row: dict[str, Any], uri: str, pa
     if not runs:
         raise RuntimeError(f"trial {trial_id}: its MLflow run is missing")
     child = runs[0]
-    name = registry_name(sweep)
+    values = {k: best_row[k] for k in sweep.domains}
+    cfg = driver.resolved(with_values(sweep.base_raw, {**values, "name": trial_name(sweep.cfg.name, trial_id)}))
+    name = naming.registered_name(cfg)  # the name jobs.train registers under: one registered model per dataset
     done = [v for v in client.search_model_versions(f"name='{name}'")
             if v.tags.get("sweep.parent_run_id") == parent and v.tags.get("sweep.trial_id") == trial_id]
     if done:  # the sweep ran to the end before (a re-run restores it finished): its version, not a duplicate
@@ -364,8 +360,6 @@ def _register_best(sweep: Sweep, results, best_row: dict[str, Any], uri: str, pa
         out.decision = promotion.promote(uri, name, out.model_version)
         print(f"[tune] trial {trial_id} is registered already as {name} version {out.model_version}", flush=True)
         return
-    values = {k: best_row[k] for k in sweep.domains}
-    cfg = driver.resolved(with_values(sweep.base_raw, {**values, "name": trial_name(sweep.cfg.name, trial_id)}))
     metrics = {k: v for k, v in best_row.items() if k.startswith("test/")}
     with new_tmp() as d:
         out.model_name, out.model_version, out.decision = register_checkpoint(
