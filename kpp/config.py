@@ -62,18 +62,30 @@ class MemoryConfig:
     # trains, saves, registers and evaluates a model builds KanervaPlusPlus from this config, so a baseline is a
     # one-field override everywhere (the memory is what differs; encoder, decoder and likelihood are shared).
     # "dkm": the Dynamic Kanerva Machine's matrix-normal memory and least-squares addressing in place of the 2-D
-    # memory and its keys (the paper's "DKM w/ TSM", kpp/dkm.py). "vae": no memory, z ~ N(0, I): the control every
-    # memory must beat.
-    writer: Literal["key", "dense", "none", "dkm", "vae"] = _f("key", "how the episode writes M: at its key means, densely, not at all (ablation); or a baseline: dkm (Dynamic Kanerva Machine), vae (no memory, N(0, I) prior)")
+    # memory and its keys (the paper's "DKM w/ TSM", kpp/dkm.py; with encoder.shift_fraction=0 the plain-conv
+    # "DKM"). "km": the Kanerva Machine (Wu, Wayne, Graves, Lillicrap 2018a), the same matrix-normal memory with
+    # learned addresses from a latent y_t per image. "vae": no memory, z ~ N(0, I): the control every memory must beat.
+    writer: Literal["key", "dense", "none", "dkm", "km", "vae"] = _f("key", "how the episode writes M: at its key means, densely, not at all (ablation); or a baseline: dkm (Dynamic Kanerva Machine), km (Kanerva Machine), vae (no memory, N(0, I) prior)")
     # How the key writer places a block (kpp/memory.py: place). "sample": the block resampled at the memory's
     # pixels (a read at the write's key returns it where the read's region spans at least `window` memory pixels,
     # and little of it at the smallest scales). "splat": the read's transpose normalised by coverage, so the read
     # returns the block at every scale. Measured at 2,280 steps, sample 86.06 vs splat 89.15 nats/image (swap gap
     # +112 vs +54): the consistent write learned to use the memory more slowly (docs/memory-experiments.md).
     placement: Literal["sample", "splat"] = _f("sample", "how the key writer places a block: resampled at the memory's pixels, or the read's transpose")
-    # DKM only (writer=dkm): the memory is K_m x d_z (the authors' DKM: 32 x 100).
-    slots: int = _f(32, "writer=dkm: K_m, rows of the matrix-normal memory (its columns are the latent dim)")
+    # The matrix-normal memory of DKM and KM (writer=dkm, km) is K_m x d_z (the authors' DKM: 32 x 100). Set for
+    # another writer these do nothing, so validate() refuses them there (MATRIX_MEMORY_FIELDS).
+    slots: int = _f(32, "writer=dkm or km: K_m, rows of the matrix-normal memory (its columns are the latent dim)")
     address_reg: float = _f(0.1, "writer=dkm: lambda of the least-squares addressing w = (M M^T + lambda I)^-1 M z")
+    # KM's address w_t = A y_t + b from a latent y_t in R^S, p(y) = N(0, I). S is our choice (no public source we
+    # could read gives the KM paper's): K_m, as many address dimensions as slots.
+    address_dim: int = _f(32, "writer=km: S, size of the addressing latent y_t (the address is w_t = A y_t + b)")
+
+
+WRITERS = typing.get_args(typing.get_type_hints(MemoryConfig)["writer"])
+BASELINES = ("dkm", "km", "vae")  # memory.writer values that are another model, not a K++ writer (cfg.kind)
+# The matrix-normal memory's settings and the writers that use them: set for another writer they would silently do
+# nothing (a sweep over them would search nothing), so validate() refuses that.
+MATRIX_MEMORY_FIELDS = {"slots": ("dkm", "km"), "address_reg": ("dkm",), "address_dim": ("km",)}
 
 
 @dataclass(kw_only=True)
@@ -171,14 +183,14 @@ class KanervaConfig:
 
     @property
     def kind(self) -> str:
-        """"kpp" (the 2-D memory with keys: writers key, dense, none), "dkm" or "vae" (the baselines)."""
-        return self.memory.writer if self.memory.writer in ("dkm", "vae") else "kpp"
+        """"kpp" (the 2-D memory with keys: writers key, dense, none), "dkm", "km" or "vae" (the baselines)."""
+        return self.memory.writer if self.memory.writer in BASELINES else "kpp"
 
     @property
     def key_terms(self) -> int:
         """How many per-key KL terms an image has (kl_y_per_key's last dim): K reads for K++, one addressing
-        vector w for DKM, none for the VAE."""
-        return {"kpp": self.keys.num_reads, "dkm": 1, "vae": 0}[self.kind]
+        vector for DKM (w) and KM (y), none for the VAE."""
+        return {"kpp": self.keys.num_reads, "dkm": 1, "km": 1, "vae": 0}[self.kind]
 
     @property
     def unit(self) -> str:
@@ -212,11 +224,16 @@ class KanervaConfig:
             raise ConfigError("encoder.shift_fraction", f"must be in [0, 0.5], got {e.shift_fraction}")
         m = self.memory
         _check_positive(m, ["channels", "height", "width"], "memory")
-        if m.writer not in ("key", "dense", "none", "dkm", "vae"):
-            raise ConfigError("memory.writer", f"must be 'key', 'dense', 'none', 'dkm' or 'vae', got {m.writer!r}")
-        _check_positive(m, ["slots"], "memory")
+        if m.writer not in WRITERS:
+            raise ConfigError("memory.writer", f"must be one of {', '.join(map(repr, WRITERS))}, got {m.writer!r}")
+        _check_positive(m, ["slots", "address_dim"], "memory")
         if not (m.address_reg > 0 and math.isfinite(m.address_reg)):
             raise ConfigError("memory.address_reg", f"must be a finite number > 0, got {m.address_reg}")
+        default = MemoryConfig()
+        for name, writers in MATRIX_MEMORY_FIELDS.items():
+            if m.writer not in writers and getattr(m, name) != getattr(default, name):
+                raise ConfigError(f"memory.{name}", f"only used by writer={' or '.join(writers)}, not "
+                                  f"writer={m.writer!r}: leave it at its default ({getattr(default, name)})")
         if m.placement not in ("splat", "sample"):
             raise ConfigError("memory.placement", f"must be 'splat' or 'sample', got {m.placement!r}")
         k = self.keys

@@ -109,7 +109,7 @@ def evaluate(model: KanervaPlusPlus, episodes: torch.Tensor, *, iwae_samples: in
         "iwae_samples": iwae_samples,
         "num_images": images,
     }
-    if "kl_m" in sums:  # DKM: the memory's KL against its prior, per image
+    if "kl_m" in sums:  # DKM, KM: the memory's KL against its prior, per image
         result["kl_m"] = sums["kl_m"] / images * scale
     for k, v in enumerate((kl_y_per_key / images).tolist()):
         result[f"kl_y_key{k}"] = v * scale
@@ -135,7 +135,7 @@ def describe(result: dict[str, float]) -> str:
 
 
 EPISODE_BOUNDS = ("neg_elbo", "recon", "kl_z", "kl_y", "neg_elbo_swapped", "swap_gap", "iwae", "loo_neg_elbo",
-                  "loo_iwae")  # and kl_m for DKM
+                  "loo_iwae")  # and kl_m for DKM and KM
 
 
 def batch_seed(seed: int, batch: int) -> int:

@@ -13,7 +13,10 @@ One reparameterised sample of y and z; analytic Gaussian KLs. See kpp/objective.
 The baselines share this class, its encoder, decoder and likelihood, and its interface (encode, write, terms,
 log_weights, leave-one-out memories), switched by memory.writer (cfg.kind):
 - "dkm": DKM w/ TSM, the Dynamic Kanerva Machine's memory (kpp/dkm.py) in place of the 2-D memory and its keys;
-  kl_y is the KL of the addressing weights w, kl_m the memory's KL against its prior (per image: / T).
+  kl_y is the KL of the addressing weights w, kl_m the memory's KL against its prior (per image: / T). With
+  encoder.shift_fraction=0 the encoder is a per-image conv net: the plain "DKM".
+- "km": the Kanerva Machine, the same memory with learned addresses w = A y + b from a latent y_t per image
+  inferred from the image alone (kpp/dkm.py); kl_y is the KL of y, kl_m as for DKM.
 - "vae": no memory, p(z) = N(0, I); kl_y = 0. Its memory is a placeholder, so its swap gap is 0 by construction
   and its leave-one-out bound equals its -ELBO.
 """
@@ -21,13 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from kpp.config import KanervaConfig
-from kpp.dkm import DynamicMemory
+from kpp.dkm import DynamicMemory, KanervaMemory
 from kpp.encoder import EpisodeEncoder
 from kpp.likelihood import build_likelihood
 from kpp.memory import build_writer, key_to_affine, read
@@ -42,8 +46,8 @@ class Encoding:
     """What the encoder and its heads infer from an episode: E and the Gaussian posteriors over y and z."""
 
     embedding: torch.Tensor  # [B, T, F]
-    key_mean: torch.Tensor  # [B, T, K, 3]
-    key_logvar: torch.Tensor  # [B, T, K, 3]
+    key_mean: torch.Tensor  # [B, T, K, 3]; KM: its addressing latent y as one key of S numbers, [B, T, 1, S]
+    key_logvar: torch.Tensor  # as key_mean
     z_mean: torch.Tensor  # [B, T, d_z]
     z_logvar: torch.Tensor  # [B, T, d_z]
 
@@ -60,8 +64,10 @@ class Noise:
     def draw(cfg: KanervaConfig, batch: int, length: int, generator: torch.Generator | None = None,
              device=None) -> "Noise":
         t, k, dz = length, cfg.keys.num_reads, cfg.latent.dim
-        # The key noise: K++'s keys y [B, T, K, 3], DKM's addressing weights w [B, T, K_m], none for the VAE.
-        key_shape = {"kpp": (k, KEY_DIM), "dkm": (cfg.memory.slots,), "vae": (0,)}[cfg.kind]
+        # The key noise: K++'s keys y [B, T, K, 3], DKM's addressing weights w [B, T, K_m], KM's addressing latent
+        # y [B, T, S], none for the VAE.
+        key_shape = {"kpp": (k, KEY_DIM), "dkm": (cfg.memory.slots,), "km": (cfg.memory.address_dim,),
+                     "vae": (0,)}[cfg.kind]
         # Drawn on the CPU from the (CPU) generator so a seed gives the same draws on any device.
         return Noise(
             key=torch.randn(batch, t, *key_shape, generator=generator).to(device),
@@ -132,6 +138,8 @@ class KanervaPlusPlus(nn.Module):
             self.z_prior = LatentPrior(cfg)
         elif self.kind == "dkm":
             self.memory = DynamicMemory(cfg)
+        elif self.kind == "km":
+            self.memory = KanervaMemory(cfg)
         self.likelihood = build_likelihood(cfg.likelihood, cfg.image_channels)
         self.decoder = Decoder(cfg, self.likelihood.params_per_channel)
 
@@ -142,16 +150,20 @@ class KanervaPlusPlus(nn.Module):
         e = self.encoder(x)
         if self.kind == "kpp":
             key_mean, key_logvar = self.key_posterior(e).view(b, t, self.cfg.keys.num_reads, 2, KEY_DIM).unbind(3)
-        else:  # the baselines have no keys (DKM's addressing depends on the memory: see _baseline_terms)
+        elif self.kind == "km":  # KM's q(y_t | x_t), from the image's embedding
+            key_mean, key_logvar = (h.unsqueeze(2) for h in self.memory.posterior(e))
+        else:  # DKM's addressing depends on the memory (see _addressing); the VAE has none
             key_mean = key_logvar = e.new_zeros(b, t, 0, KEY_DIM)
         z_mean, z_logvar = self.z_posterior(e).chunk(2, dim=-1)
         return Encoding(e, key_mean, key_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX), z_mean, z_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
 
     def write(self, enc: Encoding) -> torch.Tensor:
-        """f_mem: the memory M [B, C_m, H_m, W_m] of an episode, deterministic in E. DKM: the posterior q(M | X),
+        """f_mem: the memory M [B, C_m, H_m, W_m] of an episode, deterministic in E. DKM, KM: the posterior q(M | X),
         packed [B, K_m, d_z + K_m + 1] (kpp/dkm.py); VAE: a placeholder [B, 1] that nothing reads."""
         if self.kind == "dkm":
             return self.memory.write(enc.z_mean)
+        if self.kind == "km":
+            return self.memory.write(enc.z_mean, enc.key_mean[:, :, 0])
         if self.kind == "vae":
             return enc.z_mean.new_zeros(enc.z_mean.shape[0], 1)
         return self.writer(enc.embedding, enc.key_mean)
@@ -257,7 +269,16 @@ class KanervaPlusPlus(nn.Module):
             memories.append(self.write(self.encode(rest)))
         return torch.stack(memories, dim=1)
 
-    # -- the baselines (cfg.kind "dkm", "vae") ----------------------------------------------------------------
+    # -- the baselines (cfg.kind "dkm", "km", "vae") ----------------------------------------------------------
+    def _addressing(self, memory: torch.Tensor, enc: Encoding) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+        """The addressing latent's posterior, mean and log-variance [B, T, D] (prior N(0, I)), and the map from a
+        draw of it to the weights w [B, T, K_m]: DKM's latent is w itself, from least squares against the memory;
+        KM's is y_t, from the image, through A."""
+        if self.kind == "dkm":
+            w_mean, w_logvar = self.memory.addressing(memory, enc.z_mean)
+            return w_mean, w_logvar, lambda w: w
+        return enc.key_mean[:, :, 0], enc.key_logvar[:, :, 0], self.memory.weights
+
     def _baseline_terms(self, x: torch.Tensor, memory: torch.Tensor, noise: Noise, enc: Encoding) -> dict[str, torch.Tensor]:
         b, t = x.shape[:2]
         z = enc.z_mean + torch.exp(0.5 * enc.z_logvar) * noise.z
@@ -269,34 +290,34 @@ class KanervaPlusPlus(nn.Module):
             kl_m = torch.zeros_like(recon)
         else:
             mem = self.memory
-            w_mean, w_logvar = mem.addressing(memory, enc.z_mean)
-            w = w_mean + torch.exp(0.5 * w_logvar) * noise.key
-            read, spread = mem.read(memory, w)
+            a_mean, a_logvar, to_weights = self._addressing(memory, enc)
+            a = a_mean + torch.exp(0.5 * a_logvar) * noise.key
+            read, spread = mem.read(memory, to_weights(a))
             obs_var = mem.obs_var()
             # E over q(M) of KL[q(z) || N(M^T w, sigma^2 I)]: the KL at M's mean plus C w^T U w / (2 sigma^2).
             kl_z = (gaussian_kl(enc.z_mean, enc.z_logvar, read, obs_var.log().expand_as(read)).sum(-1)
                     + read.shape[-1] * spread / (2 * obs_var))
-            zero = torch.zeros_like(w)
-            kl_y_per_key = gaussian_kl(w_mean, w_logvar, zero, zero).sum(-1, keepdim=True)
+            zero = torch.zeros_like(a)
+            kl_y_per_key = gaussian_kl(a_mean, a_logvar, zero, zero).sum(-1, keepdim=True)
             # The episode's memory KL, 1/T per image. A per-image memory (leave-one-out) is the posterior of the
             # other images, used as the prior of x_t: no memory KL (the predictive bound under q(M | x_-t)).
             kl_m = (mem.kl(memory) / t).unsqueeze(1).expand(b, t) if memory.dim() == 3 else torch.zeros_like(recon)
         kl_y = kl_y_per_key.sum(-1)
         out = {"recon": recon, "kl_z": kl_z, "kl_y": kl_y, "kl_y_per_key": kl_y_per_key,
                "total": recon + kl_z + kl_y + kl_m}
-        if self.kind == "dkm":
+        if self.kind != "vae":
             out["kl_m"] = kl_m
         return out
 
     def _baseline_log_weights(self, x: torch.Tensor, num_samples: int, memory: torch.Tensor, enc: Encoding,
                               generator: torch.Generator | None) -> torch.Tensor:
-        """VAE: log p(x | z) + log N(z; 0, I) - log q(z | X). DKM: one draw M_s ~ q(M) shared by the S samples of
-        (w, z), log p(x | z) + log p(z | w, M_s) + log p(w) - log q(z) - log q(w), minus the memory KL / T: its
-        log-mean-exp is, in expectation over M_s, a bound on the episode's -log p(X) / T per image at least as
-        tight as the ELBO (kl_m enters both alike)."""
+        """VAE: log p(x | z) + log N(z; 0, I) - log q(z | X). DKM, KM: one draw M_s ~ q(M) shared by the S samples
+        of (a, z), a the addressing latent (DKM's w, KM's y), log p(x | z) + log p(z | w(a), M_s) + log p(a)
+        - log q(z) - log q(a), minus the memory KL / T: its log-mean-exp is, in expectation over M_s, a bound on the
+        episode's -log p(X) / T per image at least as tight as the ELBO (kl_m enters both alike)."""
         b, t = x.shape[:2]
         flat_x = x.flatten(0, 1)
-        if self.kind == "dkm":
+        if self.kind != "vae":
             mem = self.memory
             m_sample = mem.sample(memory, generator)
             if memory.dim() == 3:
@@ -304,7 +325,7 @@ class KanervaPlusPlus(nn.Module):
                 kl_m = (mem.kl(memory) / t).unsqueeze(1)
             else:
                 kl_m = torch.zeros(b, 1, device=x.device)
-            w_mean, w_logvar = mem.addressing(memory, enc.z_mean)
+            a_mean, a_logvar, to_weights = self._addressing(memory, enc)
             obs_logvar = mem.obs_var().log()
         out = []
         for _ in range(num_samples):
@@ -316,13 +337,13 @@ class KanervaPlusPlus(nn.Module):
                 zero = torch.zeros_like(z)
                 out.append(log_px + gaussian_log_prob(z, zero, zero).sum(-1) - log_qz)
                 continue
-            w = w_mean + torch.exp(0.5 * w_logvar) * noise.key
-            read = (w.unsqueeze(-2) @ m_sample).squeeze(-2)
+            a = a_mean + torch.exp(0.5 * a_logvar) * noise.key
+            read = (to_weights(a).unsqueeze(-2) @ m_sample).squeeze(-2)
             log_pz = gaussian_log_prob(z, read, obs_logvar.expand_as(read)).sum(-1)
-            zero = torch.zeros_like(w)
-            log_pw = gaussian_log_prob(w, zero, zero).sum(-1)
-            log_qw = gaussian_log_prob(w, w_mean, w_logvar).sum(-1)
-            out.append(log_px + log_pz + log_pw - log_qz - log_qw - kl_m)
+            zero = torch.zeros_like(a)
+            log_pa = gaussian_log_prob(a, zero, zero).sum(-1)
+            log_qa = gaussian_log_prob(a, a_mean, a_logvar).sum(-1)
+            out.append(log_px + log_pz + log_pa - log_qz - log_qa - kl_m)
         return torch.stack(out)
 
     def _check_input(self, x: torch.Tensor) -> None:

@@ -40,7 +40,7 @@ def training_loss(terms: dict[str, torch.Tensor], beta: float, key_free_bits: fl
     if key_free_bits > 0:
         kl_y = torch.clamp(kl_y, min=key_free_bits)
     loss = terms["recon"].mean() + (beta if beta_z is None else beta_z) * terms["kl_z"].mean() + beta * kl_y.sum()
-    if "kl_m" in terms:  # DKM's memory KL (already 1/T per image), warmed up with the key (addressing) KL
+    if "kl_m" in terms:  # DKM's and KM's memory KL (already 1/T per image), warmed up with the key (addressing) KL
         loss = loss + beta * terms["kl_m"].mean()
     return loss
 
