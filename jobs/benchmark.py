@@ -7,8 +7,10 @@
 
 Writes outputs/benchmarks/<profile>.json and <profile>.md (the Markdown tables the README quotes).
 
-Quality at equal budget: K++ (memory.writer=key), DKM w/ TSM (writer=dkm) and the VAE (writer=vae), the same
-encoder and decoder, trained from the same seed on the same batches of binarized MNIST (and Fashion-MNIST), each
+Quality at equal budget: the rows of the paper's table this codebase runs (MODELS): K++ (memory.writer=key),
+DKM w/ TSM (writer=dkm), DKM (writer=dkm, encoder.shift_fraction=0: a per-image conv encoder), KM (writer=km, the
+same plain conv encoder) and the VAE (writer=vae), the same encoder and decoder otherwise, trained from the same
+seed on the same batches of binarized MNIST (and Fashion-MNIST), each
 scored twice on the same fixed test episodes: after the same number of steps, and after the same wall-clock
 training time (the clock stops while evaluating). Bounds (kpp/evaluate.py): the memory-conditional -ELBO (the
 paper's quantity), its IWAE bound and the leave-one-out -ELBO, in nats/image (binarized) or bits/dim (8-bit).
@@ -44,18 +46,26 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("KPP_SHARED_DATA", REPO.parent / "shared" / "data"))
 REFERENCE = REPO.parent / "shared" / "reference" / "kpp_ref" / "kpp.py"
 
-# The three models: one field of the same config apart (kpp/config.py: memory.writer).
-MODELS = {"kpp": "key", "dkm": "dkm", "vae": "vae"}
-LABELS = {"kpp": "K++", "dkm": "DKM w/ TSM", "vae": "VAE"}
+# The rows: each model is a few fields of the same config apart (kpp/config.py: memory.writer; shift_fraction=0
+# turns the TSM encoder into a per-image conv net, as in DKM and KM's own papers), overriding the profile's model.
+MODELS = {
+    "kpp": {"memory": {"writer": "key"}},
+    "dkm": {"memory": {"writer": "dkm"}},
+    "dkm_plain": {"memory": {"writer": "dkm"}, "encoder": {"shift_fraction": 0.0}},
+    "km": {"memory": {"writer": "km"}, "encoder": {"shift_fraction": 0.0}},
+    "vae": {"memory": {"writer": "vae"}},
+}
+LABELS = {"kpp": "K++", "dkm": "DKM w/ TSM", "dkm_plain": "DKM", "km": "KM", "vae": "VAE"}
 DATASETS = {"binarized_mnist": "binarized_mnist", "fashion_mnist": "fashion_mnist"}
 TINY_MODEL = {"episode_length": 4, "encoder": {"width": 8, "groups": 4, "embedding_dim": 32},
-              "memory": {"channels": 4, "height": 8, "width": 8, "slots": 8}, "keys": {"num_reads": 2},
+              "memory": {"channels": 4, "height": 8, "width": 8, "slots": 8, "address_dim": 8},
+              "keys": {"num_reads": 2},
               "read": {"window": 4}, "latent": {"dim": 8, "prior_width": 16}, "decoder": {"width": 8, "groups": 4}}
 
 
 @dataclass
 class Profile:
-    model: dict[str, Any] = field(default_factory=dict)   # overrides of kpp's defaults (all three models)
+    model: dict[str, Any] = field(default_factory=dict)   # overrides of kpp's defaults (every model)
     batch: int = 16                                       # episodes per step
     steps: dict[str, int] = field(default_factory=dict)   # dataset -> steps (the equal-steps budget)
     seconds: dict[str, float] = field(default_factory=dict)  # dataset -> training seconds (equal wall clock)
@@ -81,9 +91,10 @@ PROFILES = {
                     seconds={"binarized_mnist": 0.5, "fashion_mnist": 0.3}, test_episodes=2, iwae_samples=2,
                     threads=1, speed_steps=2, speed_repeats=1, profile_steps=1, ray_workers=(1,), ray_steps=2),
     # kpp's default model at 16 episodes x 16 images per step, KL warm-up over 40% of the steps; about 20
-    # minutes on 2 shared cores. One thread: on these shared cores a second thread was slower, not faster
-    # (docs/speed.md). A few hundred steps is far from the ~1,000 steps K++ needs to pick its memory up
-    # (docs/memory-experiments.md): this profile checks the pipeline and the speed, not the paper's numbers.
+    # minutes on 2 shared cores for K++, DKM w/ TSM and the VAE (the rows DKM and KM come on top). One thread: on
+    # these shared cores a second thread was slower, not faster (docs/speed.md). A few hundred steps is far from
+    # the ~1,000 steps K++ needs to pick its memory up (docs/memory-experiments.md): this profile checks the
+    # pipeline and the speed, not the paper's numbers.
     "cpu-small": Profile(steps={"binarized_mnist": 250, "fashion_mnist": 60},
                          seconds={"binarized_mnist": 150.0, "fashion_mnist": 35.0},
                          model={"objective": {"kl_warmup_steps": 100}}, threads=1, reference=True),
@@ -91,6 +102,8 @@ PROFILES = {
     # small model (13.1 vs 12.5 ms per step, outputs/benchmarks/gpu_speed.json); precision="bf16" switches it on.
     # Sized for one 10-minute device call from the H100 step times (K++ 12.5, DKM 59.5, VAE 9.3 ms): each model
     # trains max(its steps, its seconds), about 270 s on binarized MNIST and 90 s on Fashion-MNIST for the three.
+    # DKM and KM (not timed on a GPU yet) write image by image like DKM w/ TSM, so all five rows do not fit one
+    # call: run --models kpp,dkm,vae, then --models dkm_plain,km.
     "gpu": Profile(model={"episode_length": 32, "objective": {"kl_warmup_steps": 1200}}, batch=32,
                    steps={"binarized_mnist": 3000, "fashion_mnist": 1000},
                    seconds={"binarized_mnist": 45.0, "fashion_mnist": 15.0}, lr=5e-4, test_episodes=128,
@@ -110,9 +123,17 @@ class BenchmarkError(SystemExit):
 def model_config(name: str, bit_depth: int, image_shape: tuple[int, int, int], prof: Profile):
     from kpp import KanervaConfig
 
+    from kpp.config import MATRIX_MEMORY_FIELDS
+
     c, h, w = image_shape
     over = json.loads(json.dumps(prof.model))  # deep copy
-    over.setdefault("memory", {})["writer"] = MODELS[name]
+    for section, fields in MODELS[name].items():
+        over[section] = {**over.get(section, {}), **fields}
+    # A profile sizes the matrix memory (memory.slots, ...) once for every row; a row whose writer has no use for a
+    # setting leaves it out (validate() refuses settings that would do nothing).
+    for setting, writers in MATRIX_MEMORY_FIELDS.items():
+        if over["memory"]["writer"] not in writers:
+            over["memory"].pop(setting, None)
     return KanervaConfig.from_dict({"image_channels": c, "image_height": h, "image_width": w, "bit_depth": bit_depth,
                                     "likelihood": {"kind": "bernoulli" if bit_depth == 1 else "logistic_mixture"},
                                     **over}).validate()
