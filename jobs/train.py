@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
               f"memory swap gap {m['test/swap_gap']:+.3f}")
         idle = m.get("keys_at_floor") or []
         if idle and cfg.model.memory.writer != "none":  # without a memory no key has an address
-            print(f"key reads {', '.join(map(str, idle))} of {cfg.model.keys.num_reads} stayed at the "
+            print(f"key reads {', '.join(map(str, idle))} of {cfg.model.key_terms} stayed at the "
                   f"free-bits floor for the whole run (KL_y per key: train/kl_y_key<k>): they carried no address")
         if out.model_version:
             print(f"registered model {out.model_name} version {out.model_version} "

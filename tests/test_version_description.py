@@ -1,4 +1,7 @@
 """What a registered version says of itself in words (naming.version_description), beside its tags."""
+
+import pytest
+
 from pipeline.registry import naming
 from pipeline.train import config
 
@@ -20,3 +23,11 @@ def test_a_version_without_test_bounds_says_so_and_a_baseline_says_which():
     text = naming.version_description(cfg, {}, "r", {})
     assert text.startswith("VAE baseline on ") and "No test bound recorded" in text and "commit unknown" in text
     assert "bits/dim" in naming.model_description(cfg)
+
+
+@pytest.mark.parametrize("writer, label", [("key", "Kanerva++ (writer=key, 2 reads)"), ("dkm", "DKM baseline"),
+                                           ("km", "Kanerva Machine baseline"), ("vae", "VAE baseline")])
+def test_every_model_kind_is_named_in_its_description(writer, label):
+    """A KM version failed to register (KeyError 'km') when the writer was added without a label."""
+    cfg = config.load(None, [f"model.memory.writer={writer}"])
+    assert naming.version_description(cfg, {}, "r", {}).startswith(f"{label} on digits ")

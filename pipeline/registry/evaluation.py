@@ -31,8 +31,8 @@ BOUNDS = (("neg_elbo", "memory-conditional -ELBO (paper's quantity)"),
           ("swap_gap", "memory-swap gap (other episode's M - own)"),
           ("recon", "  term: reconstruction"),
           ("kl_z", "  term: KL_z"),
-          ("kl_y", "  term: KL_y (keys; DKM: addressing)"),
-          ("kl_m", "  term: KL_M (DKM's memory)"))
+          ("kl_y", "  term: KL_y (keys; DKM, KM: addressing)"),
+          ("kl_m", "  term: KL_M (DKM's, KM's memory)"))
 BATCH = 16  # episodes per batch of draws: the training's final evaluation (kpp.evaluate.evaluate's default)
 
 

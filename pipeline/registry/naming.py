@@ -99,7 +99,7 @@ def version_description(cfg, metrics: Mapping[str, Any], run_id: str, run_tags: 
     machine-readable form)."""
     m, t = cfg.model, cfg.train
     kind = {"kpp": f"Kanerva++ (writer={m.memory.writer}, {m.keys.num_reads} reads)", "dkm": "DKM baseline",
-            "vae": "VAE baseline"}[m.kind]
+            "km": "Kanerva Machine baseline", "vae": "VAE baseline"}[m.kind]
     scores = []
     for label, key in (("test bound", "test/neg_elbo"), ("IWAE", "test/iwae"), ("swap gap", "test/swap_gap"),
                        ("leave-one-out bound", "test/loo_neg_elbo")):
