@@ -81,7 +81,6 @@ class MemoryConfig:
     address_dim: int = _f(32, "writer=km: S, size of the addressing latent y_t (the address is w_t = A y_t + b)")
 
 
-WRITERS = typing.get_args(typing.get_type_hints(MemoryConfig)["writer"])
 BASELINES = ("dkm", "km", "vae")  # memory.writer values that are another model, not a K++ writer (cfg.kind)
 # The matrix-normal memory's settings and the writers that use them: set for another writer they would silently do
 # nothing (a sweep over them would search nothing), so validate() refuses that.
@@ -206,7 +205,7 @@ class KanervaConfig:
         return _from_dict(cls, data, prefix="")
 
     def validate(self) -> "KanervaConfig":
-        _check_types(self, prefix="")
+        _check_types(self, prefix="")  # also every Literal field (memory.writer, ...): one of its values
         _check_positive(self, ["image_channels", "image_height", "image_width", "episode_length"])
         if self.bit_depth not in (1, 8):
             raise ConfigError("bit_depth", f"must be 1 (binarized) or 8, got {self.bit_depth}")
@@ -218,14 +217,10 @@ class KanervaConfig:
             raise ConfigError("encoder.stem_stride", f"must be 1 or 2, got {e.stem_stride}")
         if e.width % e.groups:
             raise ConfigError("encoder.width", f"{e.width} is not divisible by encoder.groups={e.groups}")
-        if e.pooling not in ("flatten", "mean"):
-            raise ConfigError("encoder.pooling", f"must be 'flatten' or 'mean', got {e.pooling!r}")
         if not 0.0 <= e.shift_fraction <= 0.5:
             raise ConfigError("encoder.shift_fraction", f"must be in [0, 0.5], got {e.shift_fraction}")
         m = self.memory
         _check_positive(m, ["channels", "height", "width"], "memory")
-        if m.writer not in WRITERS:
-            raise ConfigError("memory.writer", f"must be one of {', '.join(map(repr, WRITERS))}, got {m.writer!r}")
         _check_positive(m, ["slots", "address_dim"], "memory")
         if not (m.address_reg > 0 and math.isfinite(m.address_reg)):
             raise ConfigError("memory.address_reg", f"must be a finite number > 0, got {m.address_reg}")
@@ -234,8 +229,6 @@ class KanervaConfig:
             if m.writer not in writers and getattr(m, name) != getattr(default, name):
                 raise ConfigError(f"memory.{name}", f"only used by writer={' or '.join(writers)}, not "
                                   f"writer={m.writer!r}: leave it at its default ({getattr(default, name)})")
-        if m.placement not in ("splat", "sample"):
-            raise ConfigError("memory.placement", f"must be 'splat' or 'sample', got {m.placement!r}")
         k = self.keys
         _check_positive(k, ["num_reads"], "keys")
         if not 0.0 < k.min_scale <= 1.0:
@@ -263,8 +256,6 @@ class KanervaConfig:
             raise ConfigError("likelihood.kind", f"bernoulli needs binarized data (bit_depth 1), got bit_depth {self.bit_depth}")
         if lk.kind == "logistic_mixture" and self.bit_depth != 8:
             raise ConfigError("likelihood.kind", f"logistic_mixture models 8-bit data, got bit_depth {self.bit_depth}")
-        if lk.kind not in ("bernoulli", "logistic_mixture"):
-            raise ConfigError("likelihood.kind", f"unknown likelihood {lk.kind!r}")
         _check_positive(lk, ["num_mixtures"], "likelihood")
         o = self.objective
         if o.kl_warmup_steps < 0 or not 0.0 <= o.kl_warmup_start <= 1.0:
