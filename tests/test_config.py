@@ -74,6 +74,8 @@ def test_round_trip_and_hash():
     ("tracking.uri=http://", "tracking.uri"),
     ("model.read.window=true", "model.read.window"),
     ("eval.every_steps=-1", "eval.every_steps"),
+    ("model.memory.writer=kanerva", "model.memory.writer"),  # a writer that does not exist
+    ("model.memory.address_dim=8", "model.memory.address_dim"),  # a KM setting on the default K++ writer
 ])
 def test_invalid_config_names_the_field(override, field):
     with pytest.raises(C.ConfigError) as e:
