@@ -51,6 +51,20 @@ BAD = [
 ]
 
 
+def test_a_grace_period_before_the_warm_up_ends_is_warned_about(tmp_path):
+    """ASHA judging memory settings before any trial can use its memory (issue 23): said, not refused."""
+    train = {**TINY_TRAIN, "model.objective.kl_warmup_steps": 20}
+    with pytest.warns(space.EarlyJudgement, match=r"asha.grace_steps: 10 is before the KL warm-up ends at step 20"):
+        space.load(sweep_yaml(tmp_path, train={"config": "jobs/configs/local.yaml", "overrides": train}), [],
+                   root=pathlib.Path(ROOT))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", space.EarlyJudgement)
+        space.load(sweep_yaml(tmp_path, train={"config": "jobs/configs/local.yaml",
+                                               "overrides": {**train, "model.objective.kl_warmup_steps": 10}}), [],
+                   root=pathlib.Path(ROOT))
+
+
 @pytest.mark.parametrize("fields,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
 def test_bad_sweeps_are_named(tmp_path, fields, message):
     with pytest.raises(ConfigError, match=None) as e:

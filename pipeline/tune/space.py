@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import pathlib
+import warnings
 from typing import Any, Literal
 
 import yaml
@@ -197,7 +198,20 @@ def load(path: str | None, overrides: list[str], root: pathlib.Path | None = Non
                           f"({base.train.max_steps}), or ASHA never stops a trial")
     if cfg.asha.reduction_factor < 2:
         raise ConfigError(f"asha.reduction_factor: must be >= 2, got {cfg.asha.reduction_factor}")
+    warmup = base.model.objective.kl_warmup_steps
+    if base.model.kind == "kpp" and base.model.memory.writer != "none" and cfg.asha.grace_steps < warmup:
+        # Not an error (a quick sweep of the mechanism is legitimate), but ASHA then ranks memory and key settings
+        # before any trial can use its memory: the pick-up follows the end of the warm-up
+        warnings.warn(EarlyJudgement(
+            f"asha.grace_steps: {cfg.asha.grace_steps} is before the KL warm-up ends at step {warmup} "
+            f"(model.objective.kl_warmup_steps): ASHA will stop trials before their memory is picked up, which "
+            f"comes after the warm-up (docs/memory-experiments.md), so memory and key settings are judged as if "
+            f"there were no memory"), stacklevel=2)
     return sweep
+
+
+class EarlyJudgement(UserWarning):
+    """A sweep whose ASHA grace period ends before its trials can have picked their memory up."""
 
 
 def _set(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
