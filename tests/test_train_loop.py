@@ -93,6 +93,43 @@ def test_metrics_only_reports_are_spaced_checkpoint_reports_never_dropped(tmp_pa
     assert _steps_reported(tmp_path / "b", 1e9) == [2, 4, 6]  # only the checkpoint steps (every_steps=2)
 
 
+class QueuedSession(SpacedSession):
+    """Like Ray's: a report waits until the controller takes the one before it. Here the first report waits until
+    the loop is past step 10 (or 20 s), so it stays in flight over many log steps."""
+
+    def __init__(self, root):
+        super().__init__(root, 1e-6)  # the clock rule always passes: only the in-flight rule decides
+        import threading
+        self.loop = None
+        self.waited_steps: list[int] = []
+        self._first = threading.Event()
+
+    def report(self, metrics, folder, name):
+        import time
+        if not self._first.is_set():
+            self._first.set()
+            t_end = time.monotonic() + 20.0
+            while self.loop.step < 10 and time.monotonic() < t_end:
+                time.sleep(0.01)
+            self.waited_steps.append(self.loop.step)
+        super().report(metrics, folder, name)
+
+
+def test_no_metrics_only_report_is_made_while_one_is_in_flight(tmp_path):
+    """Ray's controller takes one report per health-check interval: reports made faster queue behind it, and a
+    checkpoint then waited in the training thread for room (300-900 ms stalls, measured). While the step-1 report
+    is held, steps 2-9 make none: the loop trains on to step 10 instead of blocking on the third report."""
+    cfg = config.load(None, [*TINY, "train.max_steps=14", "checkpoint.every_steps=0"])
+    data = load_data("digits", "", 4, 4, 4, 4, 0, 0, 1)[:3]
+    session = QueuedSession(tmp_path)
+    loop = Loop(cfg, session, data=data)
+    session.loop = loop
+    loop.run()
+    steps = [r["step"] for r in session.reports]
+    assert session.waited_steps[0] >= 10  # the loop got past step 10 while the first report was held
+    assert steps[0] == 1 and not set(steps) & set(range(2, 10)) and steps[-1] == 14
+
+
 # -- two ranks (gloo): the report decision must be the same on every rank -------------------------------------
 def _rank_main(rank, world, port, root, result):
     import datetime

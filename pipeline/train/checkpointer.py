@@ -112,6 +112,10 @@ class Checkpointer:
         self.timings.append(timing)
         return timing
 
+    def pending(self) -> int:
+        """Reports handed to the thread and not finished (a metrics-only report waits while any is: StepMetrics)."""
+        return sum(not f.done() for f in self._in_flight)
+
     def drain(self) -> None:
         """Wait for every report in flight; raise the first error."""
         while self._in_flight:

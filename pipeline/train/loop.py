@@ -272,7 +272,8 @@ class Loop:
     def _collect(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> tuple[dict[str, Any], bool]:
         """The log step's metrics (StepMetrics: one all-reduce, one host read), logged from rank 0; the
         non-finite policy applied to the window; whether a metrics-only report is due."""
-        window = self.metrics.collect(self.step, terms, grad_norm, self.job.data.batch_episodes)
+        window = self.metrics.collect(self.step, terms, grad_norm, self.job.data.batch_episodes,
+                                      self.checkpointer.pending())
         self._enforce_nonfinite_policy(window)
         m = window["metrics"]
         m.update({"train/lr": self.sched.get_last_lr()[0], "train/beta": kl_beta(self.step, self.mcfg.objective),

@@ -3,8 +3,8 @@
 Per step (`after_step`) only device ops run: the count of skipped (non-finite) steps, the current and longest run
 of skips, the first skipped step of the window. At a log step (`collect`) everything the ranks must agree on goes
 into one vector: the loss terms and gradient norm (averaged over ranks; the skip counters too, which DDP makes
-equal on every rank), rank 0's seconds since its last report (so every rank takes the same report decision: a
-report is a barrier, one rank skipping it would hang the rest), and in slots of its own per rank the seconds it
+equal on every rank), rank 0's seconds since its last report and every rank's count of reports still in flight (so
+every rank takes the same report decision: a report is a barrier, one rank skipping it would hang the rest), and in slots of its own per rank the seconds it
 waited for data and, on GPUs, its peak memory and utilisation (NVML), so a starving rank shows in MLflow. One all-reduce and one host read: the loop's only host sync between log steps.
 
 Host-side timings of the window ride along: images/s, the time the training thread waited for data
@@ -33,7 +33,13 @@ class Window:
 class StepMetrics:
     """The loop's metrics: device-side counters per step, the reduction at log steps, the throughput window, the
     report clock (a metrics-only report is due once `min_report_interval_s` have passed on rank 0 since the last
-    report) and the idle keys."""
+    report and, where reports cost time (an interval > 0), no rank has one still in flight) and the idle keys.
+
+    Why the second rule: Ray's controller takes one report per worker per health-check interval, so reports made
+    faster than that queue up behind it, and a checkpoint then waits in the training thread for room (measured:
+    300-900 ms stalls at a checkpoint every 1.1 s with a metrics report between, against a 3 ms state copy).
+    A metrics-only report carries only the driver's progress line: skipping it while one is in flight loses nothing
+    (MLflow gets every log step from rank 0 regardless)."""
 
     def __init__(self, *, rank: int, world_size: int, device: torch.device, key_terms: int, warmup_steps: int,
                  min_report_interval_s: float = 0.0):
@@ -61,16 +67,17 @@ class StepMetrics:
         self._first_bad.copy_(torch.where(fresh, float(step), self._first_bad))
 
     def collect(self, step: int, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor,
-                episodes_per_step: int) -> dict[str, Any]:
-        """The window's metrics, the same on every rank (a collective: every rank calls it at the same steps)."""
+                episodes_per_step: int, reports_in_flight: int = 0) -> dict[str, Any]:
+        """The window's metrics, the same on every rank (a collective: every rank calls it at the same steps).
+        reports_in_flight: this rank's reports not yet finished (Checkpointer.pending)."""
         since = time.perf_counter() - self.last_report_t if self.rank == 0 else 0.0
         names = list(terms)  # the same order on every rank
         mean_part = [terms[k].float() for k in names] + [grad_norm.float(), self._skips, self._run_max,
                                                           self._first_bad]
         # per rank, in its own slots (the sum fills them all): data wait, and on GPUs peak memory and utilisation
-        slots = torch.zeros(1 + 3 * self.world_size, device=self.device)
-        slots[0] = since
-        mine = 1 + 3 * self.rank
+        slots = torch.zeros(2 + 3 * self.world_size, device=self.device)
+        slots[0], slots[1] = since, reports_in_flight
+        mine = 2 + 3 * self.rank
         slots[mine] = self.window.data_wait_s
         cuda = self.device.type == "cuda"
         if cuda:
@@ -93,7 +100,7 @@ class StepMetrics:
                   "perf/episodes_per_s": episodes_per_s, "perf/data_wait_s": w.data_wait_s,
                   "perf/data_wait_share": w.data_wait_s / seconds})
         for r in range(self.world_size):
-            wait, mem, util = values[len(mean_part) + 1 + 3 * r:len(mean_part) + 4 + 3 * r]
+            wait, mem, util = values[len(mean_part) + 2 + 3 * r:len(mean_part) + 5 + 3 * r]
             if self.world_size > 1:
                 m[f"perf/data_wait_s_rank{r}"] = wait
             if cuda:
@@ -105,7 +112,9 @@ class StepMetrics:
         self._run_max.copy_(self._run)
         self._first_bad.fill_(-1.0)
         self.window = Window(now, step)
-        return {"metrics": m, "report_due": values[len(mean_part)] >= self.min_report_interval_s,
+        since_report, in_flight = values[len(mean_part):len(mean_part) + 2]
+        report_due = since_report >= self.min_report_interval_s and not (self.min_report_interval_s > 0 and in_flight)
+        return {"metrics": m, "report_due": report_due,
                 "window_skips": int(round(skips)), "run_max": int(round(run_max)), "first_bad": int(first_bad)}
 
     def reported(self) -> None:
