@@ -255,15 +255,18 @@ def test_class_episodes_need_labels(prepared):
         epoch(prepared, episodes="class")
 
 
-@pytest.mark.parametrize("workers", [0, 3])
-def test_a_continuous_loader_yields_the_epochs_one_loader_per_epoch_would(prepared, workers):
+@pytest.mark.parametrize("workers, message_images", [(0, 512), (3, 512), (0, 2560), (3, 2560)])
+def test_a_continuous_loader_yields_the_epochs_one_loader_per_epoch_would(prepared, workers, message_images):
     """One DataLoader for the whole job (its workers start once): from a mid-epoch cursor, the rest of that epoch
     and then whole epochs, batch for batch what a new loader per epoch yields, whatever the worker count (3 does not
-    divide the 391 batches of an epoch, so a worker's share moves at every epoch end)."""
+    divide the 391 batches of an epoch, so a worker's share moves at every epoch end) and however many batches go
+    in one message (512 images: one; 2560: five, and 5 divides neither the 351 batches left of epoch 2 nor 391)."""
     config = StreamConfig(root=str(prepared), episode_length=16, batch_size=32, remainder="drop")
     start = Cursor(2, 40)
     per_epoch = [b for c in (start, Cursor(3), Cursor(4))
                  for b in make_loader(config, rank=1, world_size=2, cursor=c)]
+    config = StreamConfig(root=str(prepared), episode_length=16, batch_size=32, remainder="drop",
+                          message_images=message_images)
     loader = make_loader(config, rank=1, world_size=2, cursor=start, num_workers=workers,
                          multiprocessing_context="spawn" if workers else None, continuous=True)
     got = []
@@ -295,3 +298,19 @@ def test_the_training_stream_keeps_one_loader_across_epochs(prepared):
     stream.close()
     fresh.close()
     assert stream._live is None
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_first_batch_waited_for_before_the_loop_is_the_first_one_trained(prepared, workers):
+    """ShardStream.ready (the loop waits there for the loader's start-up, off its step clock) holds the batch it
+    waited for: batches() yields it first, and the epoch is the one a fresh stream yields, batch for batch."""
+    from pipeline.data.train_data import ShardStream
+    stream = ShardStream(str(prepared), 16, 256, 0, 0, 1, loader_workers=workers)
+    start = stream.start(0)
+    stream.warm(start)
+    stream.ready()
+    got = [b.keys.tolist() for b in stream.batches(start)]
+    fresh = ShardStream(str(prepared), 16, 256, 0, 0, 1)
+    assert got == [b.keys.tolist() for b in fresh.batches(fresh.start(0))] and len(got) == 12
+    stream.close()
+    fresh.close()

@@ -14,6 +14,7 @@ or a skip of an image the epoch still owed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -179,6 +180,16 @@ class ShardStream:
             return
         loader.start()
         self._live = (cursor, loader, iter(loader))
+
+    def ready(self) -> None:
+        """Block until the warmed loader's first batch is in hand (its spawned workers import torch: ~2 s once per
+        job), so the step loop's clock starts with data to train on; the batch is the first batches() yields."""
+        live = getattr(self, "_live", None)
+        if live is None:
+            return
+        first = next(live[2], None)
+        if first is not None:
+            self._live = (live[0], live[1], itertools.chain([first], live[2]))
 
     def _loader(self, cursor: Cursor):
         from pipeline.data.shards.reader import make_loader

@@ -111,6 +111,7 @@ class Loop:
         # CPU time of this (the training) thread in the loop: with wall time, the share of the loop this rank was
         # actually running rather than waiting for a core, a peer's all-reduce or the host.
         self.loop_cpu_s = 0.0
+        self.first_batch_wait_s = 0.0  # the wait for the data loader's first batch (its workers' start-up)
         self._recent_keys: collections.deque = collections.deque(maxlen=job.train.log_every)  # (step, keys)
         self.audit = KeyAudit(job.data.audit_dir, session.rank) if job.data.audit_dir else None
         self._restored_report: dict[str, Any] = {}
@@ -149,6 +150,14 @@ class Loop:
             self.tracker.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
             if self.step >= stop:
                 return self._report_again(resumed_from)
+        ready = getattr(self.stream, "ready", None)
+        if ready is not None and self.step < stop:
+            # the loader's start-up is the job's, once (perf/first_batch_wait_s), not a cost of every step: the
+            # loop's clock and the data wait begin with the first batch in hand
+            t = time.perf_counter()
+            ready()
+            self.first_batch_wait_s = time.perf_counter() - t
+            self.tracker.log_metrics({"perf/first_batch_wait_s": self.first_batch_wait_s}, step=self.step)
         self.metrics.start(self.step)
         loop_t0, loop_cpu_t0 = time.perf_counter(), time.thread_time()
         last: dict[str, Any] = {}
