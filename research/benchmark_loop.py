@@ -11,7 +11,7 @@ Two loops over the same batches, side by side in one run, on one worker with one
     loader's start-up before it, `perf/first_batch_wait_s`, reported beside, and the final test bound after it
     are not part of the loop, as the bare loop's batches are read before its clock starts);
   - bare: `train_step` over the same batches, read from the same shards once and held in memory, same model,
-    seed, optimiser and noise seeds, nothing else.
+    seed, optimiser and noise seeds, nothing else; run just before and just after each full loop, and averaged.
 The model is made tiny so that its step is as short as this CPU allows (10-15 ms on this machine's AMD EPYC cores,
 23-35 ms on the Xeon of earlier rounds; a GPU step of the paper's model is ~12 ms), so the loop's own overhead weighs as it would on a GPU. Reported: `loop_over_bare` (full loop time
 per step / bare loop time per step, the median of the paired repeats), the overhead in ms per step, the ratio that
@@ -140,12 +140,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             base = config.load(None, job_overrides(args, shards, "s3://kpp-runs/ray", mlflow.url, "loop-0"))
             base = driver.resolved(base)
             batches = read_batches(base, args.steps)
+            # the local cluster up before the first bare loop, as it is for every later one: its daemons take
+            # CPU beside either loop (the first bare loop before it ran 20% faster than the next ones)
+            driver.connect(base)
             runs = []
             for repeat in range(args.repeats):
-                bare = bare_loop(base, batches)
+                before = bare_loop(base, batches)
                 cfg = config.load(None, job_overrides(args, shards, "s3://kpp-runs/ray", mlflow.url,
                                                       f"loop-{repeat}"))
                 outcome = driver.run(cfg, driver.RunOptions(progress=False))
+                after = bare_loop(base, batches)
+                # the bare loop on both sides of the full one, averaged: this shared machine drifts by 20-40%
+                # over a minute, and one bare run before the full one carried all of that into the pair's ratio
+                bare = {"loop_s": (before["loop_s"] + after["loop_s"]) / 2,
+                        "loop_cpu_s": (before["loop_cpu_s"] + after["loop_cpu_s"]) / 2,
+                        "at": [(a + b) / 2 for a, b in zip(before["at"], after["at"])],
+                        "final_loss": before["final_loss"], "sides_s": [before["loop_s"], after["loop_s"]]}
                 m = outcome.metrics
                 full_s = float(m["perf/loop_s"])
                 history = full_history(mlflow.url, outcome.run_id)
@@ -156,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 full_steady = (history["perf/loop_s"][k1] - history["perf/loop_s"][k0]) / (k1 - k0)
                 bare_steady = (bare["at"][k1 - 1] - bare["at"][k0 - 1]) / (k1 - k0)
                 stalls, copies = history["perf/checkpoint_stall_s"], history["perf/state_copy_s"]
-                runs.append({"bare_loop_s": bare["loop_s"], "full_loop_s": full_s,
+                runs.append({"bare_loop_s": bare["loop_s"], "bare_loop_s_before_after": bare["sides_s"],
+                             "full_loop_s": full_s,
                              "ratio": full_s / bare["loop_s"], "steady_steps": [k0, k1],
                              "full_loop_cpu_s": float(m["perf/loop_cpu_s"]), "bare_loop_cpu_s": bare["loop_cpu_s"],
                              "cpu_ratio": float(m["perf/loop_cpu_s"]) / bare["loop_cpu_s"],
