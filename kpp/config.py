@@ -72,6 +72,16 @@ class MemoryConfig:
     # returns the block at every scale. Measured at 2,280 steps, sample 86.06 vs splat 89.15 nats/image (swap gap
     # +112 vs +54): the consistent write learned to use the memory more slowly (docs/memory-experiments.md).
     placement: Literal["sample", "splat"] = _f("sample", "how the key writer places a block: resampled at the memory's pixels, or the read's transpose")
+    # What the key writer writes (docs/memory-experiments.md, "A memory that pays from step 0"). "map": a learned
+    # C_m x w x w block of the image's embedding, which the prior's conv net must learn to read: the memory is
+    # picked up only after ~1,000 steps. "code": the image's code, one C_m vector over the whole block, started as
+    # the mean and log-variance of its posterior q(z | X); the memory also carries how much of the writes covers
+    # each pixel, a read is divided by its coverage, and the prior starts as the code it reads back. A read that
+    # lands on x_t's own write then gives p(z | M_hat) = q(z | X) from the first step (needs channels >= 2 d_z).
+    content: Literal["map", "code"] = _f("map", "what the key writer writes: a learned block of the embedding (map), or the image's posterior code, read back by the prior from step 0 (code)")
+    # The code writer's write covers write_span times the region of the read at the same key (same centre), so a
+    # read whose key noise moves it off centre still lands on the write alone.
+    write_span: float = _f(1.0, "memory.content=code: an image's write covers this many times the side of its read's region")
     # The matrix-normal memory of DKM and KM (writer=dkm, km) is K_m x d_z (the authors' DKM: 32 x 100). Set for
     # another writer these do nothing, so validate() refuses them there (MATRIX_MEMORY_FIELDS).
     slots: int = _f(32, "writer=dkm or km: K_m, rows of the matrix-normal memory (its columns are the latent dim)")
@@ -104,6 +114,17 @@ class KeyConfig:
     # write to (and read from) the same place and each read returns a superposition of the whole episode; a larger
     # gain spreads the first writes over the memory.
     init_mean_gain: float = _f(1.0, "scale of the initial weights of the key means (spreads the first writes)")
+    # "centre": every key mean starts near 0, so at step 0 the whole episode writes to (and reads from) one place.
+    # "grid": a learned offset per episode position and read is added to the key means, started at the centre of
+    # its own cell of a grid that tiles the memory, the read's scale at the cell's (divided by memory.write_span):
+    # every image writes and reads at an address of its own from step 0. p(y) stays N(0, I), so the offsets are
+    # paid for in KL_y like any key.
+    layout: Literal["centre", "grid"] = _f("centre", "where the keys start: all near the centre, or each episode position at its own cell of a grid over the memory")
+    # "amortized": log-variance from the image's embedding, as the mean. "shared": one learned log-variance per read
+    # and coordinate. Under Adam an amortised log-variance moves by ~lr x (its 256 inputs) per step and the key
+    # KL's consistent gradient widens sharp keys back to the prior within ~50 steps, before any read pays; a
+    # shared one moves by ~lr per step (docs/memory-experiments.md).
+    logvar: Literal["amortized", "shared"] = _f("amortized", "the key posterior's log-variance: from the image (amortized), or one learned value per read and coordinate (shared)")
 
 
 @dataclass(kw_only=True)
@@ -229,6 +250,16 @@ class KanervaConfig:
             if m.writer not in writers and getattr(m, name) != getattr(default, name):
                 raise ConfigError(f"memory.{name}", f"only used by writer={' or '.join(writers)}, not "
                                   f"writer={m.writer!r}: leave it at its default ({getattr(default, name)})")
+        if m.content == "code":
+            if m.writer != "key":
+                raise ConfigError("memory.content", f"'code' is written by writer='key', not writer={m.writer!r}")
+            if m.channels < 2 * self.latent.dim:
+                raise ConfigError("memory.channels", f"memory.content=code writes the posterior's mean and log-variance: "
+                                  f"needs at least 2 x latent.dim = {2 * self.latent.dim} channels, got {m.channels}")
+        if not (math.isfinite(m.write_span) and m.write_span >= 1.0):
+            raise ConfigError("memory.write_span", f"must be a finite number >= 1, got {m.write_span}")
+        if m.write_span != 1.0 and m.content != "code":
+            raise ConfigError("memory.write_span", "only the code writer (memory.content=code) uses it: leave it at 1")
         k = self.keys
         _check_positive(k, ["num_reads"], "keys")
         if not 0.0 < k.min_scale <= 1.0:

@@ -5,6 +5,8 @@ s in [min_scale, max_scale] (a fraction of the memory side) and t in [-1, 1]: ev
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -124,6 +126,69 @@ class KeyWriter(nn.Module):
         return self.base.expand(batch, -1, -1, -1)
 
 
+class CodeWriter(nn.Module):
+    """memory.content = "code": each image writes its code, one C_m vector over the whole block (constant, so a read
+    anywhere on the block returns it), at each of its K key means, the region memory.write_span times its read's.
+    The memory is the learned base map plus the sum of the writes, and one more channel, the coverage: how much
+    of a write covers each pixel. KanervaPlusPlus.read_prior divides a read by its coverage, so a read that lands
+    on x_t's own write alone returns x_t's code at full strength, whatever part of the write it covers. The code
+    layer starts as q(z | X)'s (see KanervaPlusPlus.__init__): the code is the posterior's mean and log-variance."""
+
+    def __init__(self, cfg: KanervaConfig):
+        super().__init__()
+        m = cfg.memory
+        self.cfg = cfg
+        self.base = nn.Parameter(torch.zeros(1, m.channels, m.height, m.width))
+        self.code = nn.Linear(cfg.encoder.embedding_dim, cfg.keys.num_reads * m.channels)
+
+    def contributions(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
+        """Each image's write and its coverage, [B, T, C_m + 1, H_m, W_m]."""
+        b, t = embedding.shape[:2]
+        m, w, k = self.cfg.memory, self.cfg.read.window, self.cfg.keys.num_reads
+        codes = self.code(embedding).view(b, t * k, m.channels, 1, 1)
+        blocks = torch.cat([codes, torch.ones_like(codes[:, :, :1])], dim=2).expand(-1, -1, -1, w, w)
+        theta = key_to_affine(key_mean, self.cfg.keys.min_scale, self.cfg.keys.max_scale).view(b, t * k, 2, 3)
+        theta = torch.cat([theta[..., :2] * m.write_span, theta[..., 2:]], dim=-1)  # same centre, wider region
+        return place(blocks, theta, m.height, m.width, m.placement, group=k)
+
+    def forward(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
+        return self.empty(embedding.shape[0]) + self.contributions(embedding, key_mean).sum(1)
+
+    def empty(self, batch: int) -> torch.Tensor:
+        """The base map, no coverage anywhere."""
+        return torch.cat([self.base, torch.zeros_like(self.base[:, :1])], dim=1).expand(batch, -1, -1, -1)
+
+
+# A read that covers less than this much of a write is scaled up by at most 1 / COVERAGE_FLOOR: a read that lands on
+# no write returns the base map, not the base map blown up.
+COVERAGE_FLOOR = 0.5
+
+
+def normalise_by_coverage(blocks: torch.Tensor) -> torch.Tensor:
+    """Read blocks of a code memory [..., C_m + 1, w, w] -> [..., C_m, w, w]: the codes divided by the window's mean
+    coverage (at least COVERAGE_FLOOR), so a read that lands on one write returns its code at full strength."""
+    coverage = blocks[..., -1:, :, :].mean((-1, -2), keepdim=True).clamp(min=COVERAGE_FLOOR)
+    return blocks[..., :-1, :, :] / coverage
+
+
+def grid_key_offsets(cfg: KanervaConfig) -> torch.Tensor:
+    """keys.layout = "grid": the initial key offsets [T, K, 3] that put read k of episode position t at the centre of
+    cell t * K + k of a side x side grid tiling the memory (side = ceil(sqrt(T K))), its read's region 1 / side of
+    the memory side divided by memory.write_span (so the write fills the cell). Key values are the inverses of
+    key_to_affine's squashes; a scale outside [min_scale, max_scale] is clamped just inside."""
+    t, k, keys = cfg.episode_length, cfg.keys.num_reads, cfg.keys
+    side = math.ceil(math.sqrt(t * k))
+    centres = -1.0 + (2.0 * torch.arange(side, dtype=torch.float32) + 1.0) / side
+    cells = torch.cartesian_prod(centres, centres)[: t * k]  # row-major: (x, y) of cell t * K + k
+    scale = 1.0 / (side * (cfg.memory.write_span if cfg.memory.content == "code" else 1.0))
+    frac = (scale - keys.min_scale) / max(keys.max_scale - keys.min_scale, 1e-6)
+    frac = min(max(frac, 0.01), 0.99)
+    offsets = torch.empty(t, k, 3)
+    offsets[..., 0] = math.log(frac / (1.0 - frac))
+    offsets[..., 1:] = torch.atanh(cells.clamp(-0.99, 0.99)).view(t, k, 2)
+    return offsets
+
+
 class DenseWriter(nn.Module):
     """Each image writes a memory-sized map from its embedding (no pooling of the episode first), summed over the
     episode, then a conv stack. Keys do not steer where an image is written."""
@@ -172,4 +237,6 @@ class NoWriter(nn.Module):
 
 
 def build_writer(cfg: KanervaConfig) -> nn.Module:
+    if cfg.memory.writer == "key" and cfg.memory.content == "code":
+        return CodeWriter(cfg)
     return {"key": KeyWriter, "dense": DenseWriter, "none": NoWriter}[cfg.memory.writer](cfg)

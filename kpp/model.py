@@ -34,7 +34,7 @@ from kpp.config import KanervaConfig
 from kpp.dkm import DynamicMemory, KanervaMemory
 from kpp.encoder import EpisodeEncoder
 from kpp.likelihood import build_likelihood
-from kpp.memory import build_writer, key_to_affine, read
+from kpp.memory import CodeWriter, build_writer, grid_key_offsets, key_to_affine, normalise_by_coverage, read
 from kpp.objective import gaussian_kl, gaussian_log_prob, training_loss
 
 KEY_DIM = 3  # (scale, shift_x, shift_y)
@@ -88,13 +88,29 @@ class LatentPrior(nn.Module):
         self.sees_keys = cfg.latent.prior_sees_keys
         flat = width * math.ceil(w / 2) ** 2 + (k * KEY_DIM if self.sees_keys else 0)
         self.out = nn.Sequential(nn.Linear(flat, 2 * width), nn.ReLU(), nn.Linear(2 * width, 2 * cfg.latent.dim))
+        # memory.content = "code": the blocks hold codes (the posterior's mean and log-variance in their first 2 d_z
+        # channels). The prior starts as the code it reads back, averaged over the K reads (a learned linear
+        # readout of the blocks' window means, started at that average), and the conv net is a learned
+        # correction started at zero: a read of x_t's own write gives p(z | M_hat) = q(z | X) at step 0.
+        self.reads_code = cfg.memory.writer == "key" and cfg.memory.content == "code"
+        if self.reads_code:
+            dz = cfg.latent.dim
+            self.readout = nn.Linear(k * 2 * dz, 2 * dz)
+            with torch.no_grad():
+                self.readout.weight.copy_(torch.eye(2 * dz).repeat(1, k) / k)
+                self.readout.bias.zero_()
+                self.out[-1].weight.zero_()
+                self.out[-1].bias.zero_()
 
     def forward(self, blocks: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """blocks [N, K, C_m, w, w], keys [N, K, 3] -> mean, logvar [N, d_z]."""
         h = self.convs(blocks.flatten(1, 2)).flatten(1)
         if self.sees_keys:
             h = torch.cat([h, keys.flatten(1)], dim=1)
-        mean, logvar = self.out(h).chunk(2, dim=1)
+        out = self.out(h)
+        if self.reads_code:
+            out = out + self.readout(blocks[:, :, : out.shape[1]].mean((-1, -2)).flatten(1))
+        mean, logvar = out.chunk(2, dim=1)
         return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
 
@@ -128,10 +144,15 @@ class KanervaPlusPlus(nn.Module):
         k, f, dz = cfg.keys.num_reads, cfg.encoder.embedding_dim, cfg.latent.dim
         self.encoder = EpisodeEncoder(cfg.encoder, cfg.image_channels, (cfg.image_height, cfg.image_width))
         if self.kind == "kpp":  # (modules are created in this order so that a seed gives the same initial weights)
-            self.key_posterior = nn.Linear(f, 2 * k * KEY_DIM)
-            with torch.no_grad():  # output layout is [K, (mean, logvar), 3]
-                self.key_posterior.bias.view(k, 2, KEY_DIM)[:, 1].fill_(cfg.keys.init_logvar)
-                self.key_posterior.weight.view(k, 2, KEY_DIM, f)[:, 0].mul_(cfg.keys.init_mean_gain)
+            if cfg.keys.logvar == "amortized":
+                self.key_posterior = nn.Linear(f, 2 * k * KEY_DIM)
+                with torch.no_grad():  # output layout is [K, (mean, logvar), 3]
+                    self.key_posterior.bias.view(k, 2, KEY_DIM)[:, 1].fill_(cfg.keys.init_logvar)
+                    self.key_posterior.weight.view(k, 2, KEY_DIM, f)[:, 0].mul_(cfg.keys.init_mean_gain)
+            else:  # keys.logvar = "shared": the means from the image, the log-variance a parameter [K, 3] (below)
+                self.key_posterior = nn.Linear(f, k * KEY_DIM)
+                with torch.no_grad():
+                    self.key_posterior.weight.mul_(cfg.keys.init_mean_gain)
             self.writer = build_writer(cfg)
         self.z_posterior = nn.Linear(f, 2 * dz)
         if self.kind == "kpp":
@@ -142,6 +163,16 @@ class KanervaPlusPlus(nn.Module):
             self.memory = KanervaMemory(cfg)
         self.likelihood = build_likelihood(cfg.likelihood, cfg.image_channels)
         self.decoder = Decoder(cfg, self.likelihood.params_per_channel)
+        if self.kind == "kpp":  # created last: the modules above start from the same weights whatever these are
+            if cfg.keys.logvar == "shared":
+                self.key_logvar = nn.Parameter(torch.full((k, KEY_DIM), float(cfg.keys.init_logvar)))
+            if cfg.keys.layout == "grid":
+                self.key_offset = nn.Parameter(grid_key_offsets(cfg))  # [T, K, 3], added to the key means
+            if isinstance(self.writer, CodeWriter):  # the code an image writes starts as its posterior's
+                with torch.no_grad():
+                    code = self.writer.code
+                    code.weight.view(k, cfg.memory.channels, f)[:, : 2 * dz].copy_(self.z_posterior.weight)
+                    code.bias.view(k, cfg.memory.channels)[:, : 2 * dz].copy_(self.z_posterior.bias)
 
     # -- inference ------------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> Encoding:
@@ -149,7 +180,17 @@ class KanervaPlusPlus(nn.Module):
         b, t = x.shape[:2]
         e = self.encoder(x)
         if self.kind == "kpp":
-            key_mean, key_logvar = self.key_posterior(e).view(b, t, self.cfg.keys.num_reads, 2, KEY_DIM).unbind(3)
+            k = self.cfg.keys.num_reads
+            if self.cfg.keys.logvar == "amortized":
+                key_mean, key_logvar = self.key_posterior(e).view(b, t, k, 2, KEY_DIM).unbind(3)
+            else:
+                key_mean = self.key_posterior(e).view(b, t, k, KEY_DIM)
+                key_logvar = self.key_logvar.expand_as(key_mean)
+            if self.cfg.keys.layout == "grid":
+                if t > self.key_offset.shape[0]:
+                    raise ValueError(f"episodes of {t} images, but keys.layout=grid has cells for episode_length="
+                                     f"{self.key_offset.shape[0]}: build the model with the longer episode_length")
+                key_mean = key_mean + self.key_offset[:t]
         elif self.kind == "km":  # KM's q(y_t | x_t), from the image's embedding
             key_mean, key_logvar = (h.unsqueeze(2) for h in self.memory.posterior(e))
         else:  # DKM's addressing depends on the memory (see _addressing); the VAE has none
@@ -178,6 +219,8 @@ class KanervaPlusPlus(nn.Module):
         else:
             blocks = read(memory, theta.view(b, t * k, 2, 3), self.cfg.read.window)
         blocks = blocks.reshape(b * t, k, *blocks.shape[2:])
+        if isinstance(self.writer, CodeWriter):
+            blocks = normalise_by_coverage(blocks)
         mean, logvar = self.z_prior(blocks, keys.reshape(b * t, k, KEY_DIM))
         return mean.view(b, t, -1), logvar.view(b, t, -1)
 
