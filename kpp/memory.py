@@ -139,6 +139,8 @@ class CodeWriter(nn.Module):
         m = cfg.memory
         self.cfg = cfg
         self.base = nn.Parameter(torch.zeros(1, m.channels, m.height, m.width))
+        # its gradient arrives as a slice of the (C_m + 1)-channel memory's: made contiguous, as DDP's buckets expect
+        self.base.register_hook(lambda grad: grad.new_empty(grad.shape).copy_(grad))
         self.code = nn.Linear(cfg.encoder.embedding_dim, cfg.keys.num_reads * m.channels)
 
     def contributions(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
