@@ -16,7 +16,10 @@ The model is made tiny so that its step is as short as this CPU allows (10-15 ms
 23-35 ms on the Xeon of earlier rounds; a GPU step of the paper's model is ~12 ms), so the loop's own overhead weighs as it would on a GPU. Reported: `loop_over_bare` (full loop time
 per step / bare loop time per step, the median of the paired repeats), the overhead in ms per step, the ratio that
 overhead gives at a 10 ms step, and where the full loop stalled: the longest checkpoint and validation steps
-(perf/checkpoint_stall_s, perf/state_copy_s), the data wait and the first batch's wait. The services (moto's S3 server, an MLflow server)
+(perf/checkpoint_stall_s, perf/state_copy_s), the data wait and the first batch's wait, and the overhead split in
+two: `step_in_loop_over_bare` (train_step's own time inside the full loop over the bare loop's: the same step run
+slower by the process around it) and `loop_own_ms_per_step` (what the loop does between steps), with the training
+thread's context switches per step. The services (moto's S3 server, an MLflow server)
 are started here on 127.0.0.1 and stopped at the end. Writes <out>/loop.json.
 """
 from __future__ import annotations
@@ -81,7 +84,16 @@ def full_history(uri: str, run_id: str) -> dict[str, dict[int, float]]:
     client = MlflowClient(uri)
     return {k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
             for k in ("perf/loop_s", "perf/checkpoint_stall_s", "perf/state_copy_s", "perf/data_wait_s",
-                      "perf/first_batch_wait_s")}
+                      "perf/first_batch_wait_s", "perf/step_host_s", "perf/context_switches_per_step")}
+
+
+def window_total(per_step: dict[int, float]) -> float:
+    """A per-step window mean logged at each log step, summed back over the steps of its windows."""
+    total, previous = 0.0, 0
+    for step in sorted(per_step):
+        total += per_step[step] * (step - previous)
+        previous = step
+    return total
 
 
 def read_batches(cfg, count: int) -> list:
@@ -180,11 +192,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              # steps / job steps of this in a real run (600 here, 24,400 in paper_mnist.yaml)
                              "ratio_with_loader_start": (full_s + history["perf/first_batch_wait_s"].get(0, 0.0))
                              / bare["loop_s"],
+                             # where the full loop's extra time goes: the step itself running slower in the
+                             # worker (the process around it), or the loop's own work between steps
+                             "step_in_loop_over_bare": window_total(history["perf/step_host_s"]) / bare["loop_s"],
+                             "loop_own_ms_per_step": (full_s - window_total(history["perf/step_host_s"])
+                                                      - sum(history["perf/data_wait_s"].values())) / args.steps * 1e3,
+                             "context_switches_per_step": window_total(history["perf/context_switches_per_step"])
+                             / args.steps,
                              "full_metrics": {k: v for k, v in m.items() if k.startswith(("perf/", "train/loss"))}})
                 print(f"[loop] repeat {repeat}: bare {bare['loop_s'] / args.steps * 1e3:.2f} ms/step, full "
                       f"{full_s / args.steps * 1e3:.2f} ms/step, ratio {runs[-1]['ratio']:.3f}, steps {k0}-{k1}: "
                       f"{runs[-1]['steady_ratio']:.3f}; checkpoint stall max {max(stalls.values()) * 1e3:.1f} ms, "
-                      f"state copy max {max(copies.values()) * 1e3:.1f} ms", flush=True)
+                      f"state copy max {max(copies.values()) * 1e3:.1f} ms; train_step in the loop / bare "
+                      f"{runs[-1]['step_in_loop_over_bare']:.3f}, the loop's own {runs[-1]['loop_own_ms_per_step']:.2f} "
+                      f"ms/step, {runs[-1]['context_switches_per_step']:.2f} context switches/step", flush=True)
         finally:
             import ray
             if ray.is_initialized():
@@ -210,7 +231,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loop_over_bare_with_loader_start": statistics.median(r["ratio_with_loader_start"] for r in runs),
         "data_wait_ms_per_step": statistics.median(r["data_wait_s_per_step"] for r in runs) * 1e3,
         "first_batch_wait_s": statistics.median(r["first_batch_wait_s"] for r in runs),
-        "loop_over_bare_at_10ms_step": 1 + overhead_ms / 10.0, "runs": runs,
+        "loop_over_bare_at_10ms_step": 1 + overhead_ms / 10.0,
+        "step_in_loop_over_bare": statistics.median(r["step_in_loop_over_bare"] for r in runs),
+        "loop_own_ms_per_step": statistics.median(r["loop_own_ms_per_step"] for r in runs),
+        "context_switches_per_step": statistics.median(r["context_switches_per_step"] for r in runs),
+        "runs": runs,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg()},
         "elapsed_min": (time.perf_counter() - started) / 60,

@@ -255,3 +255,37 @@ def test_the_seconds_from_the_job_start_to_the_first_step_are_reported(tmp_path)
     Loop(cfg, plain, data=data).run()
     assert all("perf/start_to_first_step_s" not in r for r in plain.reports)
 
+
+
+class SlowStream(InMemoryStream):
+    """The digits stream, each batch handed over after `delay_s` asleep (a loader that cannot keep up)."""
+
+    delay_s = 0.03
+
+    def batches(self, cursor):
+        import time
+        for batch in super().batches(cursor):
+            time.sleep(self.delay_s)
+            yield batch
+
+
+def test_the_window_splits_into_data_wait_step_and_the_loops_own_time(tmp_path):
+    """perf/step_host_s is the time inside train_step only: with a loader that sleeps 30 ms per batch, the
+    data wait takes that share of the window, the step the rest less the loop's bookkeeping, and the sleep is a
+    context switch of the training thread per step."""
+    cfg = config.load(None, [*TINY, "train.max_steps=6", "train.log_every=3", "checkpoint.every_steps=100",
+                             "eval.every_steps=100"])
+    stream, valid, test, bits = load_data("digits", "", cfg.model.episode_length, 4, 4, 4, 0, 0, 1)
+    slow = SlowStream(stream.images, bits, cfg.model.episode_length, 4, 0, 0, 1)
+    session = LocalSession(tmp_path)
+    Loop(cfg, session, data=(slow, valid, test)).run()
+    windows = [r for r in session.reports if r["step"] in (3, 6)]
+    assert len(windows) == 2
+    for m in windows:
+        assert 0.03 * 3 <= m["perf/data_wait_s"] < 0.03 * 3 + 0.5
+        assert 0 < m["perf/step_host_s"] and 0 < m["perf/step_host_share"]
+        assert m["perf/data_wait_share"] + m["perf/step_host_share"] <= 1.0 + 1e-9
+        # window seconds = steps / (episodes/s / episodes per step); the step's time is a part of them
+        window_s = 3 * 4 / m["perf/episodes_per_s"]
+        assert m["perf/step_host_s"] * 3 == pytest.approx(m["perf/step_host_share"] * window_s, rel=1e-6)
+        assert m["perf/context_switches_per_step"] >= 1.0  # each sleep gives the core away once

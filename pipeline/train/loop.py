@@ -266,10 +266,12 @@ class Loop:
     # -- one optimiser step -----------------------------------------------------------------------------------
     def _step(self, keys: np.ndarray, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         t = self.job.train
+        started = time.perf_counter()
         # the noise of this step depends only on (seed, rank, step): identical after any resume
         r = train_step(self.model, self.opt, self.sched, x, beta=kl_beta(self.step, self.mcfg.objective),
                        grad_clip=t.grad_clip, precision=t.precision,
                        noise_seed=hash_seed(self.job.seed, self.session.rank, self.step))
+        self.metrics.window.step_host_s += time.perf_counter() - started
         self.step += 1
         self.metrics.after_step(self.step, r.ok)  # skips are counted on the device; the policy acts at log steps
         self._recent_keys.append((self.step, keys))

@@ -8,12 +8,14 @@ every rank takes the same report decision: a report is a barrier, one rank skipp
 waited for data and, on GPUs, its peak memory and utilisation (NVML), so a starving rank shows in MLflow. One all-reduce and one host read: the loop's only host sync between log steps.
 
 Host-side timings of the window ride along: images/s, the time the training thread waited for data
-(`perf/data_wait_s`, with its share of the window), and the loop's wall and CPU time so far.
+(`perf/data_wait_s`, with its share of the window), the host time inside train_step (`perf/step_host_s` per step,
+with its share: what is left of the window is the loop's own), the training thread's context switches per step, and
+the loop's wall and CPU time so far.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,12 +24,29 @@ import torch.distributed as dist
 from kpp.objective import keys_at_floor
 
 
+def thread_switches() -> int | None:
+    """Context switches of the calling thread so far (voluntary + involuntary; Linux), None where not reported.
+    A training thread that is switched out mid-step (another thread of its process wants the GIL, another
+    process wants its core) runs its step slower even with nothing to wait for: the count says so beside the time."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    if not hasattr(resource, "RUSAGE_THREAD"):
+        return None
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_nvcsw + usage.ru_nivcsw
+
+
 @dataclass
 class Window:
-    """The host clock of the steps since the last log step."""
+    """The host clock of the steps since the last log step: where the time went (waiting for data, inside
+    train_step) and the training thread's context switches at its start."""
     t: float
     step: int
     data_wait_s: float = 0.0
+    step_host_s: float = 0.0  # host seconds inside train_step (on a GPU: launching the step, not running it)
+    switches: int | None = field(default_factory=thread_switches)
 
 
 class StepMetrics:
@@ -98,7 +117,12 @@ class StepMetrics:
         episodes_per_s = steps * episodes_per_step * self.world_size / seconds
         m.update({"train/grad_norm": grad, "train/nonfinite_skipped": self.skipped,
                   "perf/episodes_per_s": episodes_per_s, "perf/data_wait_s": w.data_wait_s,
-                  "perf/data_wait_share": w.data_wait_s / seconds})
+                  "perf/data_wait_share": w.data_wait_s / seconds,
+                  # the rest of the window's time is the loop's own: metrics, validation, checkpoints, data hand-off
+                  "perf/step_host_s": w.step_host_s / max(steps, 1), "perf/step_host_share": w.step_host_s / seconds})
+        switches = thread_switches()
+        if switches is not None and w.switches is not None:
+            m["perf/context_switches_per_step"] = (switches - w.switches) / max(steps, 1)
         for r in range(self.world_size):
             wait, mem, util = values[len(mean_part) + 2 + 3 * r:len(mean_part) + 5 + 3 * r]
             if self.world_size > 1:
