@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 # and actors are still starting beside the first steps) to the last log step
                 k0 = min(s for s in history["perf/loop_s"] if s >= args.steps // 4)
                 k1 = max(history["perf/loop_s"])
+                step_host_s = window_total(history["perf/step_host_s"])  # train_step's time in the full loop
                 full_steady = (history["perf/loop_s"][k1] - history["perf/loop_s"][k0]) / (k1 - k0)
                 bare_steady = (bare["at"][k1 - 1] - bare["at"][k0 - 1]) / (k1 - k0)
                 stalls, copies = history["perf/checkpoint_stall_s"], history["perf/state_copy_s"]
@@ -194,9 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              / bare["loop_s"],
                              # where the full loop's extra time goes: the step itself running slower in the
                              # worker (the process around it), or the loop's own work between steps
-                             "step_in_loop_over_bare": window_total(history["perf/step_host_s"]) / bare["loop_s"],
-                             "loop_own_ms_per_step": (full_s - window_total(history["perf/step_host_s"])
-                                                      - sum(history["perf/data_wait_s"].values())) / args.steps * 1e3,
+                             "step_in_loop_over_bare": step_host_s / bare["loop_s"],
+                             "loop_own_ms_per_step": (full_s - step_host_s - sum(history["perf/data_wait_s"].values())) / args.steps * 1e3,
                              "context_switches_per_step": window_total(history["perf/context_switches_per_step"])
                              / args.steps,
                              "full_metrics": {k: v for k, v in m.items() if k.startswith(("perf/", "train/loss"))}})

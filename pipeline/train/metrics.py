@@ -24,17 +24,20 @@ import torch.distributed as dist
 from kpp.objective import keys_at_floor
 
 
+try:
+    import resource
+    _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)  # Linux only
+except ImportError:  # not a Unix
+    _RUSAGE_THREAD = None
+
+
 def thread_switches() -> int | None:
     """Context switches of the calling thread so far (voluntary + involuntary; Linux), None where not reported.
     A training thread that is switched out mid-step (another thread of its process wants the GIL, another
     process wants its core) runs its step slower even with nothing to wait for: the count says so beside the time."""
-    try:
-        import resource
-    except ImportError:  # not a Unix
+    if _RUSAGE_THREAD is None:
         return None
-    if not hasattr(resource, "RUSAGE_THREAD"):
-        return None
-    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    usage = resource.getrusage(_RUSAGE_THREAD)
     return usage.ru_nvcsw + usage.ru_nivcsw
 
 
