@@ -9,7 +9,8 @@ Writes outputs/benchmarks/<profile>.json and <profile>.md (the Markdown tables t
 
 Quality at equal budget: the rows of the paper's table this codebase runs (MODELS): K++ (memory.writer=key),
 DKM w/ TSM (writer=dkm), DKM (writer=dkm, encoder.shift_fraction=0: a per-image conv encoder), KM (writer=km, the
-same plain conv encoder) and the VAE (writer=vae), the same encoder and decoder otherwise, trained from the same
+same plain conv encoder), the VAE (writer=vae) and K++ with nothing written to its memory (writer=none, the ablation
+the memory must beat), the same encoder and decoder otherwise, trained from the same
 seed on the same batches of binarized MNIST (and Fashion-MNIST), each
 scored twice on the same fixed test episodes: after the same number of steps, and after the same wall-clock
 training time (the clock stops while evaluating). Bounds (kpp/evaluate.py): the memory-conditional -ELBO (the
@@ -54,11 +55,13 @@ MODELS = {
     "dkm_plain": {"memory": {"writer": "dkm"}, "encoder": {"shift_fraction": 0.0}},
     "km": {"memory": {"writer": "km"}, "encoder": {"shift_fraction": 0.0}},
     "vae": {"memory": {"writer": "vae"}},
+    # the ablation K++ must beat: the same model, keys and prior, with nothing written to its memory
+    "none": {"memory": {"writer": "none"}},
 }
-LABELS = {"kpp": "K++", "dkm": "DKM w/ TSM", "dkm_plain": "DKM", "km": "KM", "vae": "VAE"}
+LABELS = {"kpp": "K++", "dkm": "DKM w/ TSM", "dkm_plain": "DKM", "km": "KM", "vae": "VAE", "none": "K++, no memory"}
 DATASETS = {"binarized_mnist": "binarized_mnist", "fashion_mnist": "fashion_mnist"}
 TINY_MODEL = {"episode_length": 4, "encoder": {"width": 8, "groups": 4, "embedding_dim": 32},
-              "memory": {"channels": 4, "height": 8, "width": 8, "slots": 8, "address_dim": 8},
+              "memory": {"channels": 16, "height": 8, "width": 8, "slots": 8, "address_dim": 8},
               "keys": {"num_reads": 2},
               "read": {"window": 4}, "latent": {"dim": 8, "prior_width": 16}, "decoder": {"width": 8, "groups": 4}}
 
@@ -123,7 +126,7 @@ class BenchmarkError(SystemExit):
 def model_config(name: str, bit_depth: int, image_shape: tuple[int, int, int], prof: Profile):
     from kpp import KanervaConfig
 
-    from kpp.config import MATRIX_MEMORY_FIELDS
+    from kpp.config import WRITER_FIELDS
 
     c, h, w = image_shape
     over = json.loads(json.dumps(prof.model))  # deep copy
@@ -131,7 +134,7 @@ def model_config(name: str, bit_depth: int, image_shape: tuple[int, int, int], p
         over[section] = {**over.get(section, {}), **fields}
     # A profile sizes the matrix memory (memory.slots, ...) once for every row; a row whose writer has no use for a
     # setting leaves it out (validate() refuses settings that would do nothing).
-    for setting, writers in MATRIX_MEMORY_FIELDS.items():
+    for setting, writers in WRITER_FIELDS.items():
         if over["memory"]["writer"] not in writers:
             over["memory"].pop(setting, None)
     return KanervaConfig.from_dict({"image_channels": c, "image_height": h, "image_width": w, "bit_depth": bit_depth,

@@ -27,8 +27,7 @@ from pipeline.data.sources import DATASETS, load_split
 DEMO_MODEL = {
     "episode_length": 8,
     "encoder": {"width": 16, "groups": 4, "embedding_dim": 64},
-    "memory": {"channels": 8, "height": 16, "width": 16, "writer": "key"},
-    "keys": {"num_reads": 2},
+    "memory": {"channels": 32, "height": 16, "width": 16, "writer": "key"},  # the code memory: 2 x latent.dim
     "read": {"window": 8},
     "latent": {"dim": 16, "prior_width": 32},
     "decoder": {"width": 16, "groups": 4},

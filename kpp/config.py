@@ -51,7 +51,7 @@ class EncoderConfig:
 class MemoryConfig:
     """The deterministic 2-D memory M [B, C_m, H_m, W_m] written from the episode (a point mass, no KL)."""
 
-    channels: int = _f(16, "C_m: memory channels")
+    channels: int = _f(64, "C_m: memory channels (memory.content=code: at least 2 x latent.dim)")
     height: int = _f(16, "H_m: memory height")
     width: int = _f(16, "W_m: memory width")
     # "key": each image writes a block at its own posterior key means (the inverse of the read), summed over the
@@ -74,11 +74,11 @@ class MemoryConfig:
     placement: Literal["sample", "splat"] = _f("sample", "how the key writer places a block: resampled at the memory's pixels, or the read's transpose")
     # What the key writer writes (docs/memory-experiments.md, "A memory that pays from step 0"). "map": a learned
     # C_m x w x w block of the image's embedding, which the prior's conv net must learn to read: the memory is
-    # picked up only after ~1,000 steps. "code": the image's code, one C_m vector over the whole block, started as
+    # picked up only after ~1,000 steps (the default until issue 23). "code" (the default): the image's code, one C_m vector over the whole block, started as
     # the mean and log-variance of its posterior q(z | X); the memory also carries how much of the writes covers
     # each pixel, a read is divided by its coverage, and the prior starts as the code it reads back. A read that
     # lands on x_t's own write then gives p(z | M_hat) = q(z | X) from the first step (needs channels >= 2 d_z).
-    content: Literal["map", "code"] = _f("map", "what the key writer writes: a learned block of the embedding (map), or the image's posterior code, read back by the prior from step 0 (code)")
+    content: Literal["map", "code"] = _f("code", "what the key writer writes: a learned block of the embedding (map), or the image's posterior code, read back by the prior from step 0 (code)")
     # The code writer's write covers write_span times the region of the read at the same key (same centre), so a
     # read whose key noise moves it off centre still lands on the write alone.
     write_span: float = _f(1.0, "memory.content=code: an image's write covers this many times the side of its read's region")
@@ -95,21 +95,24 @@ BASELINES = ("dkm", "km", "vae")  # memory.writer values that are another model,
 # The matrix-normal memory's settings and the writers that use them: set for another writer they would silently do
 # nothing (a sweep over them would search nothing), so validate() refuses that.
 MATRIX_MEMORY_FIELDS = {"slots": ("dkm", "km"), "address_reg": ("dkm",), "address_dim": ("km",)}
+# The settings only some writers read, by the same rule: another writer leaves them at their defaults. (memory.content
+# is the key writer's: the default code memory is K++'s, and a baseline's `memory.writer=vae` alone must work.)
+WRITER_FIELDS = {**MATRIX_MEMORY_FIELDS, "content": ("key",)}
 
 
 @dataclass(kw_only=True)
 class KeyConfig:
     """Keys y in R^3 per image and read: (scale, shift_x, shift_y) of an affine read grid. Prior N(0, I)."""
 
-    # 2, not the 4 used before: at 2,280 steps of 16 x 16 binarized-MNIST images, 2 reads picked the memory up in
-    # 3 of 3 seeds and ended 3.8 nats/image lower (82.89 vs 86.71 mean, H100; docs/memory-experiments.md). With 4,
-    # one key carried the address and the rest sat at the free-bits floor, each costing its floor in KL_y.
-    num_reads: int = _f(2, "K: reads (keys) per image")
+    # 1 with the code memory: one read per image returns its whole code; a second read of the code cost ~10 nats of
+    # KL_y at 250 steps (docs/memory-experiments.md). With the map memory 2 (82.89 vs 86.71 for 4 at 2,280 steps):
+    # with 4, one key carried the address and the rest sat at the free-bits floor.
+    num_reads: int = _f(1, "K: reads (keys) per image")
     min_scale: float = _f(0.1, "the read covers between min_scale and max_scale of the memory side (choice)")
     max_scale: float = _f(0.5, "upper bound of the read scale: a read is a local block, never the whole memory")
     # Initial log-variance of q(y | X). Below 0 the first reads land near the writes (which sit at the key means),
     # so the memory can pay for its key KL before the keys collapse onto the prior (see docs/memory-experiments.md).
-    init_logvar: float = _f(0.0, "initial log-variance of the key posterior q(y | X)")
+    init_logvar: float = _f(-4.0, "initial log-variance of the key posterior q(y | X)")
     # Scales the initial weights of the key means. At the default init every image's key mean is ~0, so all images
     # write to (and read from) the same place and each read returns a superposition of the whole episode; a larger
     # gain spreads the first writes over the memory.
@@ -119,12 +122,19 @@ class KeyConfig:
     # its own cell of a grid that tiles the memory, the read's scale at the cell's (divided by memory.write_span):
     # every image writes and reads at an address of its own from step 0. p(y) stays N(0, I), so the offsets are
     # paid for in KL_y like any key.
-    layout: Literal["centre", "grid"] = _f("centre", "where the keys start: all near the centre, or each episode position at its own cell of a grid over the memory")
+    layout: Literal["centre", "grid"] = _f("grid", "where the keys start: all near the centre, or each episode position at its own cell of a grid over the memory")
+    # With layout=grid the key mean is (image part) + (position's offset). Nothing stops the image part of the
+    # shifts from growing and moving an episode's reads onto each other (seed 2 of the 1,000-step code-memory runs:
+    # read centres 0.12 of the half-width apart, KL_z 12.6 against 4.0; docs/memory-experiments.md). This weight
+    # scales the image part of the two shifts: 0 puts each read at its position's cell (a learned offset, still
+    # paid for in KL_y); the scale stays the image's. At 0: 67.28 / 66.51 / 69.28 nats/image at 1,000 steps on
+    # three seeds, against 76.16 / 78.03 / 97.24 at 1.
+    image_shift_gain: float = _f(0.0, "keys.layout=grid: weight of the image-dependent part of the key's shifts (0: a read's position comes from the episode position alone)")
     # "amortized": log-variance from the image's embedding, as the mean. "shared": one learned log-variance per read
     # and coordinate. Under Adam an amortised log-variance moves by ~lr x (its 256 inputs) per step and the key
     # KL's consistent gradient widens sharp keys back to the prior within ~50 steps, before any read pays; a
     # shared one moves by ~lr per step (docs/memory-experiments.md).
-    logvar: Literal["amortized", "shared"] = _f("amortized", "the key posterior's log-variance: from the image (amortized), or one learned value per read and coordinate (shared)")
+    logvar: Literal["amortized", "shared"] = _f("shared", "the key posterior's log-variance: from the image (amortized), or one learned value per read and coordinate (shared)")
 
 
 @dataclass(kw_only=True)
@@ -246,19 +256,17 @@ class KanervaConfig:
         if not (m.address_reg > 0 and math.isfinite(m.address_reg)):
             raise ConfigError("memory.address_reg", f"must be a finite number > 0, got {m.address_reg}")
         default = MemoryConfig()
-        for name, writers in MATRIX_MEMORY_FIELDS.items():
+        for name, writers in WRITER_FIELDS.items():
             if m.writer not in writers and getattr(m, name) != getattr(default, name):
                 raise ConfigError(f"memory.{name}", f"only used by writer={' or '.join(writers)}, not "
                                   f"writer={m.writer!r}: leave it at its default ({getattr(default, name)})")
-        if m.content == "code":
-            if m.writer != "key":
-                raise ConfigError("memory.content", f"'code' is written by writer='key', not writer={m.writer!r}")
+        if m.content == "code" and m.writer == "key":
             if m.channels < 2 * self.latent.dim:
                 raise ConfigError("memory.channels", f"memory.content=code writes the posterior's mean and log-variance: "
                                   f"needs at least 2 x latent.dim = {2 * self.latent.dim} channels, got {m.channels}")
         if not (math.isfinite(m.write_span) and m.write_span >= 1.0):
             raise ConfigError("memory.write_span", f"must be a finite number >= 1, got {m.write_span}")
-        if m.write_span != 1.0 and m.content != "code":
+        if m.write_span != 1.0 and not (m.content == "code" and m.writer == "key"):
             raise ConfigError("memory.write_span", "only the code writer (memory.content=code) uses it: leave it at 1")
         k = self.keys
         _check_positive(k, ["num_reads"], "keys")
@@ -273,6 +281,11 @@ class KanervaConfig:
         if k.num_reads * k.min_scale**2 > 1.0:
             raise ConfigError("keys.num_reads", f"{k.num_reads} reads of at least {k.min_scale} of the memory side cover "
                               f"it {k.num_reads * k.min_scale**2:.2f} times over: lower keys.num_reads or keys.min_scale")
+        if not (math.isfinite(k.image_shift_gain) and 0.0 <= k.image_shift_gain <= 1.0):
+            raise ConfigError("keys.image_shift_gain", f"must be in [0, 1], got {k.image_shift_gain}")
+        if k.layout != "grid" and k.image_shift_gain != KeyConfig().image_shift_gain:
+            raise ConfigError("keys.image_shift_gain", "only keys.layout=grid has a position part to keep: leave it at "
+                              f"its default ({KeyConfig().image_shift_gain})")
         w = self.read.window
         if w <= 0:
             raise ConfigError("read.window", f"must be positive, got {w}")

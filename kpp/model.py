@@ -190,6 +190,9 @@ class KanervaPlusPlus(nn.Module):
                 if t > self.key_offset.shape[0]:
                     raise ValueError(f"episodes of {t} images, but keys.layout=grid has cells for episode_length="
                                      f"{self.key_offset.shape[0]}: build the model with the longer episode_length")
+                if self.cfg.keys.image_shift_gain != 1.0:  # (scale, shift_x, shift_y): damp the image's shifts
+                    g = self.cfg.keys.image_shift_gain
+                    key_mean = key_mean * key_mean.new_tensor([1.0, g, g])
                 key_mean = key_mean + self.key_offset[:t]
         elif self.kind == "km":  # KM's q(y_t | x_t), from the image's embedding
             key_mean, key_logvar = (h.unsqueeze(2) for h in self.memory.posterior(e))

@@ -58,6 +58,7 @@ def save_sample_grid(model: KanervaPlusPlus, episode: torch.Tensor, path: str | 
 # -- labelled figures (matplotlib): what jobs.generate / jobs.inspect write and training logs -------------------
 # Binary images are ink = 1: drawn dark on white. Every figure has a title, row labels and column labels.
 CMAP = "gray_r"
+MAX_CHANNEL_MAPS = 8  # the memory figure's channel maps: one row
 
 
 def _figure(width: float, height: float):
@@ -301,7 +302,15 @@ def memory_keys_figure(model: KanervaPlusPlus, episode: torch.Tensor, seed: int 
         raise ValueError(f"the memory/keys figure needs a 2-D memory map [C, H, W], got {list(memory.shape)}")
     written = memory - gen.empty_memory(model, 1)[0].cpu()
     heat = written.norm(dim=0).numpy()
-    c = memory.shape[0]
+    # at most one row of channel maps: the code memory has 2 d_z + 1 channels (its code, then the writes'
+    # coverage), so it shows its first 7 code channels and the coverage
+    channels = list(range(memory.shape[0]))
+    labels = [f"ch {ch}" for ch in channels]
+    if len(channels) > MAX_CHANNEL_MAPS:
+        coverage = model.cfg.memory.content == "code"
+        channels = channels[: MAX_CHANNEL_MAPS - coverage] + channels[-1:] * coverage
+        labels = [f"ch {ch}" for ch in channels[: MAX_CHANNEL_MAPS - coverage]] + ["coverage"] * coverage
+    c = len(channels)
     t, k = enc.key_mean.shape[1], enc.key_mean.shape[2]
     g = torch.Generator().manual_seed(seed)
     means = key_boxes(model, enc.key_mean[0].cpu())  # [T, K, 4]
@@ -315,13 +324,13 @@ def memory_keys_figure(model: KanervaPlusPlus, episode: torch.Tensor, seed: int 
     gs = fig.add_gridspec(len(heights), cols, height_ratios=heights, left=0.06, right=0.97, top=1 - 0.6 / fig.get_figheight(),
                           bottom=0.35 / (sum(heights) * 1.05 + 1.0), hspace=0.45, wspace=0.2)
     for r, (maps, name) in enumerate(((memory, "M"), (written, "M - empty M"))):
-        lim = float(maps.abs().max()) or 1.0
-        for ch in range(c):
-            ax = fig.add_subplot(gs[r * chan_rows + ch // cols, ch % cols])
+        lim = float(maps[channels].abs().max()) or 1.0
+        for i, (ch, label) in enumerate(zip(channels, labels)):
+            ax = fig.add_subplot(gs[r * chan_rows + i // cols, i % cols])
             im = ax.imshow(maps[ch].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{name}, ch {ch}", fontsize=6.5, pad=2)
+            ax.set_title(f"{name}, {label}", fontsize=6.5, pad=2)
         cax = ax.inset_axes([1.04, 0.0, 0.06, 1.0])
         fig.colorbar(im, cax=cax).ax.tick_params(labelsize=5.5)
     colours = _colours(t)

@@ -40,7 +40,7 @@ EPISODE_LENGTH = 4
 # Width 4 and one read: the smallest K++ whose step is still the model's (convolutions, the STN read, the
 # write); below it the per-op overhead of the CPU kernels sets the step time, not the model.
 MODEL = {"episode_length": EPISODE_LENGTH, "encoder": {"width": 4, "groups": 2, "embedding_dim": 16},
-         "memory": {"channels": 2, "height": 8, "width": 8}, "keys": {"num_reads": 1},
+         "memory": {"channels": 8, "height": 8, "width": 8}, "keys": {"num_reads": 1},  # code: 2 x d_z
          "read": {"window": 4}, "latent": {"dim": 4, "prior_width": 8}, "decoder": {"width": 4, "groups": 2},
          "objective": {"kl_warmup_steps": 50}}
 

@@ -32,7 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # real data beside the repository (../shared/data), or KPP_SHARED_DATA, as for the tests
 SHARED = pathlib.Path(os.environ.get("KPP_SHARED_DATA", REPO.parent / "shared" / "data")) / "binarized_mnist"
 MODEL = {"episode_length": 8, "encoder": {"width": 16, "groups": 4, "embedding_dim": 64},
-         "memory": {"channels": 8, "height": 16, "width": 16}, "keys": {"num_reads": 2}, "read": {"window": 8},
+         "memory": {"channels": 32, "height": 16, "width": 16}, "read": {"window": 8},
          "latent": {"dim": 16, "prior_width": 32}, "decoder": {"width": 16, "groups": 4}}
 
 

@@ -23,7 +23,7 @@ import warnings
 
 TINY = ["model.episode_length=4", "data.batch_episodes=2", "data.valid_episodes=2", "data.test_episodes=2",
         "model.encoder={width: 4, groups: 2, embedding_dim: 16}", "model.decoder={width: 4, groups: 2}",
-        "model.memory={channels: 2, height: 8, width: 8}", "model.read.window=4",
+        "model.memory={channels: 8, height: 8, width: 8}", "model.read.window=4",
         "model.latent={dim: 4, prior_width: 8}"]
 
 

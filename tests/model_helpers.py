@@ -6,7 +6,7 @@ from kpp import KanervaConfig
 # every section the tiny model shrinks; episode length and reads are set by each form below
 TINY_MODEL = {
     "encoder": {"width": 8, "groups": 4, "embedding_dim": 32},
-    "memory": {"channels": 4, "height": 8, "width": 8},
+    "memory": {"channels": 16, "height": 8, "width": 8},  # the code memory: 2 x latent.dim
     "read": {"window": 4},
     "latent": {"dim": 8, "prior_width": 16},
     "decoder": {"width": 8, "groups": 4},

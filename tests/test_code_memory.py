@@ -14,6 +14,8 @@ from tests.model_helpers import tiny_config
 
 CODE = {"memory": {"channels": 16, "content": "code"}, "keys": {"layout": "grid", "logvar": "shared",
                                                              "init_logvar": -4.0}}
+# the map memory with centred, amortised keys (kpp's defaults until issue 23)
+MAP = {"memory": {"channels": 4, "content": "map"}, "keys": {"layout": "centre", "logvar": "amortized", "init_logvar": 0.0}}
 
 
 def code_model(reads: int = 1, span: float = 1.0, seed: int = 0) -> KanervaPlusPlus:
@@ -45,7 +47,7 @@ def test_at_step_0_each_image_reads_back_its_own_posterior_code(reads, span):
 
 def test_the_default_map_memory_does_not_read_back_the_posterior_at_step_0():
     torch.manual_seed(0)
-    model = KanervaPlusPlus(tiny_config())
+    model = KanervaPlusPlus(tiny_config(**MAP))
     x = episodes(model)
     with torch.no_grad():
         enc = model.encode(x)
@@ -113,7 +115,7 @@ def test_the_code_memory_is_used_from_the_first_steps_and_every_parameter_learns
     assert not unchanged, unchanged
     # after 15 steps another episode's memory costs the code model nats; the map model's memory is still ignored
     torch.manual_seed(0)
-    map_model = KanervaPlusPlus(tiny_config())
+    map_model = KanervaPlusPlus(tiny_config(**MAP))
     train(map_model, x)
     code_gap, map_gap = batch_swap_gap(model, x), batch_swap_gap(map_model, x)
     assert code_gap > 0.05 and code_gap > 20 * abs(map_gap), (code_gap, map_gap)
@@ -131,6 +133,24 @@ def test_code_memory_evaluation_leave_one_out_and_save_load(tmp_path):
     assert evaluate(loaded, x, iwae_samples=2) == result
 
 
+@pytest.mark.parametrize("gain", [0.0, 0.25])
+def test_image_shift_gain_scales_the_image_part_of_the_shifts_and_leaves_the_scale_alone(gain):
+    torch.manual_seed(0)
+    cfg = tiny_config(memory=CODE["memory"], keys={**CODE["keys"], "num_reads": 1, "image_shift_gain": gain})
+    model = KanervaPlusPlus(cfg)
+    torch.manual_seed(0)  # the same seed: the same weights
+    free = KanervaPlusPlus(tiny_config(memory=CODE["memory"], keys={**CODE["keys"], "num_reads": 1, "image_shift_gain": 1.0}))
+    x = episodes(model)
+    with torch.no_grad():
+        damped, full = model.encode(x).key_mean, free.encode(x).key_mean
+    offset = free.key_offset[: x.shape[1]]
+    torch.testing.assert_close(damped[..., 0], full[..., 0])  # the read's scale is still the image's
+    torch.testing.assert_close(damped[..., 1:] - offset[..., 1:], gain * (full[..., 1:] - offset[..., 1:]))
+    if gain == 0.0:  # every episode reads position t at the same place: its cell's learned offset
+        assert torch.equal(damped[..., 1:], offset[..., 1:].expand_as(damped[..., 1:]))
+        assert (full[..., 1:] - offset[..., 1:]).abs().max() > 1e-3  # (what the gain removed was not already 0)
+
+
 def test_a_grid_model_refuses_episodes_longer_than_its_grid():
     model = code_model()
     x = torch.zeros(1, model.cfg.episode_length + 1, *model.cfg.image_shape)
@@ -140,12 +160,13 @@ def test_a_grid_model_refuses_episodes_longer_than_its_grid():
 
 @pytest.mark.parametrize("overrides,field", [
     ({"memory": {"content": "code", "channels": 4}}, "memory.channels"),             # fewer than 2 d_z = 16
-    ({"memory": {"content": "code", "writer": "dense", "channels": 16}}, "memory.content"),
-    ({"memory": {"content": "code", "writer": "vae", "channels": 16}}, "memory.content"),
-    ({"memory": {"write_span": 2.0}}, "memory.write_span"),                          # the map writer ignores it
+    ({"memory": {"content": "map", "write_span": 2.0}}, "memory.write_span"),                    # the map writer ignores it
     ({"memory": {"content": "code", "channels": 16, "write_span": 0.5}}, "memory.write_span"),
     ({"keys": {"layout": "ring"}}, "keys.layout"),
     ({"keys": {"logvar": "fixed"}}, "keys.logvar"),
+    ({"keys": {"layout": "centre", "image_shift_gain": 0.5}}, "keys.image_shift_gain"),  # no cells there
+    ({"keys": {"layout": "grid", "image_shift_gain": 1.5}}, "keys.image_shift_gain"),
+    ({"keys": {"layout": "grid", "image_shift_gain": float("nan")}}, "keys.image_shift_gain"),
 ])
 def test_bad_code_memory_settings_are_refused_naming_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:
@@ -153,6 +174,21 @@ def test_bad_code_memory_settings_are_refused_naming_the_field(overrides, field)
     assert err.value.field == field
 
 
-def test_the_defaults_are_the_map_memory_with_centred_amortised_keys():
+def test_the_default_model_is_the_code_memory_read_at_its_positions_cells():
     cfg = KanervaConfig()
-    assert (cfg.memory.content, cfg.memory.write_span, cfg.keys.layout, cfg.keys.logvar) == ("map", 1.0, "centre", "amortized")
+    assert (cfg.memory.content, cfg.keys.num_reads, cfg.keys.layout, cfg.keys.logvar, cfg.keys.image_shift_gain) == (
+        "code", 1, "grid", "shared", 0.0)
+    assert cfg.memory.channels >= 2 * cfg.latent.dim
+
+
+@pytest.mark.parametrize("writer", ["none", "dense", "dkm", "km", "vae"])
+def test_every_other_writer_is_one_field_away_from_the_defaults(writer):
+    """The code memory is the key writer's: `memory.writer=<baseline>` alone builds that model, and an explicit
+    content for a writer that never reads it is refused like any setting that would do nothing."""
+    torch.manual_seed(0)
+    model = KanervaPlusPlus(tiny_config(memory={"channels": 16, "writer": writer}))
+    x = episodes(model, batch=2)
+    assert torch.isfinite(model(x)["loss"])
+    with pytest.raises(ConfigError) as err:
+        tiny_config(memory={"channels": 16, "writer": writer, "content": "map"})
+    assert err.value.field == "memory.content"

@@ -9,7 +9,7 @@ from kpp.viz import ROW_LABELS
 
 
 def test_demo_smoke_run_writes_bounds_model_and_grid(tmp_path, capsys):
-    result = demo.main(["--steps", "4", "--test-episodes", "2", "--iwae-samples", "2", "--out", str(tmp_path)])
+    result = demo.main(["--steps", "4", "--test-episodes", "2", "--iwae-samples", "8", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "memory-conditional -ELBO (paper's quantity)" in printed and "leave-one-out" in printed
     bounds = json.loads((tmp_path / "bounds.json").read_text())

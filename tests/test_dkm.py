@@ -136,7 +136,7 @@ def test_baseline_configs_refuse_what_they_cannot_do():
 
 
 REAL = dict(episode_length=8, encoder={"width": 16, "groups": 4, "embedding_dim": 64},
-            memory={"channels": 8, "height": 16, "width": 16}, keys={"num_reads": 2}, read={"window": 8},
+            memory={"channels": 32, "height": 16, "width": 16}, read={"window": 8},
             latent={"dim": 16, "prior_width": 32}, decoder={"width": 16, "groups": 4},
             objective={"kl_warmup_steps": 30})
 

@@ -72,12 +72,14 @@ def test_swap_gap_is_zero_when_the_memory_cannot_differ():
     assert evaluate(no_memory, binary_batch(4), iwae_samples=2)["swap_gap"] == 0.0
 
 
-def test_swap_gap_sees_a_memory_that_matters():
+@pytest.mark.parametrize("content", ["code", "map"])
+def test_swap_gap_sees_a_memory_that_matters(content):
     # An untrained model has no reason to prefer its own memory, so only the size of the gap is checked here.
     torch.manual_seed(0)
-    model = KanervaPlusPlus(tiny_config()).eval()
-    with torch.no_grad():  # make the prior depend strongly on the memory content
-        model.writer.block.weight.mul_(1000)
+    keys = {} if content == "code" else {"layout": "centre", "logvar": "amortized", "init_logvar": 0.0}  # the map's own
+    model = KanervaPlusPlus(tiny_config(memory={"content": content}, keys=keys)).eval()
+    with torch.no_grad():  # make the prior depend strongly on the memory content (the code: what the writes hold)
+        (model.writer.code if content == "code" else model.writer.block).weight.mul_(1000)
     x = torch.zeros(4, 6, 1, 28, 28)
     x[1::2] = 1.0  # episodes alternate between blank and full, so their memories differ a lot
     assert abs(evaluate(model, x, iwae_samples=2, leave_one_out=False)["swap_gap"]) > 1.0
@@ -87,8 +89,8 @@ def test_leave_one_out_memory_excludes_exactly_that_image(model):
     x = binary_batch(2, seed=6)
     with torch.no_grad():
         loo = model.leave_one_out_memories(x)
-        assert loo.shape == (2, 6, 4, 8, 8)
         expected = model.write(model.encode(torch.cat([x[:, :2], x[:, 3:]], 1)))
+        assert loo.shape == (2, 6, *expected.shape[1:])
         assert torch.allclose(loo[:, 2], expected)
         x2 = x.clone()
         x2[:, 2] = 1 - x2[:, 2]

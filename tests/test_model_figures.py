@@ -58,7 +58,7 @@ def test_figures_have_their_grid_shapes_labels_and_content(model, episodes, tmp_
         assert pixels.shape == (round(fig.get_figheight() * fig.dpi), round(fig.get_figwidth() * fig.dpi))
         assert pixels.std() > 5, name  # not a constant picture
     memory = viz.memory_keys_figure(model, ep)
-    assert memory.kpp_grid == {"channels": 4, "images": t, "reads": 2}
+    assert memory.kpp_grid == {"channels": 8, "images": t, "reads": 2}  # 7 code channels of 16 and the coverage
     sweep = viz.key_sweep_figure(model, ep, n=4)
     assert (sweep.kpp_grid["panels"], sweep.kpp_grid["rows"], sweep.kpp_grid["cols"]) == (3, 4, 4)
     assert viz.figure_array(memory).dtype == np.uint8 and viz.figure_array(memory).std() > 5

@@ -25,7 +25,7 @@ TINY_TRAIN = {"train.max_steps": 30, "train.warmup_steps": 2, "train.log_every":
 
 def sweep_yaml(tmp_path, **fields) -> str:
     doc = {"name": "s", "train": {"config": "jobs/configs/local.yaml", "overrides": dict(TINY_TRAIN)},
-           "search": {"train.lr": {"grid": [3e-3, 1e-7]}, "model.memory.channels": {"grid": [4, 8]}},
+           "search": {"train.lr": {"grid": [3e-3, 1e-7]}, "model.memory.channels": {"grid": [32, 48]}},
            "num_trials": 4, "algorithm": "random", "asha": {"grace_steps": 10, "reduction_factor": 2},
            "max_concurrent_trials": 1}
     for k, v in fields.items():
@@ -41,7 +41,7 @@ BAD = [
     ({"search": {"train.lr": {"choice": []}}}, "search.train.lr.choice: needs a non-empty list"),
     ({"search": {"train.lr": {"uniform": [0.1, 0.01]}}}, "search.train.lr.uniform: low 0.1 > high 0.01"),
     ({"search": {"train.lr": {"loguniform": [0.0, 0.01]}}}, "search.train.lr.loguniform: low must be > 0"),
-    ({"search": {"model.memory.channels": {"choice": [4, "many"]}}},
+    ({"search": {"model.memory.channels": {"choice": [32, "many"]}}},
      "search.model.memory.channels: value 'many' is not accepted"),
     ({"search": {"train.lr": {"between": [1, 2]}}}, "search.train.lr: expected one of"),
     ({"metric": "test/neg_elbo"}, "metric: 'test/neg_elbo' is not reported by the training loop"),
@@ -52,12 +52,18 @@ BAD = [
 
 
 def test_a_grace_period_before_the_warm_up_ends_is_warned_about(tmp_path):
-    """ASHA judging memory settings before any trial can use its memory (issue 23): said, not refused."""
+    """ASHA judging the map memory's settings before any trial can use its memory (issue 23): said, not refused.
+    The code memory (the default) is used from the first steps: no warning."""
+    import warnings
     train = {**TINY_TRAIN, "model.objective.kl_warmup_steps": 20}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", space.EarlyJudgement)
+        space.load(sweep_yaml(tmp_path, train={"config": "jobs/configs/local.yaml", "overrides": train}), [],
+                   root=pathlib.Path(ROOT))
+    train = {**train, "model.memory.content": "map"}
     with pytest.warns(space.EarlyJudgement, match=r"asha.grace_steps: 10 is before the KL warm-up ends at step 20"):
         space.load(sweep_yaml(tmp_path, train={"config": "jobs/configs/local.yaml", "overrides": train}), [],
                    root=pathlib.Path(ROOT))
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error", space.EarlyJudgement)
         space.load(sweep_yaml(tmp_path, train={"config": "jobs/configs/local.yaml",
@@ -391,5 +397,5 @@ def test_trials_log_to_the_sweeps_store(tmp_path):
                        root=pathlib.Path(ROOT))
     assert sweep.base.tracking.uri == f"sqlite:///{pathlib.Path(ROOT) / 'outputs' / 'sweeps.db'}"
     sweep.pin_tracking_uri("http://127.0.0.1:5000")
-    trial = sweep.trial_config({"train.lr": 1e-3, "model.memory.channels": 4})
-    assert trial.tracking.uri == "http://127.0.0.1:5000" and trial.model.memory.channels == 4
+    trial = sweep.trial_config({"train.lr": 1e-3, "model.memory.channels": 48})
+    assert trial.tracking.uri == "http://127.0.0.1:5000" and trial.model.memory.channels == 48

@@ -25,7 +25,8 @@ def test_a_version_without_test_bounds_says_so_and_a_baseline_says_which():
     assert "bits/dim" in naming.model_description(cfg)
 
 
-@pytest.mark.parametrize("writer, label", [("key", "Kanerva++ (writer=key, 2 reads)"), ("dkm", "DKM baseline"),
+@pytest.mark.parametrize("writer, label", [("key", "Kanerva++ (writer=key, code memory, 1 read)"),
+                                           ("none", "Kanerva++ (writer=none, 1 read)"), ("dkm", "DKM baseline"),
                                            ("km", "Kanerva Machine baseline"), ("vae", "VAE baseline")])
 def test_every_model_kind_is_named_in_its_description(writer, label):
     """A KM version failed to register (KeyError 'km') when the writer was added without a label."""

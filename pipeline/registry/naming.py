@@ -98,7 +98,9 @@ def version_description(cfg, metrics: Mapping[str, Any], run_id: str, run_tags: 
     """One paragraph on a version: what was trained on what, how, and what it scored (the tags hold the same in
     machine-readable form)."""
     m, t = cfg.model, cfg.train
-    kind = {"kpp": f"Kanerva++ (writer={m.memory.writer}, {m.keys.num_reads} reads)", "dkm": "DKM baseline",
+    k = m.keys.num_reads
+    content = f", {m.memory.content} memory" if m.memory.writer == "key" else ""
+    kind = {"kpp": f"Kanerva++ (writer={m.memory.writer}{content}, {k} read{'s' * (k != 1)})", "dkm": "DKM baseline",
             "km": "Kanerva Machine baseline", "vae": "VAE baseline"}[m.kind]
     scores = []
     for label, key in (("test bound", "test/neg_elbo"), ("IWAE", "test/iwae"), ("swap gap", "test/swap_gap"),
