@@ -72,12 +72,13 @@ class MemoryConfig:
     # returns the block at every scale. Measured at 2,280 steps, sample 86.06 vs splat 89.15 nats/image (swap gap
     # +112 vs +54): the consistent write learned to use the memory more slowly (docs/memory-experiments.md).
     placement: Literal["sample", "splat"] = _f("sample", "how the key writer places a block: resampled at the memory's pixels, or the read's transpose")
-    # What the key writer writes (docs/memory-experiments.md, "A memory that pays from step 0"). "map": a learned
-    # C_m x w x w block of the image's embedding, which the prior's conv net must learn to read: the memory is
-    # picked up only after ~1,000 steps (the default until issue 23). "code" (the default): the image's code, one C_m vector over the whole block, started as
-    # the mean and log-variance of its posterior q(z | X); the memory also carries how much of the writes covers
-    # each pixel, a read is divided by its coverage, and the prior starts as the code it reads back. A read that
-    # lands on x_t's own write then gives p(z | M_hat) = q(z | X) from the first step (needs channels >= 2 d_z).
+    # What the key writer writes (docs/memory-experiments.md, "A memory that pays from step 0"). "map" (the default
+    # until issue 23): a learned C_m x w x w block of the image's embedding, which the prior's conv net must learn
+    # to read: the memory is picked up only after ~1,000 steps. "code" (the default): the image's code, one C_m
+    # vector over the whole block, started as the mean and log-variance of its posterior q(z | X); the memory also
+    # carries how much of the writes covers each pixel, a read is divided by its coverage, and the prior starts as
+    # the code it reads back. A read that lands on x_t's own write then gives p(z | M_hat) = q(z | X) from the
+    # first step (needs channels >= 2 d_z).
     content: Literal["map", "code"] = _f("code", "what the key writer writes: a learned block of the embedding (map), or the image's posterior code, read back by the prior from step 0 (code)")
     # The code writer's write covers write_span times the region of the read at the same key (same centre), so a
     # read whose key noise moves it off centre still lands on the write alone.
