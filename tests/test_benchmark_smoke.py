@@ -7,11 +7,13 @@ import subprocess
 import sys
 import pytest
 
+from kpp import KanervaConfig
+
 # these tests start Ray clusters, a local stack or jobs of their own (tests/conftest.py: make test-unit skips them)
 pytestmark = pytest.mark.services
 
 
-ROWS = ["kpp", "dkm", "dkm_plain", "km", "vae"]  # K++, DKM w/ TSM, DKM, KM, VAE
+ROWS = ["kpp", "dkm", "dkm_plain", "km", "vae", "none"]  # K++, DKM w/ TSM, DKM, KM, VAE, K++ with no memory
 
 
 def bench(*args, timeout=900):
@@ -34,7 +36,7 @@ def test_tiny_profile_writes_json_and_table(tmp_path):
                 # S = 2 samples on 8 images: the sampled IWAE may sit a little above the analytic-KL ELBO
                 assert math.isfinite(b["neg_elbo"]) and b["iwae"] <= 1.01 * b["neg_elbo"] and b["train_s"] > 0
             assert run["equal_steps"]["steps"] == 3 if dataset == "binarized_mnist" else 2
-        assert runs["vae"]["equal_steps"]["swap_gap"] == 0.0  # no memory: 0 by construction
+        assert runs["vae"]["equal_steps"]["swap_gap"] == 0.0 == runs["none"]["equal_steps"]["swap_gap"]  # no memory
         assert all(runs[name]["equal_steps"]["kl_m"] > 0 for name in ("dkm", "dkm_plain", "km"))  # a memory KL
     assert set(report["speed"]["models"]) == set(ROWS)
     assert report["speed"]["ratios"]["kpp_over_vae_step_time"] > 0
@@ -82,7 +84,8 @@ def test_step_speed_against_another_tree_writes_every_ratio(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["runs"]) == {"before", "after", "vae_after", "reference"}
-    assert report["runs"]["after"][0]["num_reads"] == 2 and report["runs"]["reference"][0]["num_reads"] is None
+    assert report["runs"]["after"][0]["num_reads"] == KanervaConfig().keys.num_reads
+    assert report["runs"]["reference"][0]["num_reads"] is None
     assert all(v > 0 and math.isfinite(v) for v in report["ratios"].values()), report["ratios"]
     bad = subprocess.run([sys.executable, "-m", "research.step_speed_vs_tree", "--before", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
