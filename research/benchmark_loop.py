@@ -47,7 +47,7 @@ MODEL = {"episode_length": EPISODE_LENGTH, "encoder": {"width": 4, "groups": 2, 
 
 def job_overrides(args, shards: str, storage: str, uri: str, name: str) -> list[str]:
     return [f"model={json.dumps(MODEL)}", f"name={name}", "data.dataset=binarized_mnist", f"data.shards={shards}",
-            "data.batch_episodes=2", "data.loader_workers=1", f"data.valid_episodes={args.valid_episodes}",
+            "data.batch_episodes=2", f"data.loader_workers={args.loader_workers}", f"data.valid_episodes={args.valid_episodes}",
             "data.test_episodes=4",
             "eval.iwae_samples=1", f"eval.every_steps={args.eval_every}", f"train.max_steps={args.steps}",
             "train.warmup_steps=10", f"train.log_every={args.log_every}",
@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--eval-every", type=int, default=100, help="eval.every_steps of the full loop")
     ap.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint.every_steps of the full loop")
     ap.add_argument("--valid-episodes", type=int, default=8, help="data.valid_episodes of the full loop")
+    ap.add_argument("--loader-workers", type=int, default=1, help="data.loader_workers of the full loop (the GPU "
+                    "configs use 2; 0 reads the shards on the training thread)")
     ap.add_argument("--out", default="outputs/benchmarks", help="directory for loop.json")
     args = ap.parse_args(argv)
     for name in ("steps", "repeats", "log_every"):
