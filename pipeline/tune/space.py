@@ -203,7 +203,7 @@ def load(path: str | None, overrides: list[str], root: pathlib.Path | None = Non
     if base.model.kind == "kpp" and m.writer == "key" and m.content == "map" and cfg.asha.grace_steps < warmup:
         # Not an error (a quick sweep of the mechanism is legitimate), but ASHA then ranks memory and key settings
         # before any trial can use its memory: the map memory's pick-up follows the end of the warm-up. (The code
-        # memory, the default, is used from the first steps: swap gap +36 to +46 at step 50, +241 to +252 at step
+        # memory, the default, is used from the first steps: swap gap +36 to +82 at step 50, +241 to +626 at step
         # 100 of the 1,000-step runs in docs/memory-experiments.md, so any grace period sees it at work.)
         warnings.warn(EarlyJudgement(
             f"asha.grace_steps: {cfg.asha.grace_steps} is before the KL warm-up ends at step {warmup} "
