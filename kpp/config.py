@@ -284,9 +284,10 @@ class KanervaConfig:
                               f"it {k.num_reads * k.min_scale**2:.2f} times over: lower keys.num_reads or keys.min_scale")
         if not (math.isfinite(k.image_shift_gain) and 0.0 <= k.image_shift_gain <= 1.0):
             raise ConfigError("keys.image_shift_gain", f"must be in [0, 1], got {k.image_shift_gain}")
-        if k.layout != "grid" and k.image_shift_gain != KeyConfig().image_shift_gain:
+        default_gain = KeyConfig().image_shift_gain
+        if k.layout != "grid" and k.image_shift_gain != default_gain:
             raise ConfigError("keys.image_shift_gain", "only keys.layout=grid has a position part to keep: leave it at "
-                              f"its default ({KeyConfig().image_shift_gain})")
+                              f"its default ({default_gain})")
         w = self.read.window
         if w <= 0:
             raise ConfigError("read.window", f"must be positive, got {w}")

@@ -13,6 +13,11 @@ TINY_MODEL = {
 }
 
 
+# the map memory with centred, amortised keys (kpp's defaults until issue 23), as tiny_config overrides
+MAP_MEMORY = {"memory": {"channels": 4, "content": "map"},
+              "keys": {"layout": "centre", "logvar": "amortized", "init_logvar": 0.0}}
+
+
 def tiny_config(**overrides) -> KanervaConfig:
     """The tiny model for model-level tests: episodes of 6 images, 2 reads; `overrides` merge per section."""
     base = {"episode_length": 6, "keys": {"num_reads": 2}, **copy.deepcopy(TINY_MODEL)}

@@ -10,12 +10,11 @@ from kpp.config import ConfigError
 from kpp.evaluate import batch_swap_gap, evaluate
 from kpp.memory import COVERAGE_FLOOR, key_to_affine, normalise_by_coverage, place, read
 from kpp.objective import gaussian_kl
-from tests.model_helpers import tiny_config
+from tests.model_helpers import MAP_MEMORY, tiny_config
 
 CODE = {"memory": {"channels": 16, "content": "code"}, "keys": {"layout": "grid", "logvar": "shared",
                                                              "init_logvar": -4.0}}
-# the map memory with centred, amortised keys (kpp's defaults until issue 23)
-MAP = {"memory": {"channels": 4, "content": "map"}, "keys": {"layout": "centre", "logvar": "amortized", "init_logvar": 0.0}}
+MAP = MAP_MEMORY
 
 
 def code_model(reads: int = 1, span: float = 1.0, seed: int = 0) -> KanervaPlusPlus:

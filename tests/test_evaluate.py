@@ -8,7 +8,7 @@ import torch
 from kpp import KanervaPlusPlus
 from kpp.evaluate import batch_swap_gap, describe, evaluate, iwae_bound
 from kpp.model import Noise
-from tests.model_helpers import tiny_config
+from tests.model_helpers import MAP_MEMORY, tiny_config
 from tests.test_model import binary_batch
 
 
@@ -76,8 +76,7 @@ def test_swap_gap_is_zero_when_the_memory_cannot_differ():
 def test_swap_gap_sees_a_memory_that_matters(content):
     # An untrained model has no reason to prefer its own memory, so only the size of the gap is checked here.
     torch.manual_seed(0)
-    keys = {} if content == "code" else {"layout": "centre", "logvar": "amortized", "init_logvar": 0.0}  # the map's own
-    model = KanervaPlusPlus(tiny_config(memory={"content": content}, keys=keys)).eval()
+    model = KanervaPlusPlus(tiny_config() if content == "code" else tiny_config(**MAP_MEMORY)).eval()
     with torch.no_grad():  # make the prior depend strongly on the memory content (the code: what the writes hold)
         (model.writer.code if content == "code" else model.writer.block).weight.mul_(1000)
     x = torch.zeros(4, 6, 1, 28, 28)
