@@ -63,6 +63,10 @@ class Checkpointer:
         self.schedule = Every(every_steps)
         self.keep_by = keep_by
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kpp-report") if background else None
+        if self._pool is not None:
+            # its thread now, not at the first report: a thread started by a pinned training thread would run that
+            # report on the training core (pipeline.train.affinity)
+            self._pool.submit(lambda: None).result()
         self._in_flight: collections.deque[Future] = collections.deque()
         self.max_in_flight = max_in_flight
         self.timings: list[SaveTiming] = []

@@ -102,6 +102,10 @@ class ScalingConfig(Section):
                                      "jobs share a GPU (0.25: 4 sweep trials on one GPU; a trial of the paper's "
                                      "model uses ~1 GB); a fraction needs num_workers=1 (nccl refuses two ranks "
                                      "on one GPU)")
+    pin_training_thread: bool = _f(False, "give each worker's training thread a core of its own and keep every "
+                                          "other thread of the worker (and its DataLoader workers) off it: fewer "
+                                          "preemptions of the step on a node whose cores are busy (Linux; needs "
+                                          "whole cpus_per_worker, and more usable cores than workers on a node)")
     cpus_per_worker: Float = _f(1.0, "logical CPUs per worker; fractional values let 2 workers and the Ray "
                                      "controller share a 2-core machine")
     timeout_s: int = _f(300, "collective-op timeout: a hung peer fails the group after this long instead of "
@@ -250,6 +254,9 @@ class JobConfig(Section):
         _need(t.precision == "fp32" or s.use_gpu, "train.precision",
               "bf16 autocast needs scaling.use_gpu=true (on CPU it is slower than fp32 here)", t.precision)
         _need(0 < s.cpus_per_worker <= 256, "scaling.cpus_per_worker", "must be in (0, 256]", s.cpus_per_worker)
+        _need(not s.pin_training_thread or float(s.cpus_per_worker).is_integer(), "scaling.pin_training_thread",
+              f"needs a whole scaling.cpus_per_worker ({s.cpus_per_worker}): fractional workers share cores "
+              "(packed sweep trials), and each would pin its training thread to the same one", True)
         g = s.gpus_per_worker
         _need(math.isfinite(g) and g > 0 and (g <= 1 or float(g).is_integer()), "scaling.gpus_per_worker",
               "must be a fraction in (0, 1] or a whole number of GPUs (Ray places no fraction above 1)", g)

@@ -39,7 +39,7 @@ from kpp.objective import kl_beta
 from pipeline.data.shards.plan import Cursor
 from pipeline.data.train_data import load_data
 from pipeline.registry.run_logger import RankZeroLogger, TrackingError
-from pipeline.train import checkpointing
+from pipeline.train import affinity, checkpointing
 from pipeline.train import optim
 from pipeline.train.checkpointer import Checkpointer, Every
 from pipeline.train.config import JobConfig
@@ -117,6 +117,7 @@ class Loop:
         self._restored_report: dict[str, Any] = {}
         self._started_unix = started_unix
         self._start_to_first_step_s: float | None = None
+        self.pin: affinity.CorePin | None = None  # scaling.pin_training_thread, set by run()
 
     @property
     def skipped(self) -> int:
@@ -124,9 +125,16 @@ class Loop:
 
     # -- the whole job ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        if self.job.scaling.pin_training_thread:
+            self.pin = affinity.pin_training_thread()
+            if self.pin is not None and self.rank0:
+                print(f"[train] training thread pinned to core {self.pin.core}; the rest of the worker on "
+                      f"{sorted(self.pin.others)}", flush=True)
         try:
             return self._run()
         finally:
+            if self.pin is not None:
+                self.pin.release()
             close = getattr(self.stream, "close", None)
             if close is not None:
                 close()  # the stream's DataLoader workers
@@ -158,6 +166,8 @@ class Loop:
             ready()
             self.first_batch_wait_s = time.perf_counter() - t
             self.tracker.log_metrics({"perf/first_batch_wait_s": self.first_batch_wait_s}, step=self.step)
+        if self.pin is not None:
+            self.pin.spread()  # the loader's workers, started from this thread, inherited its core
         self.metrics.start(self.step)
         loop_t0, loop_cpu_t0 = time.perf_counter(), time.thread_time()
         last: dict[str, Any] = {}
@@ -261,6 +271,8 @@ class Loop:
             self.checkpointer.report(metrics)
         if save or report_due:
             self.metrics.reported()
+        if self.pin is not None:
+            self.pin.spread()  # threads and loader workers started since inherited the training core
         return metrics
 
     # -- one optimiser step -----------------------------------------------------------------------------------
