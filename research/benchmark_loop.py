@@ -12,6 +12,11 @@ Two loops over the same batches, side by side in one run, on one worker with one
     are not part of the loop, as the bare loop's batches are read before its clock starts);
   - bare: `train_step` over the same batches, read from the same shards once and held in memory, same model,
     seed, optimiser and noise seeds, nothing else; run just before and just after each full loop, and averaged.
+Both sides run on the same core: the full loop pins its training thread (scaling.pin_training_thread, which
+takes the top core) and the bare loops run on that core alone, because this VM's two cores differ in speed by
+10% and more, changing by the minute (measured interleaved), and which core each side landed on otherwise
+weighed in the ratio. The S3 and MLflow stand-ins are kept off that core: in production they run elsewhere.
+`--pin-training-thread off` measures the unpinned loop against an unpinned bare loop; `alternate` does both.
 The model is made tiny so that its step is as short as this CPU allows (10-15 ms on this machine's AMD EPYC cores,
 23-35 ms on the Xeon of earlier rounds; a GPU step of the paper's model is ~12 ms), so the loop's own overhead weighs as it would on a GPU. Reported: `loop_over_bare` (full loop time
 per step / bare loop time per step, the median of the paired repeats), the overhead in ms per step, the ratio that
@@ -45,8 +50,8 @@ MODEL = {"episode_length": EPISODE_LENGTH, "encoder": {"width": 4, "groups": 2, 
          "objective": {"kl_warmup_steps": 50}}
 
 
-def job_overrides(args, shards: str, storage: str, uri: str, name: str) -> list[str]:
-    return [f"model={json.dumps(MODEL)}", f"name={name}", "data.dataset=binarized_mnist", f"data.shards={shards}",
+def job_overrides(args, shards: str, storage: str, uri: str, name: str, pin: bool = False) -> list[str]:
+    return [f"scaling.pin_training_thread={str(pin).lower()}", f"model={json.dumps(MODEL)}", f"name={name}", "data.dataset=binarized_mnist", f"data.shards={shards}",
             "data.batch_episodes=2", f"data.loader_workers={args.loader_workers}", f"data.valid_episodes={args.valid_episodes}",
             "data.test_episodes=4",
             "eval.iwae_samples=1", f"eval.every_steps={args.eval_every}", f"train.max_steps={args.steps}",
@@ -56,8 +61,37 @@ def job_overrides(args, shards: str, storage: str, uri: str, name: str) -> list[
             "tracking.registered_model=", "scaling.num_workers=1", "scaling.cpus_per_worker=1"]
 
 
-def bare_loop(cfg, batches: list) -> dict[str, float]:
-    """train_step over batches already in memory: the model's own speed in this process (1 thread)."""
+def keep_off_top_core(pid: int) -> list[int]:
+    """Put a service stand-in (moto's S3, the MLflow server) and its children on every core but the top one, the
+    core a pinned training thread takes (pipeline.train.affinity): in production these services run elsewhere,
+    not on the training node, and here they would otherwise preempt the step they are measured beside. Returns
+    the processes moved."""
+    from pipeline.train.affinity import _children, _threads
+    cores = sorted(os.sched_getaffinity(0))[:-1]
+    moved, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for tid in _threads(p):
+            try:
+                os.sched_setaffinity(tid, cores)
+            except OSError:
+                pass
+        moved.append(p)
+        todo.extend(_children(p))
+    return moved
+
+
+def bare_loop(cfg, batches: list, core: int | None = None) -> dict[str, float]:
+    """train_step over batches already in memory: the model's own speed in this process (1 thread); on `core`
+    alone where given (the core the full loop's pinned training thread takes: this machine's two cores differ
+    in speed by 10% and more, and which one each side got would otherwise weigh in the ratio)."""
+    if core is not None:
+        allowed = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {core})
+        try:
+            return bare_loop(cfg, batches)
+        finally:
+            os.sched_setaffinity(0, allowed)
     import torch
 
     from kpp.model import KanervaPlusPlus
@@ -122,6 +156,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--valid-episodes", type=int, default=8, help="data.valid_episodes of the full loop")
     ap.add_argument("--loader-workers", type=int, default=1, help="data.loader_workers of the full loop (the GPU "
                     "configs use 2; 0 reads the shards on the training thread)")
+    ap.add_argument("--pin-training-thread", choices=("off", "on", "alternate"), default="on",
+                    help="scaling.pin_training_thread of the full loop (on: the bare loops run on the same core "
+                         "as the pinned training thread); alternate: off and on in turn, pair by pair, so both "
+                         "settings meet the same phases of the machine")
+    ap.add_argument("--services-on-all-cores", action="store_true",
+                    help="leave the S3 and MLflow stand-ins free to run on every core (by default they are kept "
+                         "off the top core, the one a pinned training thread takes: in production they run on "
+                         "other machines)")
     ap.add_argument("--out", default="outputs/benchmarks", help="directory for loop.json")
     args = ap.parse_args(argv)
     for name in ("steps", "repeats", "log_every"):
@@ -145,6 +187,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             s3.start()
             s3.create_buckets(BUCKETS)
             mlflow.start()
+            # the core a pinned training thread claims (pipeline.train.affinity: the highest free one)
+            training_core = sorted(os.sched_getaffinity(0))[-1] if hasattr(os, "sched_getaffinity") else None
+            services_off_top_core = (not args.services_on_all_cores and hasattr(os, "sched_setaffinity")
+                                     and len(os.sched_getaffinity(0)) > 1)
+            if services_off_top_core:
+                for service in (s3, mlflow):
+                    keep_off_top_core(service.proc.pid)
             os.environ.update({"AWS_ENDPOINT_URL": s3.url, "AWS_ACCESS_KEY_ID": S3_KEY,
                                "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": S3_REGION,
                                "RAY_AUTH_MODE": "disabled"})
@@ -159,11 +208,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             driver.connect(base)
             runs = []
             for repeat in range(args.repeats):
-                before = bare_loop(base, batches)
+                pin = args.pin_training_thread == "on" or (args.pin_training_thread == "alternate" and repeat % 2 == 1)
+                core = training_core if pin else None
+                before = bare_loop(base, batches, core)
                 cfg = config.load(None, job_overrides(args, shards, "s3://kpp-runs/ray", mlflow.url,
-                                                      f"loop-{repeat}"))
+                                                      f"loop-{repeat}", pin))
                 outcome = driver.run(cfg, driver.RunOptions(progress=False))
-                after = bare_loop(base, batches)
+                after = bare_loop(base, batches, core)
                 # the bare loop on both sides of the full one, averaged: this shared machine drifts by 20-40%
                 # over a minute, and one bare run before the full one carried all of that into the pair's ratio
                 bare = {"loop_s": (before["loop_s"] + after["loop_s"]) / 2,
@@ -181,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 full_steady = (history["perf/loop_s"][k1] - history["perf/loop_s"][k0]) / (k1 - k0)
                 bare_steady = (bare["at"][k1 - 1] - bare["at"][k0 - 1]) / (k1 - k0)
                 stalls, copies = history["perf/checkpoint_stall_s"], history["perf/state_copy_s"]
-                runs.append({"bare_loop_s": bare["loop_s"], "bare_loop_s_before_after": bare["sides_s"],
+                runs.append({"pin_training_thread": pin, "bare_loop_s": bare["loop_s"], "bare_loop_s_before_after": bare["sides_s"],
                              "full_loop_s": full_s,
                              "ratio": full_s / bare["loop_s"], "steady_steps": [k0, k1],
                              "full_loop_cpu_s": float(m["perf/loop_cpu_s"]), "bare_loop_cpu_s": bare["loop_cpu_s"],
@@ -202,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "context_switches_per_step": window_total(history["perf/context_switches_per_step"])
                              / args.steps,
                              "full_metrics": {k: v for k, v in m.items() if k.startswith(("perf/", "train/loss"))}})
-                print(f"[loop] repeat {repeat}: bare {bare['loop_s'] / args.steps * 1e3:.2f} ms/step, full "
+                print(f"[loop] repeat {repeat}{' (pinned)' if pin else ''}: bare {bare['loop_s'] / args.steps * 1e3:.2f} ms/step, full "
                       f"{full_s / args.steps * 1e3:.2f} ms/step, ratio {runs[-1]['ratio']:.3f}, steps {k0}-{k1}: "
                       f"{runs[-1]['steady_ratio']:.3f}; checkpoint stall max {max(stalls.values()) * 1e3:.1f} ms, "
                       f"state copy max {max(copies.values()) * 1e3:.1f} ms; train_step in the loop / bare "
@@ -237,6 +288,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_in_loop_over_bare": statistics.median(r["step_in_loop_over_bare"] for r in runs),
         "loop_own_ms_per_step": statistics.median(r["loop_own_ms_per_step"] for r in runs),
         "context_switches_per_step": statistics.median(r["context_switches_per_step"] for r in runs),
+        "pin_training_thread": args.pin_training_thread,
+        "services_off_top_core": services_off_top_core,
+        # each setting's median pair ratio, where both ran (--pin-training-thread alternate)
+        "loop_over_bare_by_pin": {k: statistics.median(r["ratio"] for r in runs if r["pin_training_thread"] == v)
+                                  for k, v in (("off", False), ("on", True))
+                                  if any(r["pin_training_thread"] == v for r in runs)},
         "runs": runs,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg()},
