@@ -51,34 +51,15 @@ MODEL = {"episode_length": EPISODE_LENGTH, "encoder": {"width": 4, "groups": 2, 
 
 
 def job_overrides(args, shards: str, storage: str, uri: str, name: str, pin: bool = False) -> list[str]:
-    return [f"scaling.pin_training_thread={str(pin).lower()}", f"model={json.dumps(MODEL)}", f"name={name}", "data.dataset=binarized_mnist", f"data.shards={shards}",
-            "data.batch_episodes=2", f"data.loader_workers={args.loader_workers}", f"data.valid_episodes={args.valid_episodes}",
+    return [f"model={json.dumps(MODEL)}", f"name={name}", "data.dataset=binarized_mnist", f"data.shards={shards}",
+            "data.batch_episodes=2", f"data.loader_workers={args.loader_workers}",
+            f"data.valid_episodes={args.valid_episodes}", f"scaling.pin_training_thread={str(pin).lower()}",
             "data.test_episodes=4",
             "eval.iwae_samples=1", f"eval.every_steps={args.eval_every}", f"train.max_steps={args.steps}",
             "train.warmup_steps=10", f"train.log_every={args.log_every}",
             f"checkpoint.every_steps={args.checkpoint_every}", f"checkpoint.storage_path={storage}",
             "checkpoint.keep=2", "checkpoint.keep_by=recent", f"tracking.uri={uri}", "tracking.experiment=loop-bench",
             "tracking.registered_model=", "scaling.num_workers=1", "scaling.cpus_per_worker=1"]
-
-
-def keep_off_top_core(pid: int) -> list[int]:
-    """Put a service stand-in (moto's S3, the MLflow server) and its children on every core but the top one, the
-    core a pinned training thread takes (pipeline.train.affinity): in production these services run elsewhere,
-    not on the training node, and here they would otherwise preempt the step they are measured beside. Returns
-    the processes moved."""
-    from pipeline.train.affinity import _children, _threads
-    cores = sorted(os.sched_getaffinity(0))[:-1]
-    moved, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for tid in _threads(p):
-            try:
-                os.sched_setaffinity(tid, cores)
-            except OSError:
-                pass
-        moved.append(p)
-        todo.extend(_children(p))
-    return moved
 
 
 def bare_loop(cfg, batches: list, core: int | None = None) -> dict[str, float]:
@@ -177,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from infra.local_stack import BUCKETS, S3_KEY, S3_REGION, S3_SECRET, MlflowServer, S3Server
     from pipeline.cluster import driver
     from pipeline.data.shards.prepare import PrepareConfig, prepare
-    from pipeline.train import config
+    from pipeline.train import affinity, config
     torch.set_num_threads(1)  # the same as the Ray worker (scaling.cpus_per_worker=1)
     started, load_start = time.perf_counter(), os.getloadavg()
     saved_env = dict(os.environ)
@@ -192,8 +173,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             services_off_top_core = (not args.services_on_all_cores and hasattr(os, "sched_setaffinity")
                                      and len(os.sched_getaffinity(0)) > 1)
             if services_off_top_core:
+                # the S3 and MLflow stand-ins off the training core: in production they run on other machines
                 for service in (s3, mlflow):
-                    keep_off_top_core(service.proc.pid)
+                    for tid in affinity.tree_threads(service.proc.pid):
+                        try:
+                            os.sched_setaffinity(tid, set(sorted(os.sched_getaffinity(0))[:-1]))
+                        except OSError:  # a thread that ended meanwhile
+                            pass
+            # claims of this run's own (the Ray workers inherit it): a claim held by some other process on this
+            # machine would send the pinned thread to another core than the bare loops'
+            os.environ[affinity.CLAIMS_DIR_ENV] = str(pathlib.Path(tmp) / "core-claims")
             os.environ.update({"AWS_ENDPOINT_URL": s3.url, "AWS_ACCESS_KEY_ID": S3_KEY,
                                "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": S3_REGION,
                                "RAY_AUTH_MODE": "disabled"})
@@ -208,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             driver.connect(base)
             runs = []
             for repeat in range(args.repeats):
-                pin = args.pin_training_thread == "on" or (args.pin_training_thread == "alternate" and repeat % 2 == 1)
+                pin = args.pin_training_thread == "on" or (args.pin_training_thread == "alternate"
+                                                           and repeat % 2 == 1)
                 core = training_core if pin else None
                 before = bare_loop(base, batches, core)
                 cfg = config.load(None, job_overrides(args, shards, "s3://kpp-runs/ray", mlflow.url,
@@ -232,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 full_steady = (history["perf/loop_s"][k1] - history["perf/loop_s"][k0]) / (k1 - k0)
                 bare_steady = (bare["at"][k1 - 1] - bare["at"][k0 - 1]) / (k1 - k0)
                 stalls, copies = history["perf/checkpoint_stall_s"], history["perf/state_copy_s"]
-                runs.append({"pin_training_thread": pin, "bare_loop_s": bare["loop_s"], "bare_loop_s_before_after": bare["sides_s"],
+                runs.append({"pin_training_thread": pin, "bare_loop_s": bare["loop_s"],
+                             "bare_loop_s_before_after": bare["sides_s"],
                              "full_loop_s": full_s,
                              "ratio": full_s / bare["loop_s"], "steady_steps": [k0, k1],
                              "full_loop_cpu_s": float(m["perf/loop_cpu_s"]), "bare_loop_cpu_s": bare["loop_cpu_s"],
@@ -253,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "context_switches_per_step": window_total(history["perf/context_switches_per_step"])
                              / args.steps,
                              "full_metrics": {k: v for k, v in m.items() if k.startswith(("perf/", "train/loss"))}})
-                print(f"[loop] repeat {repeat}{' (pinned)' if pin else ''}: bare {bare['loop_s'] / args.steps * 1e3:.2f} ms/step, full "
+                print(f"[loop] repeat {repeat}{' (pinned)' if pin else ''}: bare "
+                      f"{bare['loop_s'] / args.steps * 1e3:.2f} ms/step, full "
                       f"{full_s / args.steps * 1e3:.2f} ms/step, ratio {runs[-1]['ratio']:.3f}, steps {k0}-{k1}: "
                       f"{runs[-1]['steady_ratio']:.3f}; checkpoint stall max {max(stalls.values()) * 1e3:.1f} ms, "
                       f"state copy max {max(copies.values()) * 1e3:.1f} ms; train_step in the loop / bare "

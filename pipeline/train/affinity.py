@@ -95,7 +95,7 @@ def pin_training_thread() -> CorePin | None:
         print("[train] scaling.pin_training_thread: this platform has no thread affinity; not pinned", flush=True)
         return None
     allowed = os.sched_getaffinity(0)
-    got = claim_core(list(allowed)) if len(allowed) > 1 else None
+    got = claim_core(list(allowed))
     if got is None:
         print(f"[train] scaling.pin_training_thread: no core to claim among the {len(allowed)} this worker may use "
               f"(the lowest is kept for the rest, the others are claimed under {claims_dir()}); not pinned",
@@ -111,10 +111,10 @@ def pin_training_thread() -> CorePin | None:
 
 
 def _set_all(cores_of) -> int:
-    """Set the affinity of every thread of this process and of its children to cores_of(tid) (None: leave it);
-    returns how many changed."""
+    """Set the affinity of every thread of this process and of its descendants to cores_of(tid) (None: leave
+    it); returns how many changed."""
     moved = 0
-    for tid in _threads(os.getpid()) + [t for child in _children(os.getpid()) for t in _threads(child)]:
+    for tid in tree_threads(os.getpid()):
         cores = cores_of(tid)
         if cores is None:
             continue
@@ -127,21 +127,25 @@ def _set_all(cores_of) -> int:
     return moved
 
 
+def tree_threads(pid: int) -> list[int]:
+    """The thread ids of process `pid` and of all its descendants (a DataLoader starts its workers from the
+    training thread, a server its workers from its own)."""
+    out, todo = [], [pid]
+    while todo:
+        process = todo.pop()
+        threads = _threads(process)
+        out.extend(threads)
+        for tid in threads:
+            try:
+                with open(f"/proc/{process}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                pass
+    return out
+
+
 def _threads(pid: int) -> list[int]:
     try:
         return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     except OSError:
         return []
-
-
-def _children(pid: int) -> list[int]:
-    """Child processes of `pid` (every thread's children: a DataLoader starts its workers from the training
-    thread)."""
-    out: list[int] = []
-    for tid in _threads(pid):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    return out
