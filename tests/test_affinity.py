@@ -5,6 +5,7 @@ left in the pytest process would slow every test after it.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import textwrap
 import pytest
 
 from pipeline.train import config
-from pipeline.train.affinity import CLAIMS_DIR_ENV, claim_core, claimed
+from pipeline.train.affinity import CLAIMS_DIR_ENV, claim_core, claimed, parse_cpu_list
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_two_cores = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
@@ -145,8 +146,14 @@ def test_the_loop_steps_on_its_core_reports_from_the_others_and_gives_the_cores_
         allowed = sorted(os.sched_getaffinity(0))
         loop = Loop(cfg, Watching({str(tmp_path)!r}))
         loop.run()
+        masks = set()
+        for t in os.listdir("/proc/self/task"):
+            try:
+                masks.add(len(os.sched_getaffinity(int(t))))
+            except ProcessLookupError:  # a thread that ended meanwhile (the loader's, the checkpointer's)
+                pass
         print(json.dumps({{"allowed": allowed, "seen": seen, "after": sorted(os.sched_getaffinity(0)),
-                          "threads": sorted({{len(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}})}}))
+                          "threads": sorted(masks)}}))
     """, tmp_path / "claims", timeout=300)
     core, others = r["allowed"][-1], r["allowed"][:-1]
     assert r["seen"], "no report was made"
@@ -158,3 +165,72 @@ def test_a_fractional_worker_cannot_pin_its_training_thread():
     with pytest.raises(config.ConfigError, match=r"scaling\.pin_training_thread.*whole scaling\.cpus_per_worker"):
         config.load(None, ["scaling.pin_training_thread=true", "scaling.cpus_per_worker=0.5"])
     assert config.load(None, ["scaling.pin_training_thread=true", "scaling.cpus_per_worker=2"]).scaling.pin_training_thread
+
+
+def test_a_cpu_list_reads_as_taskset_writes_it_and_a_bad_one_names_its_part():
+    assert parse_cpu_list("15") == {15} and parse_cpu_list("12-15") == {12, 13, 14, 15}
+    assert parse_cpu_list("0,2,4-6") == {0, 2, 4, 5, 6} and parse_cpu_list("3, 1") == {1, 3}
+    for bad, part in (("a", "'a'"), ("3-1", "'3-1'"), ("1,,2", "''"), ("-1", "'-1'"), ("1-", "'1-'")):
+        with pytest.raises(ValueError, match=re.escape(part)):
+            parse_cpu_list(bad)
+
+
+@needs_two_cores
+def test_a_reserved_core_outside_the_workers_mask_is_claimed_and_the_rest_stays_on_the_mask(tmp_path):
+    """Ray started under `taskset -c <the rest>`: its workers inherit a mask without the reserved core. The
+    training thread goes there all the same; everything else of the worker stays on its own mask, and release
+    gives the thread that mask back."""
+    r = _python("""
+        import json, os, subprocess, sys, threading
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, set(cores[:-1]))                 # as a worker of a raylet started off the top core
+        from pipeline.train.affinity import claimed, pin_training_thread
+        stop = threading.Event()
+        early = threading.Thread(target=stop.wait); early.start()
+        pin = pin_training_thread(frozenset({cores[-1]}))
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        pin.spread()
+        after = {"me": sorted(os.sched_getaffinity(0)), "early": sorted(os.sched_getaffinity(early.native_id)),
+                 "child": sorted(os.sched_getaffinity(child.pid)), "held": sorted(claimed(cores))}
+        pin.release()
+        released = {"me": sorted(os.sched_getaffinity(0)), "held": sorted(claimed(cores))}
+        child.kill(); stop.set()
+        print(json.dumps({"cores": cores, "core": pin.core, "after": after, "released": released}))
+    """, tmp_path)
+    top, rest = r["cores"][-1], r["cores"][:-1]
+    assert r["core"] == top
+    assert r["after"] == {"me": [top], "early": rest, "child": rest, "held": [top]}
+    assert r["released"] == {"me": rest, "held": []}
+
+
+@needs_two_cores
+def test_reserved_cores_all_claimed_or_not_on_this_node_fail_naming_the_field(tmp_path):
+    r = _python("""
+        import json, os
+        from pipeline.train.affinity import claim_core, pin_training_thread
+        top = sorted(os.sched_getaffinity(0))[-1]
+        said = {}
+        held = claim_core([top], keep_lowest=False)               # another worker's training thread
+        try:
+            pin_training_thread(frozenset({top}))
+        except RuntimeError as e:
+            said["claimed"] = str(e)
+        held[1].close()
+        try:
+            pin_training_thread(frozenset({4095}))                 # no such core here
+        except RuntimeError as e:
+            said["missing"] = str(e)
+        print(json.dumps({"said": said, "top": top, "me": sorted(os.sched_getaffinity(0))}))
+    """, tmp_path)
+    assert f"scaling.training_cores={r['top']}: every one is claimed" in r["said"]["claimed"]
+    assert "scaling.training_cores=4095: cannot run on core 4095 here" in r["said"]["missing"]
+    assert len(r["me"]) >= 2  # a refused pin changes nothing
+
+
+def test_training_cores_need_the_pin_and_a_valid_cpu_list():
+    with pytest.raises(config.ConfigError, match=r"scaling\.training_cores: needs scaling\.pin_training_thread"):
+        config.load(None, ["scaling.training_cores=3"])
+    with pytest.raises(config.ConfigError, match=r"scaling\.training_cores: '4-2'"):
+        config.load(None, ["scaling.pin_training_thread=true", "scaling.training_cores=4-2"])
+    s = config.load(None, ["scaling.pin_training_thread=true", "scaling.training_cores=15"]).scaling
+    assert s.training_cores == "15"  # read as an integer from the command line, kept as the list it is

@@ -157,8 +157,8 @@ FROZEN_FIELDS = """
 name seed
 data.dataset data.source data.shards data.episodes data.batch_episodes data.valid_episodes data.test_episodes data.loader_workers data.audit_dir
 train.max_steps train.halt_at_step train.optimizer train.lr train.weight_decay train.warmup_steps train.schedule
-train.min_lr_ratio train.grad_clip train.precision train.nonfinite train.max_nonfinite train.log_every
-scaling.num_workers scaling.use_gpu scaling.gpus_per_worker scaling.pin_training_thread scaling.cpus_per_worker scaling.timeout_s scaling.resource_wait_s
+train.min_lr_ratio train.grad_clip train.precision train.nonfinite train.max_nonfinite train.log_every train.gc_every
+scaling.num_workers scaling.use_gpu scaling.gpus_per_worker scaling.pin_training_thread scaling.training_cores scaling.cpus_per_worker scaling.timeout_s scaling.resource_wait_s
 scaling.placement_strategy scaling.placement_wait_s scaling.autoscaling
 checkpoint.storage_path checkpoint.s3_endpoint_url checkpoint.every_steps checkpoint.keep checkpoint.keep_by
 checkpoint.max_failures
@@ -184,6 +184,7 @@ BAD_INPUTS = [  # (arguments of jobs.train, the field its message must start wit
     (["name=.."], "name: must be one path component"),  # the run folder would be storage_path's parent
     (["name=a/b"], "name: must be one path component"),
     (["seed=-1"], "seed: must be >= 0"),
+    (["train.gc_every=-5"], "train.gc_every: must be >= 0"),
     (["scaling.placement_strategy=spread"], "scaling.placement_strategy"),
     (["tracking.alias=champion"], "tracking.alias: 'champion' moves only through the promotion gate"),
     (["scaling.placement_wait_s=0"], "scaling.placement_wait_s: must be >= 1"),
@@ -191,6 +192,7 @@ BAD_INPUTS = [  # (arguments of jobs.train, the field its message must start wit
     (["scaling.gpus_per_worker=0.5"], "scaling.gpus_per_worker: is set but scaling.use_gpu=false"),
     (["scaling.pin_training_thread=true", "scaling.cpus_per_worker=0.5"],
      "scaling.pin_training_thread: needs a whole scaling.cpus_per_worker"),
+    (["scaling.pin_training_thread=true", "scaling.training_cores=12-a"], "scaling.training_cores: '12-a'"),
 ]
 
 

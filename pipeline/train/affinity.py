@@ -14,6 +14,11 @@ unclaimed one and never the lowest usable core (kept for everything else). The l
 crashed worker frees its core. Where no core is left, or on a platform without thread affinity, nothing is pinned
 and the worker says so.
 
+Reserved cores (`scaling.training_cores`, a CPU list such as "15" or "12-15"): the training threads claim those
+instead, and nothing else of ours runs there. With Ray started outside them (`taskset -c 0-11 ray start ...`), the
+node's daemons, actors and new workers, which inherit the raylet's CPU mask, stay off them too: a core the training
+thread shares with nothing. A worker that finds every reserved core claimed fails, naming the field.
+
 Threads and processes started after the pin inherit the training core from the thread that started them, so
 `spread` moves them off again; the loop calls it at every log step.
 """
@@ -55,12 +60,29 @@ def claims_dir() -> str:
     return os.environ.get(CLAIMS_DIR_ENV) or os.path.join(tempfile.gettempdir(), "kpp-training-cores")
 
 
-def claim_core(allowed: list[int]) -> tuple[int, IO] | None:
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """A Linux CPU list as taskset -c and cpusets write it ("3", "12-15", "0,2,4-7") as a set of core numbers;
+    ValueError naming the bad part."""
+    cores: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        lo, sep, hi = part.partition("-")
+        if not (lo.isdigit() and (hi.isdigit() if sep else not hi)):
+            raise ValueError(f"{part!r} is not a core number or a range a-b (a CPU list: '3', '12-15', '0,2,4-7')")
+        first, last = int(lo), int(hi if sep else lo)
+        if last < first:
+            raise ValueError(f"{part!r}: a range a-b needs a <= b")
+        cores.update(range(first, last + 1))
+    return frozenset(cores)
+
+
+def claim_core(allowed, keep_lowest: bool = True) -> tuple[int, IO] | None:
     """The highest core of `allowed` no other process (or other pin of this one) holds, but never the lowest
-    (the rest of the node runs there), with its claim file open and locked; None when none is free."""
+    where keep_lowest (the rest of the node runs there), with its claim file open and locked; None when none is
+    free."""
     import fcntl
     os.makedirs(claims_dir(), exist_ok=True)
-    for core in sorted(allowed)[1:][::-1]:
+    cores = sorted(allowed)
+    for core in (cores[1:] if keep_lowest else cores)[::-1]:
         f = open(os.path.join(claims_dir(), f"core-{core}.lock"), "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -87,14 +109,17 @@ def claimed(cores) -> set[int]:
     return held
 
 
-def pin_training_thread() -> CorePin | None:
-    """Pin the calling (training) thread to a core it claims on this node and spread the rest of the process over
-    the process's other unclaimed cores. None (nothing pinned, said once) where none is free or the platform has
-    no thread affinity."""
+def pin_training_thread(reserved: frozenset[int] = frozenset()) -> CorePin | None:
+    """Pin the calling (training) thread to a core it claims on this node (one of `reserved` where given, else
+    one of the process's own) and spread the rest of the process over the process's other unclaimed cores. None
+    (nothing pinned, said once) where none is free or the platform has no thread affinity; a RuntimeError naming
+    scaling.training_cores where reserved cores were asked for and none can be had."""
     if not hasattr(os, "sched_setaffinity"):
         print("[train] scaling.pin_training_thread: this platform has no thread affinity; not pinned", flush=True)
         return None
     allowed = os.sched_getaffinity(0)
+    if reserved:
+        return _pin_reserved(reserved, allowed)
     got = claim_core(list(allowed))
     if got is None:
         print(f"[train] scaling.pin_training_thread: no core to claim among the {len(allowed)} this worker may use "
@@ -108,6 +133,33 @@ def pin_training_thread() -> CorePin | None:
     os.sched_setaffinity(0, {core})  # 0: the calling thread (Linux affinity is per thread)
     pin.spread()
     return pin
+
+
+def _pin_reserved(reserved: frozenset[int], allowed: set[int]) -> CorePin:
+    asked = f"scaling.training_cores={_cpu_list(reserved)}"
+    got = claim_core(reserved, keep_lowest=False)
+    if got is None:
+        raise RuntimeError(f"{asked}: every one is claimed by another training thread on this node (claims under "
+                           f"{claims_dir()}); list a core per worker the node runs")
+    core, claim = got
+    others = frozenset(allowed - {core} - claimed(allowed - {core}))
+    if not others:
+        claim.close()
+        raise RuntimeError(f"{asked}: this worker may use no other core than {core} (its CPU mask: "
+                           f"{_cpu_list(allowed)}), so the rest of it would have to share the training core")
+    try:
+        os.sched_setaffinity(0, {core})
+    except OSError as e:  # a core this node does not have, or outside the container's cpuset
+        claim.close()
+        raise RuntimeError(f"{asked}: cannot run on core {core} here ({e.strerror}); this node has "
+                           f"{os.cpu_count()} logical CPUs") from None
+    pin = CorePin(core, others, frozenset(allowed), threading.get_native_id(), claim)
+    pin.spread()
+    return pin
+
+
+def _cpu_list(cores) -> str:
+    return ",".join(str(c) for c in sorted(cores))
 
 
 def _set_all(cores_of) -> int:

@@ -24,10 +24,11 @@ import typing
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 
 from kpp.config import ConfigError as ModelConfigError
 from kpp.config import KanervaConfig
+from pipeline.train import affinity
 
 
 class ConfigError(ModelConfigError):
@@ -49,6 +50,8 @@ def _f(default: Any, help: str) -> Any:
 
 # YAML 1.1 (PyYAML) reads "1e-3" as a string: float fields take numeric strings, nothing else is coerced.
 Float = Annotated[float, Field(strict=False)]
+# a CPU list: `scaling.training_cores=15` reads as the integer 15 from the command line or YAML
+CpuList = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v)]
 
 
 class Section(BaseModel):
@@ -92,6 +95,10 @@ class TrainConfig(Section):
                                                     "it, or stop naming the step and batch keys")
     max_nonfinite: int = _f(10, "stop anyway after this many skipped steps in a row")
     log_every: int = _f(10, "log step metrics every this many steps")
+    gc_every: int = _f(50, "steps between the loop's collections of Python's young garbage: automatic collection "
+                           "is off in the step loop and what was alive at its start frozen, so no 0.2-0.6 s full "
+                           "collection lands inside a step (pipeline/train/gc_schedule.py); 0: Python's automatic "
+                           "collection")
 
 
 class ScalingConfig(Section):
@@ -106,6 +113,10 @@ class ScalingConfig(Section):
                                           "other thread of the worker (and its DataLoader workers) off it: fewer "
                                           "preemptions of the step on a node whose cores are busy (Linux; needs "
                                           "whole cpus_per_worker, and more usable cores than workers on a node)")
+    training_cores: CpuList = _f("", "with pin_training_thread: the cores the training threads claim, one each, as a "
+                                 "CPU list ('15', '12-15'); start Ray outside them (taskset -c 0-11 ray start "
+                                 "...) and nothing else on the node runs there. Empty: the highest free core of "
+                                 "each worker's own CPU mask")
     cpus_per_worker: Float = _f(1.0, "logical CPUs per worker; fractional values let 2 workers and the Ray "
                                      "controller share a 2-core machine")
     timeout_s: int = _f(300, "collective-op timeout: a hung peer fails the group after this long instead of "
@@ -240,6 +251,7 @@ class JobConfig(Section):
                         ("checkpoint.keep", c.keep), ("eval.iwae_samples", self.eval.iwae_samples)]:
             _need(v >= 1, path, "must be >= 1", v)
         for path, v in [("data.loader_workers", d.loader_workers), ("train.halt_at_step", t.halt_at_step),
+                        ("train.gc_every", t.gc_every),
                         ("checkpoint.every_steps", c.every_steps), ("eval.every_steps", self.eval.every_steps),
                         ("tracking.images_every_steps", k.images_every_steps),
                         ("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
@@ -257,6 +269,13 @@ class JobConfig(Section):
         _need(not s.pin_training_thread or float(s.cpus_per_worker).is_integer(), "scaling.pin_training_thread",
               f"needs a whole scaling.cpus_per_worker ({s.cpus_per_worker}): fractional workers share cores "
               "(packed sweep trials), and each would pin its training thread to the same one", True)
+        if s.training_cores:
+            try:
+                affinity.parse_cpu_list(s.training_cores)
+            except ValueError as e:
+                _need(False, "scaling.training_cores", str(e), s.training_cores)
+            _need(s.pin_training_thread, "scaling.training_cores", "needs scaling.pin_training_thread=true",
+                  s.training_cores)
         g = s.gpus_per_worker
         _need(math.isfinite(g) and g > 0 and (g <= 1 or float(g).is_integer()), "scaling.gpus_per_worker",
               "must be a fraction in (0, 1] or a whole number of GPUs (Ray places no fraction above 1)", g)

@@ -43,6 +43,7 @@ from pipeline.train import affinity, checkpointing
 from pipeline.train import optim
 from pipeline.train.checkpointer import Checkpointer, Every
 from pipeline.train.config import JobConfig
+from pipeline.train.gc_schedule import GcSchedule
 from pipeline.train.key_audit import KeyAudit
 from pipeline.train.metrics import StepMetrics
 from pipeline.train.step import train_step
@@ -118,6 +119,7 @@ class Loop:
         self._started_unix = started_unix
         self._start_to_first_step_s: float | None = None
         self.pin: affinity.CorePin | None = None  # scaling.pin_training_thread, set by run()
+        self.collector = GcSchedule(0)  # train.gc_every: the step loop's own, set around it by _run()
 
     @property
     def skipped(self) -> int:
@@ -126,7 +128,9 @@ class Loop:
     # -- the whole job ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         if self.job.scaling.pin_training_thread:
-            self.pin = affinity.pin_training_thread()
+            reserved = affinity.parse_cpu_list(self.job.scaling.training_cores) if self.job.scaling.training_cores \
+                else frozenset()
+            self.pin = affinity.pin_training_thread(reserved)
             if self.pin is not None and self.rank0:
                 print(f"[train] training thread pinned to core {self.pin.core}; the rest of the worker on "
                       f"{sorted(self.pin.others)}", flush=True)
@@ -149,6 +153,8 @@ class Loop:
         warm = getattr(self.stream, "warm", None)
         if warm is not None and self.step < stop:
             warm(self.cursor)  # the data loader's workers start while rank 0 validates
+            if self.pin is not None:
+                self.pin.spread()  # ... and do their start-up (imports: 1-2 s of CPU) off the training core
         if resumed_from is None and self.rank0:
             self.last_valid = self._validate()  # step-0 baseline: the bound the run must lower
         if resumed_from is not None:
@@ -169,6 +175,14 @@ class Loop:
         if self.pin is not None:
             self.pin.spread()  # the loader's workers, started from this thread, inherited its core
         self.metrics.start(self.step)
+        with GcSchedule(self.job.train.gc_every) as self.collector:
+            last = self._steps(stop)
+        self.checkpointer.drain()  # the last report and checkpoint are stored before the job returns
+        self.tracker.flush()  # metrics kept through a tracking-server outage reach the store before the job ends
+        return last
+
+    def _steps(self, stop: int) -> dict[str, Any]:
+        """The step loop, from the first batch in hand to `stop`; the last metrics collected."""
         loop_t0, loop_cpu_t0 = time.perf_counter(), time.thread_time()
         last: dict[str, Any] = {}
         while self.step < stop:
@@ -189,13 +203,12 @@ class Loop:
                 self.cursor = self.stream.start(epoch + 1) if epoch_end else after
                 done = self.step >= stop
                 last = self._after_step(terms, grad_norm, done) or last
+                self.collector.step(self.step)
                 if done:
                     break
             if self.cursor.epoch == epoch and self.step < stop:
                 # a resume under another layout can leave too little of an epoch for one batch: go on to the next
                 self.cursor = self.stream.start(epoch + 1)
-        self.checkpointer.drain()  # the last report and checkpoint are stored before the job returns
-        self.tracker.flush()  # metrics kept through a tracking-server outage reach the store before the job ends
         return last
 
     def _on_device(self, batches) -> Iterator[tuple[np.ndarray, torch.Tensor, Cursor, bool]]:
@@ -252,6 +265,7 @@ class Loop:
             if self.rank0:
                 self.last_valid = self._validate()
                 self.best_valid = min(self.best_valid, self.last_valid)
+            self.collector.full()  # a pause already (rank 0 validates, the others wait at the next collective)
         if self.grids.due(self.step, False) and not (done and self.step == self.job.train.max_steps):
             try:
                 self._log_grid()  # (the last step's figures come with the final bounds)
