@@ -12,11 +12,17 @@ Two loops over the same batches, side by side in one run, on one worker with one
     are not part of the loop, as the bare loop's batches are read before its clock starts);
   - bare: `train_step` over the same batches, read from the same shards once and held in memory, same model,
     seed, optimiser and noise seeds, nothing else; run just before and just after each full loop, and averaged.
-Both sides run on the same core: the full loop pins its training thread (scaling.pin_training_thread, which
-takes the top core) and the bare loops run on that core alone, because this VM's two cores differ in speed by
-10% and more, changing by the minute (measured interleaved), and which core each side landed on otherwise
-weighed in the ratio. The S3 and MLflow stand-ins are kept off that core: in production they run elsewhere.
-`--pin-training-thread off` measures the unpinned loop against an unpinned bare loop; `alternate` does both.
+Both sides run on the same core, and nothing else does: this process, and so everything it starts (the S3 and
+MLflow stand-ins, Ray's daemons, actors and workers, which inherit the mask), runs on the other cores, and the
+full loop's training thread claims the top core as a reserved one (scaling.pin_training_thread with
+scaling.training_cores: a node started with `taskset -c <the rest> ray start`); the bare loops run on that core
+too. Why: this VM's two cores differ in speed by 10% and more, changing by the minute (measured interleaved), so
+which core each side landed on weighed in the ratio; and on two cores the node's own work landed on the
+training core in the middle of the full loop (a Ray worker starting takes 1-2 s of CPU; a sampler of per-thread
+CPU time found Ray workers starting up and the DataLoader worker's start-up using 10-20% of the training core
+while a full run was up), where a GPU node has cores to spare for it. `--services-on-all-cores` leaves it all
+free on every core (the training thread claims the top core, the services the rest). `--pin-training-thread off`
+measures the unpinned loop against an unpinned bare loop; `alternate` does both (no core reserved in either).
 The model is made tiny so that its step is as short as this CPU allows (10-15 ms on this machine's AMD EPYC cores,
 23-35 ms on the Xeon of earlier rounds; a GPU step of the paper's model is ~12 ms), so the loop's own overhead weighs as it would on a GPU. Reported: `loop_over_bare` (full loop time
 per step / bare loop time per step, the median of the paired repeats), the overhead in ms per step, the ratio that
@@ -50,7 +56,8 @@ MODEL = {"episode_length": EPISODE_LENGTH, "encoder": {"width": 4, "groups": 2, 
          "objective": {"kl_warmup_steps": 50}}
 
 
-def job_overrides(args, shards: str, storage: str, uri: str, name: str, pin: bool = False) -> list[str]:
+def job_overrides(args, shards: str, storage: str, uri: str, name: str, pin: bool = False,
+                  reserved_core: int | None = None) -> list[str]:
     return [f"model={json.dumps(MODEL)}", f"name={name}", "data.dataset=binarized_mnist", f"data.shards={shards}",
             "data.batch_episodes=2", f"data.loader_workers={args.loader_workers}",
             f"data.valid_episodes={args.valid_episodes}", f"scaling.pin_training_thread={str(pin).lower()}",
@@ -59,11 +66,13 @@ def job_overrides(args, shards: str, storage: str, uri: str, name: str, pin: boo
             "train.warmup_steps=10", f"train.log_every={args.log_every}",
             f"checkpoint.every_steps={args.checkpoint_every}", f"checkpoint.storage_path={storage}",
             "checkpoint.keep=2", "checkpoint.keep_by=recent", f"tracking.uri={uri}", "tracking.experiment=loop-bench",
-            "tracking.registered_model=", "scaling.num_workers=1", "scaling.cpus_per_worker=1"]
+            "tracking.registered_model=", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
+            *([f"scaling.training_cores={reserved_core}"] if pin and reserved_core is not None else [])]
 
 
 def bare_loop(cfg, batches: list, core: int | None = None) -> dict[str, float]:
-    """train_step over batches already in memory: the model's own speed in this process (1 thread); on `core`
+    """train_step over batches already in memory, with the loop's garbage collection schedule (train.gc_every):
+    the model's own speed in this process (1 thread); on `core`
     alone where given (the core the full loop's pinned training thread takes: this machine's two cores differ
     in speed by 10% and more, and which one each side got would otherwise weigh in the ratio)."""
     if core is not None:
@@ -80,15 +89,20 @@ def bare_loop(cfg, batches: list, core: int | None = None) -> dict[str, float]:
     from pipeline.train import optim
     from pipeline.train.loop import hash_seed
     from pipeline.train.step import train_step
+    from pipeline.train.gc_schedule import GcSchedule
     torch.manual_seed(cfg.seed)
     model = KanervaPlusPlus(cfg.model)
     opt, sched = optim.build(model.parameters(), cfg.train)
-    t0, cpu0 = time.perf_counter(), time.thread_time()
     at = []  # seconds from the start to the end of each step
-    for step, x in enumerate(batches):
-        r = train_step(model, opt, sched, x, beta=kl_beta(step, cfg.model.objective), grad_clip=cfg.train.grad_clip,
-                       precision=cfg.train.precision, noise_seed=hash_seed(cfg.seed, 0, step))
-        at.append(time.perf_counter() - t0)
+    # the loop's garbage collection schedule here too (train.gc_every): like with like
+    with GcSchedule(cfg.train.gc_every) as collector:
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        for step, x in enumerate(batches):
+            r = train_step(model, opt, sched, x, beta=kl_beta(step, cfg.model.objective),
+                           grad_clip=cfg.train.grad_clip, precision=cfg.train.precision,
+                           noise_seed=hash_seed(cfg.seed, 0, step))
+            at.append(time.perf_counter() - t0)
+            collector.step(step + 1)
     final_loss = float(r.terms["loss"])  # the one host sync, after the clock's last step
     return {"loop_s": at[-1], "loop_cpu_s": time.thread_time() - cpu0, "at": at, "final_loss": final_loss}
 
@@ -142,9 +156,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "as the pinned training thread); alternate: off and on in turn, pair by pair, so both "
                          "settings meet the same phases of the machine")
     ap.add_argument("--services-on-all-cores", action="store_true",
-                    help="leave the S3 and MLflow stand-ins free to run on every core (by default they are kept "
-                         "off the top core, the one a pinned training thread takes: in production they run on "
-                         "other machines)")
+                    help="leave Ray and the S3 and MLflow stand-ins free to run on every core (by default, with "
+                         "the pin on, the top core is reserved for the training thread and the bare loops, and "
+                         "everything else runs on the other cores, as on a GPU node with cores to spare; with the "
+                         "pin off or alternating, the S3 and MLflow stand-ins are kept off the top core)")
     ap.add_argument("--out", default="outputs/benchmarks", help="directory for loop.json")
     args = ap.parse_args(argv)
     for name in ("steps", "repeats", "log_every"):
@@ -162,17 +177,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)  # the same as the Ray worker (scaling.cpus_per_worker=1)
     started, load_start = time.perf_counter(), os.getloadavg()
     saved_env = dict(os.environ)
+    # the core a pinned training thread claims (pipeline.train.affinity: the highest free one)
+    own_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    training_core = sorted(own_cores)[-1] if own_cores else None
+    several_cores = len(own_cores) > 1
+    reserved_core = (training_core if args.pin_training_thread == "on" and not args.services_on_all_cores
+                     and several_cores else None)
+    if reserved_core is not None:
+        # this process and all it starts from here on (services, Ray) off the reserved core; given back at the end
+        for tid in affinity.tree_threads(os.getpid()):
+            os.sched_setaffinity(tid, own_cores - {reserved_core})
     with tempfile.TemporaryDirectory() as tmp:
         s3, mlflow = S3Server(pathlib.Path(tmp) / "s3"), MlflowServer(pathlib.Path(tmp) / "mlflow")
         try:
             s3.start()
             s3.create_buckets(BUCKETS)
             mlflow.start()
-            # the core a pinned training thread claims (pipeline.train.affinity: the highest free one)
-            training_core = sorted(os.sched_getaffinity(0))[-1] if hasattr(os, "sched_getaffinity") else None
-            services_off_top_core = (not args.services_on_all_cores and hasattr(os, "sched_setaffinity")
-                                     and len(os.sched_getaffinity(0)) > 1)
-            if services_off_top_core:
+            services_off_top_core = (reserved_core is not None
+                                     or (not args.services_on_all_cores and several_cores))
+            if services_off_top_core and reserved_core is None:
                 # the S3 and MLflow stand-ins off the training core: in production they run on other machines
                 for service in (s3, mlflow):
                     for tid in affinity.tree_threads(service.proc.pid):
@@ -202,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 core = training_core if pin else None
                 before = bare_loop(base, batches, core)
                 cfg = config.load(None, job_overrides(args, shards, "s3://kpp-runs/ray", mlflow.url,
-                                                      f"loop-{repeat}", pin))
+                                                      f"loop-{repeat}", pin, reserved_core))
                 outcome = driver.run(cfg, driver.RunOptions(progress=False))
                 after = bare_loop(base, batches, core)
                 # the bare loop on both sides of the full one, averaged: this shared machine drifts by 20-40%
@@ -259,6 +282,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             s3.stop()
             os.environ.clear()  # a caller in this process keeps its own endpoint and credentials
             os.environ.update(saved_env)
+            if reserved_core is not None:
+                for tid in affinity.tree_threads(os.getpid()):
+                    try:
+                        os.sched_setaffinity(tid, own_cores)
+                    except OSError:  # a thread that ended meanwhile
+                        pass
     ratio = statistics.median(r["ratio"] for r in runs)
     bare_ms = statistics.median(r["bare_loop_s"] for r in runs) / args.steps * 1e3
     overhead_ms = statistics.median((r["full_loop_s"] - r["bare_loop_s"]) / args.steps * 1e3 for r in runs)
@@ -282,6 +311,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "context_switches_per_step": statistics.median(r["context_switches_per_step"] for r in runs),
         "pin_training_thread": args.pin_training_thread,
         "services_off_top_core": services_off_top_core,
+        # the top core reserved for the training thread (scaling.training_cores) and the bare loops; Ray, S3 and
+        # MLflow on the rest; None: not reserved
+        "reserved_training_core": reserved_core,
+        "gc_every": base.train.gc_every,  # the garbage collection schedule of both loops
         # each setting's median pair ratio, where both ran (--pin-training-thread alternate)
         "loop_over_bare_by_pin": {k: statistics.median(r["ratio"] for r in runs if r["pin_training_thread"] == v)
                                   for k, v in (("off", False), ("on", True))
