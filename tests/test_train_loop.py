@@ -289,3 +289,23 @@ def test_the_window_splits_into_data_wait_step_and_the_loops_own_time(tmp_path):
         window_s = 3 * 4 / m["perf/episodes_per_s"]
         assert m["perf/step_host_s"] * 3 == pytest.approx(m["perf/step_host_share"] * window_s, rel=1e-6)
         assert m["perf/context_switches_per_step"] >= 1.0  # each sleep gives the core away once
+
+
+def test_the_step_clips_the_models_whole_gradient_norm():
+    """train_step lists the parameters from the optimiser's groups, not the module tree: the norm it reports and
+    clips to is still the whole model's."""
+    from kpp.model import KanervaPlusPlus
+    from pipeline.train import optim
+    from pipeline.train.step import train_step
+    cfg = config.load(None, [*tiny_model_overrides(), "train.warmup_steps=0", "train.lr=1e-3"])
+    torch.manual_seed(0)
+    model = KanervaPlusPlus(cfg.model)
+    opt, sched = optim.build(model.parameters(), cfg.train)
+    x = (torch.rand(2, cfg.model.episode_length, *cfg.model.image_shape) > 0.5).float()
+    r = train_step(model, opt, sched, x, beta=1.0, grad_clip=1e-3, noise_seed=0)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == len(list(model.parameters()))
+    # the gradients left by the step are the clipped ones: their norm is the clip, the reported norm is before it
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) == pytest.approx(
+        1e-3, rel=1e-3)
+    assert float(r.grad_norm) > 1e-2

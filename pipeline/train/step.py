@@ -55,7 +55,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
         out = model(x, beta=beta)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf).detach()
+    # the optimiser's parameters are the model's: listed from its groups, not by walking the module tree
+    # (model.parameters(): ~0.14 ms of Python per step here, over 54 modules; on a GPU that is launch time)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf).detach()
     ok = torch.isfinite(grad_norm + out["loss"].detach().float())
     if fused(optimizer):
         optimizer.found_inf = (~ok).float()  # read by the fused kernel, as GradScaler passes it
