@@ -139,6 +139,64 @@ def read_batches(cfg, count: int) -> list:
     return out
 
 
+PROBE_CHUNK = 20  # steps of the loop, then as many bare steps, in turn (--interleaved)
+
+
+def interleaved_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker of --interleaved: the real one (pipeline.cluster.session.train_worker), with a chunk of
+    PROBE_CHUNK bare train_steps (a second model, batches held in memory) run after every PROBE_CHUNK steps of the
+    loop, in the same thread on the same core. The machine's drift over minutes and whatever the run puts beside
+    the step (a busy other core, Ray's workers) then weigh on both alike. The probe's totals go to the job's MLflow
+    run as probe/* metrics for the driver to read."""
+    import torch
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    import pipeline.train.loop as loop_module
+    from kpp.model import KanervaPlusPlus
+    from kpp.objective import kl_beta
+    from pipeline.cluster import session
+    from pipeline.train import optim
+    from pipeline.train.config import JobConfig
+    job = JobConfig.from_dict(loop_config["job"])
+    torch.set_num_threads(1)
+    batches = read_batches(job, 64)
+    torch.manual_seed(job.seed)
+    model = KanervaPlusPlus(job.model)
+    opt, sched = optim.build(model.parameters(), job.train)
+    real_step = loop_module.train_step
+    t = {"loop_cpu": 0.0, "bare_wall": 0.0, "bare_steps": 0, "ratios": []}
+
+    def probed(*args, **kwargs):
+        cpu = time.thread_time()
+        result = real_step(*args, **kwargs)
+        t["loop_cpu"] += time.thread_time() - cpu
+        t["steps"] = t.get("steps", 0) + 1
+        if t["steps"] % PROBE_CHUNK == 0:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            for _ in range(PROBE_CHUNK):
+                i = t["bare_steps"]
+                real_step(model, opt, sched, batches[i % len(batches)], beta=kl_beta(i, job.model.objective),
+                          grad_clip=job.train.grad_clip, precision=job.train.precision, noise_seed=i)
+                t["bare_steps"] += 1
+            t["bare_wall"] += time.perf_counter() - wall
+            t["ratios"].append(t["loop_cpu"] / (time.thread_time() - cpu))
+            t["loop_cpu"] = 0.0
+        return result
+    loop_module.train_step = probed
+    try:
+        session.train_worker(loop_config)
+    finally:
+        loop_module.train_step = real_step
+    steady = t["ratios"][len(t["ratios"]) // 4:]  # as the paired ratio's steady window: Ray is still starting early on
+    now = int(time.time() * 1000)
+    MlflowClient(loop_config["tracking_uri"]).log_batch(loop_config["run_id"], metrics=[
+        Metric("probe/bare_wall_s", t["bare_wall"], now, 0), Metric("probe/bare_steps", t["bare_steps"], now, 0),
+        Metric("probe/step_in_loop_over_bare", statistics.median(steady), now, 0),
+        Metric("probe/step_in_loop_over_bare_q1", statistics.quantiles(steady, n=4)[0], now, 0),
+        Metric("probe/step_in_loop_over_bare_q3", statistics.quantiles(steady, n=4)[2], now, 0)])
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m research.benchmark_loop", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +219,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "the pin on, the top core is reserved for the training thread and the bare loops, and "
                          "everything else runs on the other cores, as on a GPU node with cores to spare; with the "
                          "pin off or alternating, the S3 and MLflow stand-ins are kept off the top core)")
+    ap.add_argument("--interleaved", action="store_true",
+                    help=f"also time bare train_steps inside the full loop's worker: {PROBE_CHUNK} of them after "
+                         f"every {PROBE_CHUNK} of the loop's, same thread and core, so the machine's drift cancels "
+                         "(reported as loop_over_bare_interleaved; the full loop's own timings then carry the "
+                         "probe, and the paired ratio is not comparable to a run without it)")
     ap.add_argument("--out", default="outputs/benchmarks", help="directory for loop.json")
     args = ap.parse_args(argv)
     for name in ("steps", "repeats", "log_every"):
@@ -227,7 +290,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 before = bare_loop(base, batches, core)
                 cfg = config.load(None, job_overrides(args, shards, "s3://kpp-runs/ray", mlflow.url,
                                                       f"loop-{repeat}", pin, reserved_core))
-                outcome = driver.run(cfg, driver.RunOptions(progress=False))
+                from pipeline.cluster import session
+                real_worker = session.train_worker  # driver.build_trainer looks it up at each run
+                if args.interleaved:
+                    session.train_worker = interleaved_worker
+                try:
+                    outcome = driver.run(cfg, driver.RunOptions(progress=False))
+                finally:
+                    session.train_worker = real_worker
                 after = bare_loop(base, batches, core)
                 # the bare loop on both sides of the full one, averaged: this shared machine drifts by 20-40%
                 # over a minute, and one bare run before the full one carried all of that into the pair's ratio
@@ -246,7 +316,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 full_steady = (history["perf/loop_s"][k1] - history["perf/loop_s"][k0]) / (k1 - k0)
                 bare_steady = (bare["at"][k1 - 1] - bare["at"][k0 - 1]) / (k1 - k0)
                 stalls, copies = history["perf/checkpoint_stall_s"], history["perf/state_copy_s"]
-                runs.append({"pin_training_thread": pin, "bare_loop_s": bare["loop_s"],
+                probe = {}
+                if args.interleaved:
+                    from mlflow.tracking import MlflowClient
+                    pm = MlflowClient(mlflow.url).get_run(outcome.run_id).data.metrics
+                    bare_step_s = pm["probe/bare_wall_s"] / pm["probe/bare_steps"]
+                    # the loop's time without the probe's chunks, over as many steps at the probe's bare speed
+                    probe = {"loop_over_bare_interleaved": (full_s - pm["probe/bare_wall_s"])
+                             / (args.steps * bare_step_s),
+                             "step_in_loop_over_bare_interleaved": pm["probe/step_in_loop_over_bare"],
+                             "step_in_loop_over_bare_interleaved_quartiles": [pm["probe/step_in_loop_over_bare_q1"],
+                                                                              pm["probe/step_in_loop_over_bare_q3"]],
+                             "interleaved_bare_ms_per_step": bare_step_s * 1e3}
+                runs.append({**probe, "pin_training_thread": pin, "bare_loop_s": bare["loop_s"],
                              "bare_loop_s_before_after": bare["sides_s"],
                              "full_loop_s": full_s,
                              "ratio": full_s / bare["loop_s"], "steady_steps": [k0, k1],
@@ -315,6 +397,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loop_own_ms_per_step": statistics.median(r["loop_own_ms_per_step"] for r in runs),
         "context_switches_per_step": statistics.median(r["context_switches_per_step"] for r in runs),
         "pin_training_thread": args.pin_training_thread,
+        "interleaved": args.interleaved,
+        **({"loop_over_bare_interleaved": statistics.median(r["loop_over_bare_interleaved"] for r in runs),
+            "step_in_loop_over_bare_interleaved": statistics.median(r["step_in_loop_over_bare_interleaved"]
+                                                                    for r in runs)} if args.interleaved else {}),
         "services_off_top_core": services_off_top_core,
         # the top core reserved for the training thread (scaling.training_cores) and the bare loops; Ray, S3 and
         # MLflow on the rest; None: not reserved
@@ -332,6 +418,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "loop.json").write_text(json.dumps(report, indent=1, default=str))
+    if args.interleaved:
+        print(f"[loop] interleaved in the worker: loop / bare {report['loop_over_bare_interleaved']:.3f}, train_step in "
+              f"the loop / bare {report['step_in_loop_over_bare_interleaved']:.3f} (medians over the runs)")
     q1, q3 = report["loop_over_bare_quartiles"]
     print(f"[loop] pairs {', '.join(f'{r:.3f}' for r in report['loop_over_bare_runs'])}: quartiles {q1:.3f}-{q3:.3f}, "
           f"pooled {report['loop_over_bare_pooled']:.3f}")
