@@ -1,7 +1,7 @@
 """Benchmark (not a test): what the training loop costs beyond the training step, as it will show on a GPU.
 
     python -m jobs.benchmark --profile loop            # the same as: python -m research.benchmark_loop
-    python -m research.benchmark_loop [--steps 400] [--repeats 2] [--out outputs/benchmarks]
+    python -m research.benchmark_loop [--steps 400] [--repeats 9] [--interleaved] [--out outputs/benchmarks]
 
 Two loops over the same batches, side by side in one run, on one worker with one thread:
   - full: the real path, `pipeline.cluster.driver.run` (Ray Train, one worker) with binarized MNIST shards read
@@ -30,7 +30,9 @@ overhead gives at a 10 ms step, and where the full loop stalled: the longest che
 (perf/checkpoint_stall_s, perf/state_copy_s), the data wait and the first batch's wait, and the overhead split in
 two: `step_in_loop_over_bare` (train_step's own time inside the full loop over the bare loop's: the same step run
 slower by the process around it) and `loop_own_ms_per_step` (what the loop does between steps), with the training
-thread's context switches per step. The services (moto's S3 server, an MLflow server)
+thread's context switches per step. `--interleaved` also times bare steps inside the full loop's worker, in turn
+with the loop's own (`interleaved_worker`): `loop_over_bare_interleaved`, free of the machine's drift and of what
+the run puts beside the step. The services (moto's S3 server, an MLflow server)
 are started here on 127.0.0.1 and stopped at the end. Writes <out>/loop.json.
 """
 from __future__ import annotations
