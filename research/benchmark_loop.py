@@ -109,6 +109,17 @@ def bare_loop(cfg, batches: list, core: int | None = None) -> dict[str, float]:
     return {"loop_s": at[-1], "loop_cpu_s": time.thread_time() - cpu0, "at": at, "final_loss": final_loss}
 
 
+def move_tree(pid: int, cores: set[int]) -> None:
+    """Every thread of process `pid` and of its descendants onto `cores` (a thread that ends meanwhile is
+    skipped)."""
+    from pipeline.train import affinity
+    for tid in affinity.tree_threads(pid):
+        try:
+            os.sched_setaffinity(tid, cores)
+        except OSError:
+            pass
+
+
 def full_history(uri: str, run_id: str) -> dict[str, dict[int, float]]:
     """The full loop's perf metrics by step, from the MLflow server."""
     from mlflow.tracking import MlflowClient
@@ -167,13 +178,13 @@ def interleaved_worker(loop_config: dict[str, Any]) -> None:
     model = KanervaPlusPlus(job.model)
     opt, sched = optim.build(model.parameters(), job.train)
     real_step = loop_module.train_step
-    t = {"loop_cpu": 0.0, "bare_wall": 0.0, "bare_steps": 0, "ratios": []}
+    t = {"steps": 0, "loop_cpu": 0.0, "bare_wall": 0.0, "bare_steps": 0, "ratios": []}
 
     def probed(*args, **kwargs):
         cpu = time.thread_time()
         result = real_step(*args, **kwargs)
         t["loop_cpu"] += time.thread_time() - cpu
-        t["steps"] = t.get("steps", 0) + 1
+        t["steps"] += 1
         if t["steps"] % PROBE_CHUNK == 0:
             wall, cpu = time.perf_counter(), time.thread_time()
             for _ in range(PROBE_CHUNK):
@@ -251,8 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      and several_cores else None)
     if reserved_core is not None:
         # this process and all it starts from here on (services, Ray) off the reserved core; given back at the end
-        for tid in affinity.tree_threads(os.getpid()):
-            os.sched_setaffinity(tid, own_cores - {reserved_core})
+        move_tree(os.getpid(), own_cores - {reserved_core})
     with tempfile.TemporaryDirectory() as tmp:
         s3, mlflow = S3Server(pathlib.Path(tmp) / "s3"), MlflowServer(pathlib.Path(tmp) / "mlflow")
         try:
@@ -264,11 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if services_off_top_core and reserved_core is None:
                 # the S3 and MLflow stand-ins off the training core: in production they run on other machines
                 for service in (s3, mlflow):
-                    for tid in affinity.tree_threads(service.proc.pid):
-                        try:
-                            os.sched_setaffinity(tid, set(sorted(os.sched_getaffinity(0))[:-1]))
-                        except OSError:  # a thread that ended meanwhile
-                            pass
+                    move_tree(service.proc.pid, own_cores - {training_core})
             # claims of this run's own (the Ray workers inherit it): a claim held by some other process on this
             # machine would send the pinned thread to another core than the bare loops'
             os.environ[affinity.CLAIMS_DIR_ENV] = str(pathlib.Path(tmp) / "core-claims")
@@ -368,11 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             os.environ.clear()  # a caller in this process keeps its own endpoint and credentials
             os.environ.update(saved_env)
             if reserved_core is not None:
-                for tid in affinity.tree_threads(os.getpid()):
-                    try:
-                        os.sched_setaffinity(tid, own_cores)
-                    except OSError:  # a thread that ended meanwhile
-                        pass
+                move_tree(os.getpid(), own_cores)
     ratio = statistics.median(r["ratio"] for r in runs)
     bare_ms = statistics.median(r["bare_loop_s"] for r in runs) / args.steps * 1e3
     overhead_ms = statistics.median((r["full_loop_s"] - r["bare_loop_s"]) / args.steps * 1e3 for r in runs)

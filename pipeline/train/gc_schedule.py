@@ -12,7 +12,6 @@ automatic collection and unfreezes.
 from __future__ import annotations
 
 import gc
-import time
 
 
 class GcSchedule:
@@ -21,8 +20,7 @@ class GcSchedule:
 
     def __init__(self, every: int):
         self.every = every
-        self.seconds = 0.0  # spent in this schedule's collections (not the one at entry)
-        self.collections = 0
+        self.collections = 0  # the schedule's own (not the one at entry)
         self._was_enabled = True
 
     def __enter__(self) -> "GcSchedule":
@@ -42,9 +40,7 @@ class GcSchedule:
             self._collect(2)
 
     def _collect(self, generation: int) -> None:
-        t = time.perf_counter()
         gc.collect(generation)
-        self.seconds += time.perf_counter() - t
         self.collections += 1
 
     def __exit__(self, *exc) -> None:
