@@ -32,6 +32,34 @@ def test_read_only_monitor_is_not_an_autoscaler():
     assert not autoscaling_node_types({})
 
 
+def test_detection_waits_for_the_monitors_first_report_and_no_longer():
+    """A driver started with its cluster can ask before the monitor's first report (CI did): absence is 'not yet',
+    bounded by report_wait_s; a report answers at once; a read that times out is asked again; one whose import or
+    attribute is gone (Ray's internals moved) is 'no' at once."""
+    answers = iter([None, None, True])
+    t = time.monotonic()
+    assert cluster_autoscales(report_wait_s=10, poll_s=0.05, read=lambda: next(answers)) is True
+    assert time.monotonic() - t < 5
+    assert cluster_autoscales(report_wait_s=10, poll_s=0.05, read=iter([None, False]).__next__) is False
+    t = time.monotonic()
+    assert cluster_autoscales(report_wait_s=0.3, poll_s=0.05, read=lambda: None) is False
+    assert 0.3 <= time.monotonic() - t < 3
+
+    def moved():
+        raise AttributeError("ray._private.ray_constants has no DEBUG_AUTOSCALING_STATUS")
+    t = time.monotonic()
+    assert cluster_autoscales(report_wait_s=10, read=moved) is False
+    assert time.monotonic() - t < 1
+    reads = iter([TimeoutError("GCS internal_kv_get timed out"), True])
+    assert cluster_autoscales(report_wait_s=10, poll_s=0.05, read=lambda: _raise_or_return(next(reads))) is True
+
+
+def _raise_or_return(x):
+    if isinstance(x, Exception):
+        raise x
+    return x
+
+
 def test_fixed_cluster_fails_at_once(ray_cluster):
     assert cluster_autoscales() is False  # the session's plain local cluster
     t = time.monotonic()

@@ -47,28 +47,51 @@ def worker_resources(s: ScalingConfig) -> dict[str, float]:
     return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
 
 
-def cluster_autoscales() -> bool:
+def cluster_autoscales(report_wait_s: float = 20.0, poll_s: float = 0.5,
+                       read: Callable[[], bool | None] | None = None) -> bool:
     """Whether an autoscaler with node types of its own serves this cluster (the launcher, KubeRay).
 
-    Every head runs Ray's monitor and publishes its report in the GCS key-value store, also without an autoscaling
+    The monitor's first report comes a few seconds after the head starts (one AUTOSCALER_UPDATE_INTERVAL_S, later on
+    a busy head): a driver that starts with its cluster waits up to report_wait_s for it rather than read its absence
+    as 'no autoscaler' (CI saw exactly that); a read that fails is asked again within the same bound. read: the
+    monitor's answer, None before its first report (tests pass their own). If Ray's internals move (the import or
+    attribute is gone), the answer is 'no' at once and the driver fails fast as on a fixed cluster."""
+    read = read or monitor_reports_autoscaling
+    deadline = time.monotonic() + report_wait_s
+    while True:
+        try:
+            answer = read()
+        except (ImportError, AttributeError):  # Ray's internals moved: see docstring
+            return False
+        except Exception:  # noqa: BLE001 - a GCS read that timed out on a busy head: ask again
+            answer = None
+        if answer is not None:
+            return answer
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+
+
+def monitor_reports_autoscaling() -> bool | None:
+    """What Ray's monitor says: True for an autoscaler with node types of its own, False for none, None when it has
+    not reported yet.
+
+    Every head runs the monitor and publishes its report in the GCS key-value store, also without an autoscaling
     config; then it runs a read-only provider whose node types are the nodes themselves (node_<id>). A configured
     autoscaler names its node types (head, gpu_worker, ...). Autoscaler v2 marks itself in the store. Ray has no
-    public call for this: the reads below are the ones `ray status` makes (Ray 2.60, pinned); if they move, the
-    answer is 'no' and the driver fails fast as on a fixed cluster."""
-    try:
-        import json
+    public call for this: the reads below are the ones `ray status` makes (Ray 2.60, pinned). A live cluster's report
+    maps at least the head, so an empty mapping is 'not yet' too."""
+    import json
 
-        import ray
-        from ray._private import ray_constants
-        from ray.experimental.internal_kv import _internal_kv_get
-        from ray.autoscaler.v2.utils import is_autoscaler_v2
-        if ray.is_initialized() and is_autoscaler_v2(fetch_from_server=True):
-            return True
-        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-        mapping = ((json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {}) if raw else {}
-        return autoscaling_node_types(mapping)
-    except Exception:  # noqa: BLE001 - see docstring
-        return False
+    import ray
+    from ray._private import ray_constants
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+    if ray.is_initialized() and is_autoscaler_v2(fetch_from_server=True):
+        return True
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    mapping = ((json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {}) if raw else {}
+    return autoscaling_node_types(mapping) if mapping else None
 
 
 def may_autoscale(s: ScalingConfig, detect: Callable[[], bool]) -> bool:
