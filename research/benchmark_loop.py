@@ -31,7 +31,7 @@ overhead gives at a 10 ms step, and where the full loop stalled: the longest che
 two: `step_in_loop_over_bare` (train_step's own time inside the full loop over the bare loop's: the same step run
 slower by the process around it) and `loop_own_ms_per_step` (what the loop does between steps), with the training
 thread's context switches per step. `--interleaved` also times bare steps inside the full loop's worker, in turn
-with the loop's own (`interleaved_worker`): `loop_over_bare_interleaved`, free of the machine's drift and of what
+with the loop's own, over the same batches (research.loop_probe): `loop_over_bare_interleaved`, free of the machine's drift and of what
 the run puts beside the step. The services (moto's S3 server, an MLflow server)
 are started here on 127.0.0.1 and stopped at the end. Writes <out>/loop.json.
 """
@@ -125,7 +125,8 @@ def full_history(uri: str, run_id: str) -> dict[str, dict[int, float]]:
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
     return {k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
-            for k in ("perf/loop_s", "perf/checkpoint_stall_s", "perf/state_copy_s", "perf/data_wait_s",
+            for k in ("perf/loop_s", "perf/checkpoint_stall_s", "perf/state_copy_s", "perf/checkpoint_room_wait_s",
+                      "perf/data_wait_s",
                       "perf/first_batch_wait_s", "perf/step_host_s", "perf/context_switches_per_step")}
 
 
@@ -152,64 +153,6 @@ def read_batches(cfg, count: int) -> list:
     return out
 
 
-PROBE_CHUNK = 20  # steps of the loop, then as many bare steps, in turn (--interleaved)
-
-
-def interleaved_worker(loop_config: dict[str, Any]) -> None:
-    """The Ray Train worker of --interleaved: the real one (pipeline.cluster.session.train_worker), with a chunk of
-    PROBE_CHUNK bare train_steps (a second model, batches held in memory) run after every PROBE_CHUNK steps of the
-    loop, in the same thread on the same core. The machine's drift over minutes and whatever the run puts beside
-    the step (a busy other core, Ray's workers) then weigh on both alike. The probe's totals go to the job's MLflow
-    run as probe/* metrics for the driver to read."""
-    import torch
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    import pipeline.train.loop as loop_module
-    from kpp.model import KanervaPlusPlus
-    from kpp.objective import kl_beta
-    from pipeline.cluster import session
-    from pipeline.train import optim
-    from pipeline.train.config import JobConfig
-    job = JobConfig.from_dict(loop_config["job"])
-    torch.set_num_threads(1)
-    batches = read_batches(job, 64)
-    torch.manual_seed(job.seed)
-    model = KanervaPlusPlus(job.model)
-    opt, sched = optim.build(model.parameters(), job.train)
-    real_step = loop_module.train_step
-    t = {"steps": 0, "loop_cpu": 0.0, "bare_wall": 0.0, "bare_steps": 0, "ratios": []}
-
-    def probed(*args, **kwargs):
-        cpu = time.thread_time()
-        result = real_step(*args, **kwargs)
-        t["loop_cpu"] += time.thread_time() - cpu
-        t["steps"] += 1
-        if t["steps"] % PROBE_CHUNK == 0:
-            wall, cpu = time.perf_counter(), time.thread_time()
-            for _ in range(PROBE_CHUNK):
-                i = t["bare_steps"]
-                real_step(model, opt, sched, batches[i % len(batches)], beta=kl_beta(i, job.model.objective),
-                          grad_clip=job.train.grad_clip, precision=job.train.precision, noise_seed=i)
-                t["bare_steps"] += 1
-            t["bare_wall"] += time.perf_counter() - wall
-            t["ratios"].append(t["loop_cpu"] / (time.thread_time() - cpu))
-            t["loop_cpu"] = 0.0
-        return result
-    loop_module.train_step = probed
-    try:
-        session.train_worker(loop_config)
-    finally:
-        loop_module.train_step = real_step
-    steady = t["ratios"][len(t["ratios"]) // 4:]  # as the paired ratio's steady window: Ray is still starting early on
-    now = int(time.time() * 1000)
-    MlflowClient(loop_config["tracking_uri"]).log_batch(loop_config["run_id"], metrics=[
-        Metric("probe/bare_wall_s", t["bare_wall"], now, 0), Metric("probe/bare_steps", t["bare_steps"], now, 0),
-        Metric("probe/step_in_loop_over_bare", statistics.median(steady), now, 0),
-        Metric("probe/step_in_loop_over_bare_q1", statistics.quantiles(steady, n=4)[0], now, 0),
-        Metric("probe/step_in_loop_over_bare_q3", statistics.quantiles(steady, n=4)[2], now, 0)])
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m research.benchmark_loop", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -233,8 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "everything else runs on the other cores, as on a GPU node with cores to spare; with the "
                          "pin off or alternating, the S3 and MLflow stand-ins are kept off the top core)")
     ap.add_argument("--interleaved", action="store_true",
-                    help=f"also time bare train_steps inside the full loop's worker: {PROBE_CHUNK} of them after "
-                         f"every {PROBE_CHUNK} of the loop's, same thread and core, so the machine's drift cancels "
+                    help="also time bare train_steps inside the full loop's worker: a chunk of them over the same "
+                         "batches after every chunk of the loop's (research.loop_probe), same thread and core, so the "
+                         "machine's drift and what the run puts beside the step cancel "
                          "(reported as loop_over_bare_interleaved; the full loop's own timings then carry the "
                          "probe, and the paired ratio is not comparable to a run without it)")
     ap.add_argument("--out", default="outputs/benchmarks", help="directory for loop.json")
@@ -298,14 +242,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 before = bare_loop(base, batches, core)
                 cfg = config.load(None, job_overrides(args, shards, "s3://kpp-runs/ray", mlflow.url,
                                                       f"loop-{repeat}", pin, reserved_core))
-                from pipeline.cluster import session
-                real_worker = session.train_worker  # driver.build_trainer looks it up at each run
+                worker = None
                 if args.interleaved:
-                    session.train_worker = interleaved_worker
-                try:
-                    outcome = driver.run(cfg, driver.RunOptions(progress=False))
-                finally:
-                    session.train_worker = real_worker
+                    from research.loop_probe import probe_worker as worker
+                outcome = driver.run(cfg, driver.RunOptions(progress=False, worker=worker))
                 after = bare_loop(base, batches, core)
                 # the bare loop on both sides of the full one, averaged: this shared machine drifts by 20-40%
                 # over a minute, and one bare run before the full one carried all of that into the pair's ratio
@@ -324,18 +264,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 full_steady = (history["perf/loop_s"][k1] - history["perf/loop_s"][k0]) / (k1 - k0)
                 bare_steady = (bare["at"][k1 - 1] - bare["at"][k0 - 1]) / (k1 - k0)
                 stalls, copies = history["perf/checkpoint_stall_s"], history["perf/state_copy_s"]
-                probe = {}
+                room_waits = history["perf/checkpoint_room_wait_s"]
+                probe, probe_wall_s = {}, 0.0
                 if args.interleaved:
                     from mlflow.tracking import MlflowClient
                     pm = MlflowClient(mlflow.url).get_run(outcome.run_id).data.metrics
+                    probe_wall_s = pm["probe/bare_wall_s"]  # inside the loop's clock, between its steps
                     bare_step_s = pm["probe/bare_wall_s"] / pm["probe/bare_steps"]
                     # the loop's time without the probe's chunks, over as many steps at the probe's bare speed
                     probe = {"loop_over_bare_interleaved": (full_s - pm["probe/bare_wall_s"])
                              / (args.steps * bare_step_s),
                              "step_in_loop_over_bare_interleaved": pm["probe/step_in_loop_over_bare"],
+                             # the same in wall time: above the CPU-time ratio, the loop's steps waited (for the
+                             # GIL, held by the report or MLflow thread) where the probe's did not
+                             "step_in_loop_over_bare_interleaved_wall": step_host_s / (args.steps * bare_step_s),
                              "step_in_loop_over_bare_interleaved_quartiles": [pm["probe/step_in_loop_over_bare_q1"],
                                                                               pm["probe/step_in_loop_over_bare_q3"]],
-                             "interleaved_bare_ms_per_step": bare_step_s * 1e3}
+                             "interleaved_bare_ms_per_step": bare_step_s * 1e3,
+                             # the bare model trains the loop's trajectory: the same last loss (same work)
+                             "interleaved_bare_final_loss": pm["probe/bare_final_loss"]}
                 runs.append({**probe, "pin_training_thread": pin, "bare_loop_s": bare["loop_s"],
                              "bare_loop_s_before_after": bare["sides_s"],
                              "full_loop_s": full_s,
@@ -344,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "cpu_ratio": float(m["perf/loop_cpu_s"]) / bare["loop_cpu_s"],
                              "steady_ratio": full_steady / bare_steady, "bare_final_loss": bare["final_loss"],
                              "full_final_loss": m["train/loss"],
-                             "checkpoint_stall_s": stalls, "state_copy_s": copies,
+                             "checkpoint_stall_s": stalls, "state_copy_s": copies, "checkpoint_room_wait_s": room_waits,
                              "data_wait_s_per_step": sum(history["perf/data_wait_s"].values()) / args.steps,
                              "first_batch_wait_s": history["perf/first_batch_wait_s"].get(0, 0.0),
                              # the same with the loader's start-up counted in: once per job, so it weighs
@@ -354,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              # where the full loop's extra time goes: the step itself running slower in the
                              # worker (the process around it), or the loop's own work between steps
                              "step_in_loop_over_bare": step_host_s / bare["loop_s"],
-                             "loop_own_ms_per_step": (full_s - step_host_s - sum(history["perf/data_wait_s"].values())) / args.steps * 1e3,
+                             "loop_own_ms_per_step": (full_s - probe_wall_s - step_host_s
+                                                      - sum(history["perf/data_wait_s"].values())) / args.steps * 1e3,
                              "context_switches_per_step": window_total(history["perf/context_switches_per_step"])
                              / args.steps,
                              "full_metrics": {k: v for k, v in m.items() if k.startswith(("perf/", "train/loss"))}})
@@ -362,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{bare['loop_s'] / args.steps * 1e3:.2f} ms/step, full "
                       f"{full_s / args.steps * 1e3:.2f} ms/step, ratio {runs[-1]['ratio']:.3f}, steps {k0}-{k1}: "
                       f"{runs[-1]['steady_ratio']:.3f}; checkpoint stall max {max(stalls.values()) * 1e3:.1f} ms, "
-                      f"state copy max {max(copies.values()) * 1e3:.1f} ms; train_step in the loop / bare "
+                      f"state copy max {max(copies.values()) * 1e3:.1f} ms, room wait max "
+                      f"{max(room_waits.values(), default=0.0) * 1e3:.1f} ms; train_step in the loop / bare "
                       f"{runs[-1]['step_in_loop_over_bare']:.3f}, the loop's own {runs[-1]['loop_own_ms_per_step']:.2f} "
                       f"ms/step, {runs[-1]['context_switches_per_step']:.2f} context switches/step", flush=True)
         finally:
@@ -393,6 +342,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loop_over_bare_cpu": statistics.median(r["cpu_ratio"] for r in runs),
         "checkpoint_stall_ms_max": max(max(r["checkpoint_stall_s"].values()) for r in runs) * 1e3,
         "state_copy_ms_max": max(max(r["state_copy_s"].values()) for r in runs) * 1e3,
+        # the checkpoint whose stall most exceeds its own state copy, and how much of that was the wait for room
+        # among the reports in flight (Ray's controller or the store slower than the schedule)
+        "checkpoint_stall_over_copy_worst": max(
+            ({"repeat": i, "step": s, "stall_ms": r["checkpoint_stall_s"][s] * 1e3,
+              "state_copy_ms": r["state_copy_s"][s] * 1e3, "room_wait_ms": r["checkpoint_room_wait_s"].get(s, 0.0) * 1e3}
+             for i, r in enumerate(runs) for s in r["checkpoint_stall_s"]),
+            key=lambda w: w["stall_ms"] - w["state_copy_ms"]),
         "loop_over_bare_with_loader_start": statistics.median(r["ratio_with_loader_start"] for r in runs),
         "data_wait_ms_per_step": statistics.median(r["data_wait_s_per_step"] for r in runs) * 1e3,
         "first_batch_wait_s": statistics.median(r["first_batch_wait_s"] for r in runs),

@@ -42,6 +42,7 @@ def test_reports_run_beside_the_training_thread_in_order():
     handed_over = time.perf_counter() - t0
     assert handed_over < 0.15  # neither the report nor the write waited for the 0.2 s sessions
     assert timing.stall_s >= timing.state_copy_s and timing.stall_s < 0.15
+    assert timing.room_wait_s < 0.05  # one report in flight: room for the checkpoint at once
     ck.close()
     assert session.reports == [(1, None, None), (2, checkpointing.folder_name(2), 2)]
     assert threading.current_thread().name not in session.threads
@@ -54,6 +55,21 @@ def test_at_most_two_reports_wait_on_the_thread():
     for step in (1, 2, 3):
         ck.report({"step": step})
     assert time.perf_counter() - t0 >= 0.25  # the third waited for the first
+    ck.close()
+    assert [r[0] for r in session.reports] == [1, 2, 3]
+
+
+def test_a_checkpoint_behind_two_pending_reports_says_it_waited_for_room():
+    session = SlowSession(delay_s=0.3)
+    ck = Checkpointer(session, every_steps=1)
+    state = _state(3)
+    state()
+    ck.report({"step": 1})
+    ck.report({"step": 2})
+    timing = ck.save(3, {"step": 3}, state)
+    # the wait is told apart from the copy: a store slower than the schedule, not a slow copy
+    assert timing.room_wait_s >= 0.2
+    assert timing.stall_s >= timing.room_wait_s + timing.state_copy_s
     ck.close()
     assert [r[0] for r in session.reports] == [1, 2, 3]
 

@@ -13,7 +13,7 @@ import os
 import pathlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 from pipeline.data.shards.manifest import DataCard
@@ -312,7 +312,8 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], options: "RunOpti
     from pipeline.cluster.resources import worker_resources
     resources = worker_resources(s)
     return TorchTrainer(
-        train_worker, train_loop_config=loop_config,
+        options.worker if options is not None and options.worker is not None else train_worker,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=s.timeout_s),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
@@ -346,6 +347,9 @@ class RunOptions:
     close_run: bool = True
     # (unix time, what it is) the submit-to-first-step clock starts from; None: jobs.submit's stamp, else now
     started: tuple[float, str] | None = None
+    # the function each Ray Train worker runs; None: pipeline.cluster.session.train_worker (a benchmark passes an
+    # instrumented one: research.loop_probe)
+    worker: Callable[[dict[str, Any]], None] | None = None
 
 
 def run(cfg: JobConfig, options: RunOptions = RunOptions()) -> Outcome:

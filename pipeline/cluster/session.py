@@ -103,13 +103,14 @@ def _quiet_ray_reports() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
+def train_worker(loop_config: dict[str, Any], loop_class: type[Loop] = Loop) -> None:
     """Entry point of every Ray Train worker; loop_config = {"job": JobConfig dict, "tracking_uri", "run_id",
-    "storage": (pyarrow filesystem, run folder), "started_unix": when the job's clock started (driver.run)}."""
+    "storage": (pyarrow filesystem, run folder), "started_unix": when the job's clock started (driver.run)}.
+    loop_class: the Loop, or an instrumented subclass of it (research.loop_probe)."""
     job = JobConfig.from_dict(loop_config["job"])
     _quiet_ray_reports()
     # a worker's share of the node: more intra-op threads than its CPUs oversubscribes the cores
     torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
     session = RaySession(loop_config.get("storage"))
-    Loop(job, session, loop_config.get("tracking_uri", ""), loop_config.get("run_id", ""),
-         started_unix=loop_config.get("started_unix")).run()
+    loop_class(job, session, loop_config.get("tracking_uri", ""), loop_config.get("run_id", ""),
+               started_unix=loop_config.get("started_unix")).run()

@@ -41,11 +41,13 @@ class Every:
 
 @dataclass
 class SaveTiming:
-    """Seconds the training thread spent on one checkpoint: all of it (`stall_s`: waiting for the previous report,
-    the state copy, handing it over) and the state copy alone (`state_copy_s`)."""
+    """Seconds the training thread spent on one checkpoint: all of it (`stall_s`), the wait for room among the
+    reports in flight (`room_wait_s`: the store or Ray's controller taking reports slower than they come) and the
+    state copy (`state_copy_s`); the rest of the stall is handing the copy to the thread."""
     step: int
     stall_s: float
     state_copy_s: float
+    room_wait_s: float = 0.0
 
 
 class Checkpointer:
@@ -95,6 +97,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         self._make_room()
         t1 = time.perf_counter()
+        room_wait_s = t1 - t0
         payload = state() if state is not None else None
         copy_s = time.perf_counter() - t1
         name = checkpointing.folder_name(step)
@@ -112,7 +115,7 @@ class Checkpointer:
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         self._submit(write_and_report, room=True)
-        timing = SaveTiming(step, time.perf_counter() - t0, copy_s)
+        timing = SaveTiming(step, time.perf_counter() - t0, copy_s, room_wait_s)
         self.timings.append(timing)
         return timing
 

@@ -280,7 +280,8 @@ class Loop:
             timing = self.checkpointer.save(self.step, metrics,
                                             (lambda: self._snapshot(metrics)) if self.rank0 else None)
             self.tracker.log_metrics({"perf/checkpoint_stall_s": timing.stall_s,
-                                      "perf/state_copy_s": timing.state_copy_s}, step=self.step)
+                                      "perf/state_copy_s": timing.state_copy_s,
+                                      "perf/checkpoint_room_wait_s": timing.room_wait_s}, step=self.step)
         elif report_due:  # the same decision on every rank (StepMetrics.collect)
             self.checkpointer.report(metrics)
         if save or report_due:
