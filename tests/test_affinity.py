@@ -87,11 +87,31 @@ def test_pinning_moves_the_other_threads_and_child_processes_off_the_training_co
     """, tmp_path)
     core, others = r["allowed"][-1], r["allowed"][:-1]
     assert r["core"] == core
-    # what the pinned thread starts inherits its core until the next spread (the loop spreads at every log step)
+    # what the pinned thread starts inherits its core until the next spread (the loop spreads at log steps)
     assert r["inherited"] == {"late": [core], "child": [core]}
     assert r["moved"] >= 2
     assert r["after"] == {"me": [core], "early": others, "late": others, "child": others}
     assert r["released"] == {"me": r["allowed"], "late": r["allowed"], "child": r["allowed"]}
+
+
+@needs_two_cores
+def test_a_spread_within_its_interval_walks_nothing_and_the_next_one_moves_what_was_started(tmp_path):
+    r = _python("""
+        import json, os, threading, time
+        from pipeline.train.affinity import pin_training_thread
+        stop = threading.Event()
+        pin = pin_training_thread()  # walks once
+        late = threading.Thread(target=stop.wait); late.start()
+        early_call = pin.spread(min_interval_s=60.0)
+        still = sorted(os.sched_getaffinity(late.native_id))
+        due_call = pin.spread(min_interval_s=0.0)
+        after = sorted(os.sched_getaffinity(late.native_id))
+        pin.release(); stop.set()
+        print(json.dumps({"core": pin.core, "others": sorted(pin.others), "early": early_call, "still": still,
+                          "due": due_call, "after": after}))
+    """, tmp_path)
+    assert r["early"] == 0 and r["still"] == [r["core"]]  # within the interval: not walked, the thread stays
+    assert r["due"] >= 1 and r["after"] == r["others"]
 
 
 @needs_two_cores

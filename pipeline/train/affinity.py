@@ -20,13 +20,14 @@ node's daemons, actors and new workers, which inherit the raylet's CPU mask, sta
 thread shares with nothing. A worker that finds every reserved core claimed fails, naming the field.
 
 Threads and processes started after the pin inherit the training core from the thread that started them, so
-`spread` moves them off again; the loop calls it at every log step.
+`spread` moves them off again; the loop calls it at log steps, at most once a second.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -40,11 +41,17 @@ class CorePin:
     allowed: frozenset    # the process's cores before the pin
     training_tid: int
     claim: IO | None = field(default=None, repr=False)  # the open, locked claim file of `core`
+    last_spread: float = field(default=-float("inf"), repr=False)  # time.monotonic() of the last walk
 
-    def spread(self) -> int:
+    def spread(self, min_interval_s: float = 0.0) -> int:
         """Move this process's other threads and its child processes' threads off the training core (those
-        started since the last call inherited it). Returns how many were moved. Cheap: a /proc listing and a
-        syscall per thread, ~30 threads in a Ray worker."""
+        started since the last call inherited it). Returns how many were moved. A walk reads /proc once per
+        thread: 0.45 ms with 41 threads (measured), so the loop's calls at log steps walk at most once per
+        `min_interval_s` (a thread started meanwhile shares the training core until then)."""
+        now = time.monotonic()
+        if now - self.last_spread < min_interval_s:
+            return 0
+        self.last_spread = now
         return _set_all(lambda tid: None if tid == self.training_tid else self.others)
 
     def release(self) -> None:

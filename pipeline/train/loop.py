@@ -49,6 +49,9 @@ from pipeline.train.metrics import StepMetrics
 from pipeline.train.step import train_step
 
 
+SPREAD_EVERY_S = 1.0  # at log steps, threads that inherited the training core are moved off it at most this often
+
+
 class NonFiniteLoss(RuntimeError):
     """Training stopped on a NaN/inf loss or gradient (train.nonfinite=stop, or too many skips in a row)."""
 
@@ -287,7 +290,8 @@ class Loop:
         if save or report_due:
             self.metrics.reported()
         if self.pin is not None:
-            self.pin.spread()  # threads and loader workers started since inherited the training core
+            # threads and loader workers started since inherited the training core; a walk costs ~0.5 ms
+            self.pin.spread(min_interval_s=SPREAD_EVERY_S)
         return metrics
 
     # -- one optimiser step -----------------------------------------------------------------------------------
