@@ -42,7 +42,7 @@ def test_reports_run_beside_the_training_thread_in_order():
     handed_over = time.perf_counter() - t0
     assert handed_over < 0.15  # neither the report nor the write waited for the 0.2 s sessions
     assert timing.stall_s >= timing.state_copy_s and timing.stall_s < 0.15
-    assert timing.room_wait_s < 0.05  # one report in flight: room for the checkpoint at once
+    assert timing.room_wait_s < 0.05 and timing.warning == ""  # one report in flight: room at once
     ck.close()
     assert session.reports == [(1, None, None), (2, checkpointing.folder_name(2), 2)]
     assert threading.current_thread().name not in session.threads
@@ -70,8 +70,12 @@ def test_a_checkpoint_behind_two_pending_reports_says_it_waited_for_room():
     # the wait is told apart from the copy: a store slower than the schedule, not a slow copy
     assert timing.room_wait_s >= 0.2
     assert timing.stall_s >= timing.room_wait_s + timing.state_copy_s
+    # once per job, naming the field to change
+    assert "checkpoint.every_steps (now 1)" in timing.warning and "waited" in timing.warning
+    ck.report({"step": 4})
+    assert ck.save(5, {"step": 5}, state).warning == ""
     ck.close()
-    assert [r[0] for r in session.reports] == [1, 2, 3]
+    assert [r[0] for r in session.reports] == [1, 2, 3, 4, 5]
 
 
 def test_a_failed_report_is_raised_at_the_next_one_and_at_the_end():

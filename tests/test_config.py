@@ -161,7 +161,7 @@ train.min_lr_ratio train.grad_clip train.precision train.nonfinite train.max_non
 scaling.num_workers scaling.use_gpu scaling.gpus_per_worker scaling.pin_training_thread scaling.training_cores scaling.cpus_per_worker scaling.timeout_s scaling.resource_wait_s
 scaling.placement_strategy scaling.placement_wait_s scaling.autoscaling
 checkpoint.storage_path checkpoint.s3_endpoint_url checkpoint.every_steps checkpoint.keep checkpoint.keep_by
-checkpoint.max_failures
+checkpoint.max_failures checkpoint.when_behind
 tracking.enabled tracking.uri tracking.experiment tracking.registered_model tracking.alias tracking.images_every_steps
 eval.every_steps eval.iwae_samples eval.seed
 """.split()

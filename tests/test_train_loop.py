@@ -130,6 +130,56 @@ def test_no_metrics_only_report_is_made_while_one_is_in_flight(tmp_path):
     assert steps[0] == 1 and not set(steps) & set(range(2, 10)) and steps[-1] == 14
 
 
+class HeldSession(SpacedSession):
+    """The first report is held until the loop passes `until_step` or `hold_s` passes: a store or controller
+    slower than the checkpoint schedule."""
+
+    def __init__(self, root, until_step, hold_s):
+        super().__init__(root, 1e-6)
+        import threading
+        self.loop, self.until_step, self.hold_s = None, until_step, hold_s
+        self._first = threading.Event()
+
+    def report(self, metrics, folder, name):
+        import time
+        if not self._first.is_set():
+            self._first.set()
+            t_end = time.monotonic() + self.hold_s
+            while self.loop.step < self.until_step and time.monotonic() < t_end:
+                time.sleep(0.01)
+        super().report(metrics, folder, name)
+
+
+def _held(tmp_path, when_behind, until_step, hold_s):
+    cfg = config.load(None, [*TINY, "train.max_steps=14", "checkpoint.every_steps=2",
+                             f"checkpoint.when_behind={when_behind}"])
+    data = load_data("digits", "", 4, 4, 4, 4, 0, 0, 1)[:3]
+    session = HeldSession(tmp_path, until_step, hold_s)
+    loop = Loop(cfg, session, data=data)
+    session.loop = loop
+    loop.run()
+    return loop, [r["step"] for r in session.reports if r.get("step") is not None], session
+
+
+def test_a_checkpoint_due_while_two_reports_are_in_flight_is_skipped_not_waited_for(tmp_path, capsys):
+    """checkpoint.when_behind=skip (the default): with the step-1 report held and the step-2 checkpoint behind it,
+    the checkpoints due at steps 4-8 would wait for room; they are skipped and the loop trains on past step 10
+    while the report is held. The last step's checkpoint is never skipped, and the job resumes from it."""
+    loop, steps, session = _held(tmp_path, "skip", until_step=10, hold_s=20.0)
+    assert loop.checkpoints_skipped >= 3
+    assert not {4, 6, 8} & set(steps) and 14 in steps
+    assert max(t.room_wait_s for t in loop.checkpointer.timings if t.step != 14) < 0.05
+    assert "checkpoint skipped" in capsys.readouterr().out
+    assert checkpointing.step_of(checkpointing.latest_complete(tmp_path).name) == 14
+
+
+def test_with_when_behind_wait_every_checkpoint_is_kept_and_the_wait_is_measured(tmp_path):
+    loop, steps, _ = _held(tmp_path, "wait", until_step=10**9, hold_s=0.5)
+    assert loop.checkpoints_skipped == 0
+    assert {2, 4, 6, 8, 10, 12, 14} <= set(steps)
+    assert max(t.room_wait_s for t in loop.checkpointer.timings) > 0.2  # the step-4 save waited for the held one
+
+
 # -- two ranks (gloo): the report decision must be the same on every rank -------------------------------------
 def _rank_main(rank, world, port, root, result):
     import datetime

@@ -48,6 +48,10 @@ class SaveTiming:
     stall_s: float
     state_copy_s: float
     room_wait_s: float = 0.0
+    warning: str = ""  # the first save of a job that waited for room says why and what to change
+
+
+BACKLOG_WARN_S = 0.01  # a wait for room above this is a schedule faster than reports are taken, not jitter
 
 
 class Checkpointer:
@@ -72,6 +76,8 @@ class Checkpointer:
         self._in_flight: collections.deque[Future] = collections.deque()
         self.max_in_flight = max_in_flight
         self.timings: list[SaveTiming] = []
+        self._last_save_t: float | None = None
+        self._warned_backlog = False
 
     def due(self, step: int, last: bool) -> bool:
         return self.schedule.due(step, last)
@@ -95,6 +101,8 @@ class Checkpointer:
     def save(self, step: int, metrics: dict[str, Any], state: Callable[[], dict[str, Any]] | None) -> SaveTiming:
         """A checkpoint report at `step`; `state` makes the snapshot (rank 0), None on the other ranks."""
         t0 = time.perf_counter()
+        apart_s = None if self._last_save_t is None else t0 - self._last_save_t
+        self._last_save_t = t0
         self._make_room()
         t1 = time.perf_counter()
         room_wait_s = t1 - t0
@@ -117,6 +125,14 @@ class Checkpointer:
         self._submit(write_and_report, room=True)
         timing = SaveTiming(step, time.perf_counter() - t0, copy_s, room_wait_s)
         self.timings.append(timing)
+        if room_wait_s > BACKLOG_WARN_S and not self._warned_backlog:
+            self._warned_backlog = True
+            timing.warning = (
+                f"step {step}: the checkpoint waited {room_wait_s * 1e3:.0f} ms for {self.max_in_flight} earlier "
+                f"reports (its state copy took {copy_s * 1e3:.1f} ms): checkpoints came "
+                f"{'' if apart_s is None else f'{apart_s:.2f} s '}apart, faster than the store or Ray's controller "
+                f"takes reports (one per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S under Ray); raise "
+                f"checkpoint.every_steps (now {self.schedule.steps}) to keep the step loop from waiting")
         return timing
 
     def pending(self) -> int:

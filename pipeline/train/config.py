@@ -145,6 +145,10 @@ class CheckpointConfig(Section):
                                                        "bound")
     max_failures: int = _f(3, "worker-group restarts after a crash before the job fails (-1 = unlimited); each "
                               "resumes from the latest complete checkpoint")
+    when_behind: Literal["skip", "wait"] = _f("skip", "a checkpoint due while earlier ones are still being "
+                                                      "reported (the store or Ray's controller, one report per "
+                                                      "health-check interval, slower than every_steps): skip it and "
+                                                      "train on, or wait for them; the last step's is never skipped")
 
 
 class TrackingConfig(Section):

@@ -116,6 +116,7 @@ class Loop:
         # actually running rather than waiting for a core, a peer's all-reduce or the host.
         self.loop_cpu_s = 0.0
         self.first_batch_wait_s = 0.0  # the wait for the data loader's first batch (its workers' start-up)
+        self.checkpoints_skipped = 0  # checkpoint.when_behind=skip
         self._recent_keys: collections.deque = collections.deque(maxlen=job.train.log_every)  # (step, keys)
         self.audit = KeyAudit(job.data.audit_dir, session.rank) if job.data.audit_dir else None
         self._restored_report: dict[str, Any] = {}
@@ -276,7 +277,10 @@ class Loop:
                 print(f"[train] step {self.step}: sample grid not logged ({e})", flush=True)
         if not (save or self.step % self.job.train.log_every == 0):
             return None
-        metrics, report_due = self._collect(terms, grad_norm)
+        metrics, report_due, in_flight_most = self._collect(terms, grad_norm)
+        if save and not done and self.job.checkpoint.when_behind == "skip" \
+                and in_flight_most >= self.checkpointer.max_in_flight:
+            save = self._skip_checkpoint(in_flight_most)  # the same decision on every rank (all-reduced count)
         if done and self.step == self.job.train.max_steps:
             metrics.update(self._final())
         if save:
@@ -285,6 +289,8 @@ class Loop:
             self.tracker.log_metrics({"perf/checkpoint_stall_s": timing.stall_s,
                                       "perf/state_copy_s": timing.state_copy_s,
                                       "perf/checkpoint_room_wait_s": timing.room_wait_s}, step=self.step)
+            if timing.warning and self.rank0 and not done:  # (the last one waits for the others by design)
+                print(f"[train] WARNING {timing.warning}", flush=True)
         elif report_due:  # the same decision on every rank (StepMetrics.collect)
             self.checkpointer.report(metrics)
         if save or report_due:
@@ -293,6 +299,18 @@ class Loop:
             # threads and loader workers started since inherited the training core; a walk costs ~0.5 ms
             self.pin.spread(min_interval_s=SPREAD_EVERY_S)
         return metrics
+
+    def _skip_checkpoint(self, in_flight: int) -> bool:
+        """checkpoint.when_behind=skip: the checkpoint due now would wait for earlier reports; train on instead
+        (the next one is due `checkpoint.every_steps` later; a resume then repeats at most twice as many steps)."""
+        self.checkpoints_skipped += 1
+        self.tracker.log_metrics({"perf/checkpoints_skipped": self.checkpoints_skipped}, step=self.step)
+        if self.rank0 and self.checkpoints_skipped == 1:
+            print(f"[train] WARNING step {self.step}: checkpoint skipped, {in_flight} earlier reports still in "
+                  f"flight: the store or Ray's controller (one report per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) takes "
+                  f"them slower than checkpoint.every_steps={self.job.checkpoint.every_steps} makes them; raise it "
+                  f"to keep every one (checkpoint.when_behind=wait waits for them instead)", flush=True)
+        return False
 
     # -- one optimiser step -----------------------------------------------------------------------------------
     def _step(self, keys: np.ndarray, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -311,9 +329,11 @@ class Loop:
         return r.terms, r.grad_norm
 
     # -- metrics, evaluation, checkpoints ---------------------------------------------------------------------
-    def _collect(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> tuple[dict[str, Any], bool]:
+    def _collect(self, terms: dict[str, torch.Tensor],
+                 grad_norm: torch.Tensor) -> tuple[dict[str, Any], bool, int]:
         """The log step's metrics (StepMetrics: one all-reduce, one host read), logged from rank 0; the
-        non-finite policy applied to the window; whether a metrics-only report is due."""
+        non-finite policy applied to the window; whether a metrics-only report is due; the most reports in
+        flight on any rank."""
         window = self.metrics.collect(self.step, terms, grad_norm, self.job.data.batch_episodes,
                                       self.checkpointer.pending())
         self._enforce_nonfinite_policy(window)
@@ -327,7 +347,7 @@ class Loop:
             m["perf/start_to_first_step_s"] = self._start_to_first_step_s
         m.update({"step": self.step, "max_steps": self.job.train.max_steps, "resumed_from_step": self.resumed_from,
                   "valid_neg_elbo": self.last_valid})
-        return m, window["report_due"]
+        return m, window["report_due"], window["reports_in_flight_most"]
 
     def _enforce_nonfinite_policy(self, window: dict[str, Any]) -> None:
         t = self.job.train

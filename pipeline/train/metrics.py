@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from kpp.objective import keys_at_floor
 
+PER_RANK = 4  # all-reduce slots of each rank: data wait, GPU peak memory, GPU utilisation, reports in flight
 
 try:
     import resource
@@ -96,11 +97,13 @@ class StepMetrics:
         names = list(terms)  # the same order on every rank
         mean_part = [terms[k].float() for k in names] + [grad_norm.float(), self._skips, self._run_max,
                                                           self._first_bad]
-        # per rank, in its own slots (the sum fills them all): data wait, and on GPUs peak memory and utilisation
-        slots = torch.zeros(2 + 3 * self.world_size, device=self.device)
+        # per rank, in its own slots (the sum fills them all): data wait, on GPUs peak memory and utilisation, and
+        # reports in flight (their most on any rank decides whether a checkpoint would wait for room)
+        slots = torch.zeros(2 + PER_RANK * self.world_size, device=self.device)
         slots[0], slots[1] = since, reports_in_flight
-        mine = 2 + 3 * self.rank
+        mine = 2 + PER_RANK * self.rank
         slots[mine] = self.window.data_wait_s
+        slots[mine + 3] = reports_in_flight
         cuda = self.device.type == "cuda"
         if cuda:
             slots[mine + 1] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -126,8 +129,11 @@ class StepMetrics:
         switches = thread_switches()
         if switches is not None and w.switches is not None:
             m["perf/context_switches_per_step"] = (switches - w.switches) / max(steps, 1)
+        in_flight_most = 0
         for r in range(self.world_size):
-            wait, mem, util = values[len(mean_part) + 2 + 3 * r:len(mean_part) + 5 + 3 * r]
+            wait, mem, util, rank_in_flight = values[len(mean_part) + 2 + PER_RANK * r:
+                                                     len(mean_part) + 2 + PER_RANK * (r + 1)]
+            in_flight_most = max(in_flight_most, int(round(rank_in_flight)))
             if self.world_size > 1:
                 m[f"perf/data_wait_s_rank{r}"] = wait
             if cuda:
@@ -141,7 +147,7 @@ class StepMetrics:
         self.window = Window(now, step)
         since_report, in_flight = values[len(mean_part):len(mean_part) + 2]
         report_due = since_report >= self.min_report_interval_s and not (self.min_report_interval_s > 0 and in_flight)
-        return {"metrics": m, "report_due": report_due,
+        return {"metrics": m, "report_due": report_due, "reports_in_flight_most": in_flight_most,
                 "window_skips": int(round(skips)), "run_max": int(round(run_max)), "first_bad": int(first_bad)}
 
     def reported(self) -> None:
