@@ -126,6 +126,7 @@ def full_history(uri: str, run_id: str) -> dict[str, dict[int, float]]:
     client = MlflowClient(uri)
     return {k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
             for k in ("perf/loop_s", "perf/checkpoint_stall_s", "perf/state_copy_s", "perf/checkpoint_room_wait_s",
+                      "perf/checkpoints_skipped",
                       "perf/data_wait_s",
                       "perf/first_batch_wait_s", "perf/step_host_s", "perf/context_switches_per_step")}
 
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "steady_ratio": full_steady / bare_steady, "bare_final_loss": bare["final_loss"],
                              "full_final_loss": m["train/loss"],
                              "checkpoint_stall_s": stalls, "state_copy_s": copies, "checkpoint_room_wait_s": room_waits,
+                             # checkpoint.when_behind=skip: checkpoints due while two reports were still in flight
+                             "checkpoints_skipped": max(history["perf/checkpoints_skipped"].values(), default=0),
                              "data_wait_s_per_step": sum(history["perf/data_wait_s"].values()) / args.steps,
                              "first_batch_wait_s": history["perf/first_batch_wait_s"].get(0, 0.0),
                              # the same with the loader's start-up counted in: once per job, so it weighs
@@ -311,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{full_s / args.steps * 1e3:.2f} ms/step, ratio {runs[-1]['ratio']:.3f}, steps {k0}-{k1}: "
                       f"{runs[-1]['steady_ratio']:.3f}; checkpoint stall max {max(stalls.values()) * 1e3:.1f} ms, "
                       f"state copy max {max(copies.values()) * 1e3:.1f} ms, room wait max "
-                      f"{max(room_waits.values(), default=0.0) * 1e3:.1f} ms; train_step in the loop / bare "
+                      f"{max(room_waits.values(), default=0.0) * 1e3:.1f} ms, "
+                      f"{runs[-1]['checkpoints_skipped']:.0f} skipped; train_step in the loop / bare "
                       f"{runs[-1]['step_in_loop_over_bare']:.3f}, the loop's own {runs[-1]['loop_own_ms_per_step']:.2f} "
                       f"ms/step, {runs[-1]['context_switches_per_step']:.2f} context switches/step", flush=True)
         finally:
@@ -349,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "state_copy_ms": r["state_copy_s"][s] * 1e3, "room_wait_ms": r["checkpoint_room_wait_s"].get(s, 0.0) * 1e3}
              for i, r in enumerate(runs) for s in r["checkpoint_stall_s"]),
             key=lambda w: w["stall_ms"] - w["state_copy_ms"]),
+        "checkpoints_skipped": sum(r["checkpoints_skipped"] for r in runs),
         "loop_over_bare_with_loader_start": statistics.median(r["ratio_with_loader_start"] for r in runs),
         "data_wait_ms_per_step": statistics.median(r["data_wait_s_per_step"] for r in runs) * 1e3,
         "first_batch_wait_s": statistics.median(r["first_batch_wait_s"] for r in runs),
