@@ -11,7 +11,9 @@ At most `max_in_flight` reports (2) wait on the thread: a new one waits for the 
 error of any finished one is raised at the next report, so a store that stays down still fails the job within
 two reports. Two, not one: Ray's report waits for the controller to take the previous one (once per health-check
 interval), and a checkpoint right after a metrics report then waited up to that interval (measured: 560 ms
-against a 6 ms state copy).
+against a 6 ms state copy). Checkpoints made faster than that fill both places; the loop then skips the next one
+rather than wait (checkpoint.when_behind=skip: pipeline.train.loop), and a save that did wait says so
+(`SaveTiming.room_wait_s`, its `warning`).
 `drain` waits for the last one; the loop calls it before it returns. The background thread makes no
 torch.distributed collective: those stay on the training thread, in the same order on every rank (a collective from
 a second thread would interleave with DDP's all-reduces and hang). Ray's report synchronises the ranks through a
