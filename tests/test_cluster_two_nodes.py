@@ -97,7 +97,10 @@ def test_a_lost_node_mid_epoch_is_waited_for_and_every_image_is_trained_once(clu
            f"data.audit_dir={audit}", "eval.iwae_samples=2", "eval.every_steps=0", "scaling.num_workers=2",
            "scaling.cpus_per_worker=0.49", "scaling.placement_strategy=STRICT_SPREAD",
            "scaling.placement_wait_s=120", "scaling.timeout_s=30", "train.max_steps=60", "train.warmup_steps=5",
-           "train.log_every=5", "checkpoint.every_steps=5", "checkpoint.keep=2", "checkpoint.keep_by=recent",
+           # when_behind=wait: a checkpoint every 5 steps waits for Ray's controller (one report a second), which
+           # paces the 43 steps of epoch 0 over several seconds, so the node is lost mid-epoch, not after it
+           "train.log_every=5", "checkpoint.every_steps=5", "checkpoint.when_behind=wait", "checkpoint.keep=2",
+           "checkpoint.keep_by=recent",
            "checkpoint.max_failures=1", "checkpoint.storage_path=s3://kpp-runs/ray", "tracking.experiment=t-nodes",
            "tracking.registered_model="]
     job = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **cluster.env}, stdout=subprocess.PIPE,

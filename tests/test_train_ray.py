@@ -160,10 +160,12 @@ def _wait_for(predicate, timeout_s, what):
 
 
 def test_killed_worker_restores_from_last_complete_checkpoint(ray_cluster, mlflow_uri, mnist_shards, s3_env, tmp_path):
+    # when_behind=wait: every checkpoint is kept (10 steps here come faster than Ray's controller takes reports,
+    # and skipping would leave an older one than step 70 beside the last), so the kept set is known
     cfg = job("name=kill", f"data.shards={mnist_shards}", "train.max_steps=80", "checkpoint.every_steps=10",
               f"checkpoint.storage_path={tmp_path}", "checkpoint.max_failures=1", "checkpoint.keep=2",
-              "checkpoint.keep_by=recent", f"tracking.uri={mlflow_uri}", "tracking.experiment=t-kill",
-              "tracking.registered_model=")
+              "checkpoint.keep_by=recent", "checkpoint.when_behind=wait", f"tracking.uri={mlflow_uri}",
+              "tracking.experiment=t-kill", "tracking.registered_model=")
     thread, result = _run_in_background(cfg)
     _wait_for(lambda: checkpointing.latest_complete(tmp_path / "kill"), 120, "the first checkpoint")
     pids = _wait_for(_worker_pids, 10, "training worker processes")

@@ -16,6 +16,11 @@ from pipeline.urls import redact, redact_text
 log = logging.getLogger(__name__)
 CLIENT_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# The job's last writes (pending metrics, test bounds' tags, final figures, curves) wait this long for a tracking
+# server that is down: 0.5 s doubling to 30 s, 20 attempts, ~7 minutes. Training is done by then and its
+# checkpoint stored; failing the job at its end for an outage it could outlast (a restart, a short partition)
+# would throw the run's result away. The ranks wait in Ray's report barrier meanwhile, not a collective.
+END_ATTEMPTS, END_BACKOFF_MAX_S = 20, 30.0
 
 
 def _set_all(marks: list[threading.Event]) -> list[threading.Event]:
@@ -158,7 +163,8 @@ class RankZeroLogger:
                 if not self._send():
                     raise ConnectionError(f"{len(self.pending)} metrics still pending")
         try:
-            with_retries("send pending MLflow metrics", attempt, policy or RetryPolicy(max_attempts=8, backoff_max_s=8.0))
+            with_retries("send pending MLflow metrics", attempt,
+                         policy or RetryPolicy(max_attempts=END_ATTEMPTS, backoff_max_s=END_BACKOFF_MAX_S))
         except OSError as e:
             raise TrackingError(f"tracking.uri: {len(self.pending)} metrics could not be written: {e}") from e
 
@@ -180,12 +186,13 @@ class RankZeroLogger:
             path = plot_curves(histories, pathlib.Path(d) / pathlib.Path(artifact_file).name)
             self.log_artifact(path, str(pathlib.Path(artifact_file).parent))
 
-    def log_artifact(self, local_path: str | pathlib.Path, artifact_path: str | None = None, attempts: int = 8) -> None:
+    def log_artifact(self, local_path: str | pathlib.Path, artifact_path: str | None = None,
+                     attempts: int | None = None) -> None:
         if self.active:
             self._retried(f"log artifact {local_path}",
                           lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_path), attempts)
 
-    def log_image(self, image, key: str, step: int, attempts: int = 8) -> None:
+    def log_image(self, image, key: str, step: int, attempts: int | None = None) -> None:
         """An image (uint8 [H, W, 3]) as one step of the image series `key` (MlflowClient.log_image): the MLflow UI
         shows the series with a step slider."""
         if self.active:
@@ -204,9 +211,12 @@ class RankZeroLogger:
                 self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()]))
 
     @staticmethod
-    def _retried(what: str, action, attempts: int = 8):
+    def _retried(what: str, action, attempts: int | None = None):
+        """`attempts` tries 8 s apart at most; None: the end-of-job budget (END_ATTEMPTS)."""
         from pipeline.retry import RetryPolicy, with_retries
+        policy = (RetryPolicy(max_attempts=END_ATTEMPTS, backoff_max_s=END_BACKOFF_MAX_S) if attempts is None
+                  else RetryPolicy(max_attempts=attempts, backoff_max_s=8.0))
         try:
-            return with_retries(what, action, RetryPolicy(max_attempts=attempts, backoff_max_s=8.0))
+            return with_retries(what, action, policy)
         except OSError as e:
             raise TrackingError(f"tracking.uri: {what} failed: {e}") from e
