@@ -280,7 +280,8 @@ class Loop:
         metrics, report_due, in_flight_most = self._collect(terms, grad_norm)
         if save and not done and self.job.checkpoint.when_behind == "skip" \
                 and in_flight_most >= self.checkpointer.max_in_flight:
-            save = self._skip_checkpoint(in_flight_most)  # the same decision on every rank (all-reduced count)
+            self._skip_checkpoint(in_flight_most)  # the same decision on every rank (all-reduced count)
+            save = False
         if done and self.step == self.job.train.max_steps:
             metrics.update(self._final())
         if save:
@@ -300,7 +301,7 @@ class Loop:
             self.pin.spread(min_interval_s=SPREAD_EVERY_S)
         return metrics
 
-    def _skip_checkpoint(self, in_flight: int) -> bool:
+    def _skip_checkpoint(self, in_flight: int) -> None:
         """checkpoint.when_behind=skip: the checkpoint due now would wait for earlier reports; train on instead
         (the next one is due `checkpoint.every_steps` later; a resume then repeats at most twice as many steps)."""
         self.checkpoints_skipped += 1
@@ -310,7 +311,6 @@ class Loop:
                   f"flight: the store or Ray's controller (one report per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) takes "
                   f"them slower than checkpoint.every_steps={self.job.checkpoint.every_steps} makes them; raise it "
                   f"to keep every one (checkpoint.when_behind=wait waits for them instead)", flush=True)
-        return False
 
     # -- one optimiser step -----------------------------------------------------------------------------------
     def _step(self, keys: np.ndarray, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -99,9 +99,9 @@ class StepMetrics:
                                                           self._first_bad]
         # per rank, in its own slots (the sum fills them all): data wait, on GPUs peak memory and utilisation, and
         # reports in flight (their most on any rank decides whether a checkpoint would wait for room)
-        slots = torch.zeros(2 + PER_RANK * self.world_size, device=self.device)
-        slots[0], slots[1] = since, reports_in_flight
-        mine = 2 + PER_RANK * self.rank
+        slots = torch.zeros(1 + PER_RANK * self.world_size, device=self.device)
+        slots[0] = since
+        mine = 1 + PER_RANK * self.rank
         slots[mine] = self.window.data_wait_s
         slots[mine + 3] = reports_in_flight
         cuda = self.device.type == "cuda"
@@ -129,11 +129,11 @@ class StepMetrics:
         switches = thread_switches()
         if switches is not None and w.switches is not None:
             m["perf/context_switches_per_step"] = (switches - w.switches) / max(steps, 1)
-        in_flight_most = 0
+        in_flight = []  # per rank
         for r in range(self.world_size):
-            wait, mem, util, rank_in_flight = values[len(mean_part) + 2 + PER_RANK * r:
-                                                     len(mean_part) + 2 + PER_RANK * (r + 1)]
-            in_flight_most = max(in_flight_most, int(round(rank_in_flight)))
+            wait, mem, util, rank_in_flight = values[len(mean_part) + 1 + PER_RANK * r:
+                                                     len(mean_part) + 1 + PER_RANK * (r + 1)]
+            in_flight.append(int(round(rank_in_flight)))
             if self.world_size > 1:
                 m[f"perf/data_wait_s_rank{r}"] = wait
             if cuda:
@@ -145,9 +145,10 @@ class StepMetrics:
         self._run_max.copy_(self._run)
         self._first_bad.fill_(-1.0)
         self.window = Window(now, step)
-        since_report, in_flight = values[len(mean_part):len(mean_part) + 2]
-        report_due = since_report >= self.min_report_interval_s and not (self.min_report_interval_s > 0 and in_flight)
-        return {"metrics": m, "report_due": report_due, "reports_in_flight_most": in_flight_most,
+        since_report = values[len(mean_part)]
+        report_due = since_report >= self.min_report_interval_s and not (self.min_report_interval_s > 0
+                                                                         and any(in_flight))
+        return {"metrics": m, "report_due": report_due, "reports_in_flight_most": max(in_flight),
                 "window_skips": int(round(skips)), "run_max": int(round(run_max)), "first_bad": int(first_bad)}
 
     def reported(self) -> None:
