@@ -363,8 +363,10 @@ def test_training_rides_out_a_10s_s3_outage_and_a_10s_mlflow_outage(ray_cluster,
 
     thread = threading.Thread(target=outages, daemon=True)
     thread.start()
-    out = driver.run(cfg)
-    thread.join(timeout=120)
+    try:
+        out = driver.run(cfg)
+    finally:  # a failed run must not leave the thread to restart the servers after the fixtures stopped them
+        thread.join(timeout=120)
     assert events == ["s3 down", "s3 up", "mlflow down", "mlflow up"]
     assert out.finished and out.step == 160 and not out.resumed
     client = MlflowClient(restartable_mlflow.url)
@@ -397,8 +399,10 @@ def test_two_workers_train_through_a_tracking_outage_longer_than_the_collective_
 
     thread = threading.Thread(target=outage, daemon=True)
     thread.start()
-    out = driver.run(cfg)
-    thread.join(timeout=120)
+    try:
+        out = driver.run(cfg)
+    finally:  # a failed run must not leave the thread to restart the server after the fixture stopped it
+        thread.join(timeout=120)
     assert set(window) == {"down", "up"}, "the outage never happened: training ended before its first checkpoint"
     assert out.finished and out.step == 600 and not out.resumed
     client = MlflowClient(restartable_mlflow.url)
