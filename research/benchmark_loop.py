@@ -11,7 +11,11 @@ Two loops over the same batches, side by side in one run, on one worker with one
     loader's start-up before it, `perf/first_batch_wait_s`, reported beside, and the final test bound after it
     are not part of the loop, as the bare loop's batches are read before its clock starts);
   - bare: `train_step` over the same batches, read from the same shards once and held in memory, same model,
-    seed, optimiser and noise seeds, nothing else; run just before and just after each full loop, and averaged.
+    seed, optimiser and noise seeds, nothing else; run just before and just after each full loop, and averaged:
+    by default in the full loop's own worker, thread and core, seconds before its first step and after its last
+    report is stored (research.loop_probe.BracketedLoop); `--bare-in driver` runs them in this process instead,
+    ~20 s of Ray Train start-up away on either side, where this VM's drift (the two sides of one pair differed by
+    up to 20%) and the driver process's own speed weighed in each pair.
 Both sides run on the same core, and nothing else does: this process, and so everything it starts (the S3 and
 MLflow stand-ins, Ray's daemons, actors and workers, which inherit the mask), runs on the other cores, and the
 full loop's training thread claims the top core as a reserved one (scaling.pin_training_thread with
@@ -23,8 +27,11 @@ CPU time found Ray workers starting up and the DataLoader worker's start-up usin
 while a full run was up), where a GPU node has cores to spare for it. `--services-on-all-cores` leaves it all
 free on every core (the training thread claims the top core, the services the rest). `--pin-training-thread off`
 measures the unpinned loop against an unpinned bare loop; `alternate` does both (no core reserved in either).
-The model is made tiny so that its step is as short as this CPU allows (10-15 ms on this machine's AMD EPYC cores,
-23-35 ms on the Xeon of earlier rounds; a GPU step of the paper's model is ~12 ms), so the loop's own overhead weighs as it would on a GPU. Reported: `loop_over_bare` (full loop time
+The model is tiny and its batch is sized on this CPU (`--batch-episodes auto`, the default: the smallest number of
+episodes whose bare step reaches `--target-step-ms`, 10 ms, on the training core, timed before the run) so that a step
+costs about what a GPU step of the paper's model does (~12 ms on an H100), and the loop's own overhead weighs as it
+would there: with a fixed batch the step drifted with the model's and the machine's speed (11.7 ms in stop 29,
+6.2 ms by stop 36 on the same EPYC after the fused optimisers and the code memory, 23-35 ms on a Xeon). Reported: `loop_over_bare` (full loop time
 per step / bare loop time per step, the median of the paired repeats), the overhead in ms per step, the ratio that
 overhead gives at a 10 ms step, and where the full loop stalled: the longest checkpoint and validation steps
 (perf/checkpoint_stall_s, perf/state_copy_s), the data wait and the first batch's wait, and the overhead split in
@@ -50,6 +57,9 @@ from typing import Any
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("KPP_SHARED_DATA", REPO.parent / "shared" / "data")) / "binarized_mnist"
 EPISODE_LENGTH = 4
+# batch sizes tried by --batch-episodes auto, smallest first (each timed for CALIBRATION_STEPS steps)
+BATCH_EPISODES_CANDIDATES = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CALIBRATION_STEPS = 40
 # Width 4 and one read: the smallest K++ whose step is still the model's (convolutions, the STN read, the
 # write); below it the per-op overhead of the CPU kernels sets the step time, not the model.
 MODEL = {"episode_length": EPISODE_LENGTH, "encoder": {"width": 4, "groups": 2, "embedding_dim": 16},
@@ -61,7 +71,7 @@ MODEL = {"episode_length": EPISODE_LENGTH, "encoder": {"width": 4, "groups": 2, 
 def job_overrides(args, shards: str, storage: str, uri: str, name: str, pin: bool = False,
                   reserved_core: int | None = None) -> list[str]:
     return [f"model={json.dumps(MODEL)}", f"name={name}", "data.dataset=binarized_mnist", f"data.shards={shards}",
-            "data.batch_episodes=2", f"data.loader_workers={args.loader_workers}",
+            f"data.batch_episodes={args.batch_episodes}", f"data.loader_workers={args.loader_workers}",
             f"data.valid_episodes={args.valid_episodes}", f"scaling.pin_training_thread={str(pin).lower()}",
             "data.test_episodes=4",
             "eval.iwae_samples=1", f"eval.every_steps={args.eval_every}", f"train.max_steps={args.steps}",
@@ -69,7 +79,8 @@ def job_overrides(args, shards: str, storage: str, uri: str, name: str, pin: boo
             f"checkpoint.every_steps={args.checkpoint_every}", f"checkpoint.storage_path={storage}",
             "checkpoint.keep=2", "checkpoint.keep_by=recent", f"tracking.uri={uri}", "tracking.experiment=loop-bench",
             "tracking.registered_model=", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
-            *([f"scaling.training_cores={reserved_core}"] if pin and reserved_core is not None else [])]
+            *([f"scaling.training_cores={reserved_core}"] if pin and reserved_core is not None else []),
+            *getattr(args, "set", [])]
 
 
 def bare_loop(cfg, batches: list, core: int | None = None) -> dict[str, float]:
@@ -109,6 +120,40 @@ def bare_loop(cfg, batches: list, core: int | None = None) -> dict[str, float]:
     return {"loop_s": at[-1], "loop_cpu_s": time.thread_time() - cpu0, "at": at, "final_loss": final_loss}
 
 
+def nearest_batch(step_ms: dict[int, float], target_ms: float) -> int:
+    """Of the batch sizes timed in increasing order (episodes -> bare step, ms), the one nearest `target_ms` by
+    ratio: the smallest reaching it, or the largest below it if that is nearer; the largest timed if none reaches."""
+    above = [e for e in step_ms if step_ms[e] >= target_ms]
+    below = [e for e in step_ms if step_ms[e] < target_ms]
+    if not above:
+        return below[-1]
+    if below and target_ms / step_ms[below[-1]] < step_ms[above[0]] / target_ms:
+        return below[-1]
+    return above[0]
+
+
+def calibrate_batch(args, core: int | None) -> tuple[int, dict[int, float]]:
+    """Time the bare step (median of the last 3/4 of CALIBRATION_STEPS, on `core`) at each candidate batch size
+    until one reaches `args.target_step_ms`, and pick the nearest (nearest_batch). Random binary images of the
+    benchmark's shape: the step's cost does not depend on the pixels."""
+    import torch
+
+    from pipeline.train import config
+    timed: dict[int, float] = {}
+    for episodes in BATCH_EPISODES_CANDIDATES:
+        cfg = config.load(None, job_overrides(argparse.Namespace(**{**vars(args), "batch_episodes": episodes}),
+                                              "/unused", "/unused", "sqlite:///unused.db", "calibration"))
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.rand(episodes, EPISODE_LENGTH, 1, 28, 28, generator=g).gt(0.5).float()
+                   for _ in range(CALIBRATION_STEPS)]
+        at = bare_loop(cfg, batches, core)["at"]
+        first = CALIBRATION_STEPS // 4
+        timed[episodes] = statistics.median(b - a for a, b in zip(at[first:], at[first + 1:])) * 1e3
+        if timed[episodes] >= args.target_step_ms:
+            break
+    return nearest_batch(timed, args.target_step_ms), timed
+
+
 def move_tree(pid: int, cores: set[int]) -> None:
     """Every thread of process `pid` and of its descendants onto `cores` (a thread that ends meanwhile is
     skipped)."""
@@ -128,7 +173,23 @@ def full_history(uri: str, run_id: str) -> dict[str, dict[int, float]]:
             for k in ("perf/loop_s", "perf/checkpoint_stall_s", "perf/state_copy_s", "perf/checkpoint_room_wait_s",
                       "perf/checkpoints_skipped",
                       "perf/data_wait_s",
-                      "perf/first_batch_wait_s", "perf/step_host_s", "perf/context_switches_per_step")}
+                      "perf/first_batch_wait_s", "perf/step_host_s", "perf/context_switches_per_step",
+                      "probe/bare_at_s")}
+
+
+def bare_in_worker(uri: str, run_id: str, history: dict[str, dict[int, float]], steps: int) -> dict[str, Any]:
+    """The two bare loops a BracketedLoop ran beside its step loop, as bare_loop reports one (their mean), from the
+    run's probe/* metrics; `at` is known at the log steps only (what the window ratios read)."""
+    from mlflow.tracking import MlflowClient
+    pm = MlflowClient(uri).get_run(run_id).data.metrics
+    before, after = pm["probe/bare_before_s"], pm["probe/bare_after_s"]
+    at = [float("nan")] * steps
+    for k, v in history["probe/bare_at_s"].items():
+        at[k - 1] = v
+    at[-1] = (before + after) / 2
+    return {"loop_s": (before + after) / 2, "at": at, "sides_s": [before, after],
+            "loop_cpu_s": (pm["probe/bare_before_cpu_s"] + pm["probe/bare_after_cpu_s"]) / 2,
+            "final_loss": pm["probe/bare_final_loss"]}
 
 
 def window_total(per_step: dict[int, float]) -> float:
@@ -165,6 +226,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--eval-every", type=int, default=100, help="eval.every_steps of the full loop")
     ap.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint.every_steps of the full loop")
     ap.add_argument("--valid-episodes", type=int, default=8, help="data.valid_episodes of the full loop")
+    ap.add_argument("--batch-episodes", default="auto",
+                    help="data.batch_episodes of both loops (episodes of 4 images per step), or auto: sized on this "
+                         "CPU so the bare step comes nearest --target-step-ms (the issue's ~10 ms, a GPU step's cost)")
+    ap.add_argument("--target-step-ms", type=float, default=10.0, help="the bare step --batch-episodes auto aims at")
     ap.add_argument("--loader-workers", type=int, default=1, help="data.loader_workers of the full loop (the GPU "
                     "configs use 2; 0 reads the shards on the training thread)")
     ap.add_argument("--pin-training-thread", choices=("off", "on", "alternate"), default="on",
@@ -176,17 +241,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "the pin on, the top core is reserved for the training thread and the bare loops, and "
                          "everything else runs on the other cores, as on a GPU node with cores to spare; with the "
                          "pin off or alternating, the S3 and MLflow stand-ins are kept off the top core)")
+    ap.add_argument("--bare-in", choices=("worker", "driver"), default=None,
+                    help="where the bare loops run: worker (the default): in the full loop's own Ray worker, right "
+                         "before and right after its step loop, same thread and core (research.loop_probe."
+                         "BracketedLoop); driver: in this process before and after each full run, ~20 s of Ray "
+                         "Train start-up away (the measure up to stop 36; --interleaved uses it)")
     ap.add_argument("--interleaved", action="store_true",
                     help="also time bare train_steps inside the full loop's worker: a chunk of them over the same "
                          "batches after every chunk of the loop's (research.loop_probe), same thread and core, so the "
                          "machine's drift and what the run puts beside the step cancel "
                          "(reported as loop_over_bare_interleaved; the full loop's own timings then carry the "
                          "probe, and the paired ratio is not comparable to a run without it)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override of both loops after the benchmark's own (repeatable), e.g. "
+                         "checkpoint.every_steps=0 to measure the loop without checkpoints")
     ap.add_argument("--out", default="outputs/benchmarks", help="directory for loop.json")
     args = ap.parse_args(argv)
     for name in ("steps", "repeats", "log_every"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.batch_episodes != "auto":
+        try:
+            args.batch_episodes = int(args.batch_episodes)
+        except ValueError:
+            ap.error(f"--batch-episodes must be auto or a positive integer, not {args.batch_episodes!r}")
+        if args.batch_episodes < 1:
+            ap.error("--batch-episodes must be >= 1")
+    if args.bare_in is None:
+        args.bare_in = "driver" if args.interleaved else "worker"
+    if args.interleaved and args.bare_in == "worker":
+        ap.error("--interleaved pairs its runs with bare loops in the driver: --bare-in driver")
+    if args.target_step_ms <= 0:
+        ap.error("--target-step-ms must be > 0")
     if not SHARED.is_dir():
         ap.error(f"binarized MNIST not found at {SHARED} (set KPP_SHARED_DATA)")
 
@@ -205,6 +291,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     several_cores = len(own_cores) > 1
     reserved_core = (training_core if args.pin_training_thread == "on" and not args.services_on_all_cores
                      and several_cores else None)
+    calibration: dict[int, float] = {}
+    if args.batch_episodes == "auto":
+        # on the core the bare loops and the training thread take, before anything else runs beside it
+        args.batch_episodes, calibration = calibrate_batch(args, training_core)
+        print(f"[loop] batch: {args.batch_episodes} episodes x {EPISODE_LENGTH} images (bare step by episodes: "
+              + ", ".join(f"{e}: {ms:.2f} ms" for e, ms in calibration.items()) + ")", flush=True)
     if reserved_core is not None:
         # this process and all it starts from here on (services, Ray) off the reserved core; given back at the end
         move_tree(os.getpid(), own_cores - {reserved_core})
@@ -231,7 +323,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   episode_length=EPISODE_LENGTH, progress=False))
             base = config.load(None, job_overrides(args, shards, "s3://kpp-runs/ray", mlflow.url, "loop-0"))
             base = driver.resolved(base)
-            batches = read_batches(base, args.steps)
+            # the bare loops' batches, held in memory: read here for bare loops in this process; a BracketedLoop
+            # reads its own in the worker
+            batches = read_batches(base, args.steps) if args.bare_in == "driver" else None
             # the local cluster up before the first bare loop, as it is for every later one: its daemons take
             # CPU beside either loop (the first bare loop before it ran 20% faster than the next ones)
             driver.connect(base)
@@ -240,23 +334,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 pin = args.pin_training_thread == "on" or (args.pin_training_thread == "alternate"
                                                            and repeat % 2 == 1)
                 core = training_core if pin else None
-                before = bare_loop(base, batches, core)
                 cfg = config.load(None, job_overrides(args, shards, "s3://kpp-runs/ray", mlflow.url,
                                                       f"loop-{repeat}", pin, reserved_core))
-                worker = None
-                if args.interleaved:
-                    from research.loop_probe import probe_worker as worker
-                outcome = driver.run(cfg, driver.RunOptions(progress=False, worker=worker))
-                after = bare_loop(base, batches, core)
-                # the bare loop on both sides of the full one, averaged: this shared machine drifts by 20-40%
-                # over a minute, and one bare run before the full one carried all of that into the pair's ratio
-                bare = {"loop_s": (before["loop_s"] + after["loop_s"]) / 2,
-                        "loop_cpu_s": (before["loop_cpu_s"] + after["loop_cpu_s"]) / 2,
-                        "at": [(a + b) / 2 for a, b in zip(before["at"], after["at"])],
-                        "final_loss": before["final_loss"], "sides_s": [before["loop_s"], after["loop_s"]]}
+                from research import loop_probe
+                if args.bare_in == "worker":
+                    outcome = driver.run(cfg, driver.RunOptions(progress=False, worker=loop_probe.bracketed_worker))
+                    history = full_history(mlflow.url, outcome.run_id)
+                    bare = bare_in_worker(mlflow.url, outcome.run_id, history, args.steps)
+                else:
+                    before = bare_loop(base, batches, core)
+                    worker = loop_probe.probe_worker if args.interleaved else None
+                    outcome = driver.run(cfg, driver.RunOptions(progress=False, worker=worker))
+                    after = bare_loop(base, batches, core)
+                    history = full_history(mlflow.url, outcome.run_id)
+                    # the bare loop on both sides of the full one, averaged: this shared machine drifts by 20-40%
+                    # over a minute, and one bare run before the full one carried all of that into the pair's ratio
+                    bare = {"loop_s": (before["loop_s"] + after["loop_s"]) / 2,
+                            "loop_cpu_s": (before["loop_cpu_s"] + after["loop_cpu_s"]) / 2,
+                            "at": [(a + b) / 2 for a, b in zip(before["at"], after["at"])],
+                            "final_loss": before["final_loss"], "sides_s": [before["loop_s"], after["loop_s"]]}
                 m = outcome.metrics
                 full_s = float(m["perf/loop_s"])
-                history = full_history(mlflow.url, outcome.run_id)
                 # steady state: from the first log step at or after a quarter of the run (Ray's own processes
                 # and actors are still starting beside the first steps) to the last log step
                 k0 = min(s for s in history["perf/loop_s"] if s >= args.steps // 4)
@@ -264,6 +362,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 step_host_s = window_total(history["perf/step_host_s"])  # train_step's time in the full loop
                 full_steady = (history["perf/loop_s"][k1] - history["perf/loop_s"][k0]) / (k1 - k0)
                 bare_steady = (bare["at"][k1 - 1] - bare["at"][k0 - 1]) / (k1 - k0)
+                # the pair's ratio window by window (eval_every steps each): where in the run the full loop lost
+                # its time (one-time costs early in the job, or all along)
+                edges = sorted(s for s in history["perf/loop_s"] if s % args.eval_every == 0)
+                window_ratios = {b: (history["perf/loop_s"][b] - (history["perf/loop_s"][a] if a else 0.0))
+                                 / (bare["at"][b - 1] - (bare["at"][a - 1] if a else 0.0))
+                                 for a, b in zip([0, *edges], edges)}
                 stalls, copies = history["perf/checkpoint_stall_s"], history["perf/state_copy_s"]
                 room_waits = history["perf/checkpoint_room_wait_s"]
                 probe, probe_wall_s = {}, 0.0
@@ -290,7 +394,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "ratio": full_s / bare["loop_s"], "steady_steps": [k0, k1],
                              "full_loop_cpu_s": float(m["perf/loop_cpu_s"]), "bare_loop_cpu_s": bare["loop_cpu_s"],
                              "cpu_ratio": float(m["perf/loop_cpu_s"]) / bare["loop_cpu_s"],
-                             "steady_ratio": full_steady / bare_steady, "bare_final_loss": bare["final_loss"],
+                             "steady_ratio": full_steady / bare_steady, "window_ratios": window_ratios,
+                             "bare_final_loss": bare["final_loss"],
                              "full_final_loss": m["train/loss"],
                              "checkpoint_stall_s": stalls, "state_copy_s": copies, "checkpoint_room_wait_s": room_waits,
                              # checkpoint.when_behind=skip: checkpoints due while two reports were still in flight
@@ -335,7 +440,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python -m research.benchmark_loop " + " ".join(argv if argv is not None else sys.argv[1:]),
         "steps": args.steps, "log_every": args.log_every, "eval_every_steps": args.eval_every,
         "checkpoint_every_steps": args.checkpoint_every, "valid_episodes": args.valid_episodes,
-        "model": MODEL, "batch": "2 episodes x 4 images of 28 x 28, 1 thread",
+        "model": MODEL, "batch": f"{args.batch_episodes} episodes x {EPISODE_LENGTH} images of 28 x 28, 1 thread",
+        "batch_episodes": args.batch_episodes, "target_step_ms": args.target_step_ms,
+        # --batch-episodes auto: the bare step, ms, of each size tried before the run (empty: given)
+        "batch_calibration_ms": calibration,
         "bare_ms_per_step": bare_ms, "loop_over_bare": ratio, "overhead_ms_per_step": overhead_ms,
         "loop_over_bare_steady": statistics.median(r["steady_ratio"] for r in runs),
         "loop_over_bare_runs": [r["ratio"] for r in runs],
@@ -362,6 +470,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loop_own_ms_per_step": statistics.median(r["loop_own_ms_per_step"] for r in runs),
         "context_switches_per_step": statistics.median(r["context_switches_per_step"] for r in runs),
         "pin_training_thread": args.pin_training_thread,
+        # where the bare loops ran: in the full loop's worker, right before and after its step loop, or here
+        "bare_in": args.bare_in,
         "interleaved": args.interleaved,
         **({"loop_over_bare_interleaved": statistics.median(r["loop_over_bare_interleaved"] for r in runs),
             "step_in_loop_over_bare_interleaved": statistics.median(r["step_in_loop_over_bare_interleaved"]

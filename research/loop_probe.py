@@ -1,5 +1,13 @@
-"""The training loop with bare steps timed inside it, in turn with its own: the `--interleaved` measure of
-research.benchmark_loop.
+"""The training loop with bare steps timed inside its own worker, for research.benchmark_loop.
+
+`BracketedLoop` (the benchmark's default): the bare loop runs right before the real step loop and right after it
+(once the last report is stored), in the same worker process, thread and core, over the loop's own batches held in
+memory. The full loop itself runs as it always does, so all its helper threads' work (reports, checkpoint uploads,
+MLflow sends) falls in its time. Against a bare loop run in the benchmark's driver, ~20 s of Ray Train start-up
+away on either side, the two sides are seconds apart in the same process (this VM's speed drifts by 10-20% over a
+minute: the driver's before and after bare loops of one pair differed by up to 20%, measured in stop 37).
+
+`ProbedLoop` (`--interleaved`):
 
 `ProbedLoop` is the real `Loop`; after every PROBE_CHUNK of its steps it runs `train_step` of a second model
 (same initial weights, optimiser, schedule, noise seeds) over the same PROBE_CHUNK batches, already in memory, in
@@ -26,6 +34,69 @@ from pipeline.cluster import session
 from pipeline.train import optim
 from pipeline.train.loop import Loop, hash_seed
 from pipeline.train.step import train_step
+
+def bare_train(loop: Loop, batches: list[torch.Tensor], first_step: int = 0) -> dict[str, Any]:
+    """`train_step` over `batches` alone for a fresh model with the loop's initial weights, optimiser, schedule, KL
+    weights and noise seeds, on the calling thread, with the loop's garbage collection schedule (loop.collector):
+    the model's own speed here. Seconds from the start to the end of each step (`at`), thread time, last loss."""
+    t = loop.job.train
+    with torch.random.fork_rng(devices=[]):  # the loop's own RNG state untouched
+        torch.manual_seed(loop.job.seed)  # as Loop seeds its model: the same initial weights
+        model = KanervaPlusPlus(loop.mcfg).to(loop.device)
+    opt, sched = optim.build(model.parameters(), t)
+    at = []
+    t0, cpu0 = time.perf_counter(), time.thread_time()
+    for i, x in enumerate(batches):
+        step = first_step + i
+        r = train_step(model, opt, sched, x, beta=kl_beta(step, loop.mcfg.objective), grad_clip=t.grad_clip,
+                       precision=t.precision, noise_seed=hash_seed(loop.job.seed, loop.session.rank, step))
+        at.append(time.perf_counter() - t0)
+        loop.collector.step(step + 1)
+    cpu = time.thread_time() - cpu0
+    return {"loop_s": at[-1], "loop_cpu_s": cpu, "at": at, "final_loss": float(r.terms["loss"])}
+
+
+class BracketedLoop(Loop):
+    """The real loop between two bare loops over its own batches, in its own worker (module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bare_sides: list[dict[str, Any]] = []
+
+    def _steps(self, stop: int) -> dict[str, Any]:
+        if self.step != 0 or self.session.world_size != 1:
+            raise ValueError("BracketedLoop measures a fresh one-worker run (the benchmark's)")
+        from research.benchmark_loop import read_batches  # the loop's batches, as its stream yields them
+        batches = read_batches(self.job, stop)
+        self.bare_sides.append(bare_train(self, batches))
+        last = super()._steps(stop)
+        # the last report and MLflow sends stored first, as after the real loop's clock: not in the bare side's time
+        self.checkpointer.drain()
+        self.tracker.flush()
+        self.bare_sides.append(bare_train(self, batches))
+        return last
+
+    def run(self) -> dict[str, Any]:
+        result = super().run()
+        if len(self.bare_sides) == 2:
+            before, after = self.bare_sides
+            every = self.job.train.log_every
+            # the bare loops' clock at each log step, averaged over the two sides (the benchmark's window ratios)
+            for k in range(every, len(before["at"]) + 1, every):
+                self.tracker.log_metrics({"probe/bare_at_s": (before["at"][k - 1] + after["at"][k - 1]) / 2}, step=k)
+            self.tracker.log_metrics({"probe/bare_before_s": before["loop_s"], "probe/bare_after_s": after["loop_s"],
+                                      "probe/bare_before_cpu_s": before["loop_cpu_s"],
+                                      "probe/bare_after_cpu_s": after["loop_cpu_s"],
+                                      "probe/bare_final_loss": before["final_loss"],
+                                      "probe/bare_after_final_loss": after["final_loss"]}, step=0)
+            self.tracker.flush()
+        return result
+
+
+def bracketed_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker of the default measure (driver.RunOptions.worker)."""
+    session.train_worker(loop_config, loop_class=BracketedLoop)
+
 
 PROBE_CHUNK = 20  # steps of the loop, then as many bare steps over the same batches, in turn
 
