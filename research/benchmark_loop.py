@@ -27,8 +27,8 @@ CPU time found Ray workers starting up and the DataLoader worker's start-up usin
 while a full run was up), where a GPU node has cores to spare for it. `--services-on-all-cores` leaves it all
 free on every core (the training thread claims the top core, the services the rest). `--pin-training-thread off`
 measures the unpinned loop against an unpinned bare loop; `alternate` does both (no core reserved in either).
-The model is tiny and its batch is sized on this CPU (`--batch-episodes auto`, the default: the smallest number of
-episodes whose bare step reaches `--target-step-ms`, 10 ms, on the training core, timed before the run) so that a step
+The model is tiny and its batch is sized on this CPU (`--batch-episodes auto`, the default: the number of episodes
+whose bare step comes nearest `--target-step-ms`, 10 ms, on the training core, timed before the run) so that a step
 costs about what a GPU step of the paper's model does (~12 ms on an H100), and the loop's own overhead weighs as it
 would there: with a fixed batch the step drifted with the model's and the machine's speed (11.7 ms in stop 29,
 6.2 ms by stop 36 on the same EPYC after the fused optimisers and the code memory, 23-35 ms on a Xeon). Reported: `loop_over_bare` (full loop time

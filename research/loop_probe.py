@@ -7,9 +7,7 @@ MLflow sends) falls in its time. Against a bare loop run in the benchmark's driv
 away on either side, the two sides are seconds apart in the same process (this VM's speed drifts by 10-20% over a
 minute: the driver's before and after bare loops of one pair differed by up to 20%, measured in stop 37).
 
-`ProbedLoop` (`--interleaved`):
-
-`ProbedLoop` is the real `Loop`; after every PROBE_CHUNK of its steps it runs `train_step` of a second model
+`ProbedLoop` (`--interleaved`) is the real `Loop`; after every PROBE_CHUNK of its steps it runs `train_step` of a second model
 (same initial weights, optimiser, schedule, noise seeds) over the same PROBE_CHUNK batches, already in memory, in
 the same thread on the same core, and nothing else. Both then meet the same state of the machine (its drift over
 minutes, a busy other core, Ray's processes starting beside the run), which a bare loop run before or after the
@@ -34,6 +32,7 @@ from pipeline.cluster import session
 from pipeline.train import optim
 from pipeline.train.loop import Loop, hash_seed
 from pipeline.train.step import train_step
+
 
 def bare_train(loop: Loop, batches: list[torch.Tensor], first_step: int = 0) -> dict[str, Any]:
     """`train_step` over `batches` alone for a fresh model with the loop's initial weights, optimiser, schedule, KL
