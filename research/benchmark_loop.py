@@ -95,29 +95,11 @@ def bare_loop(cfg, batches: list, core: int | None = None) -> dict[str, float]:
             return bare_loop(cfg, batches)
         finally:
             os.sched_setaffinity(0, allowed)
-    import torch
-
-    from kpp.model import KanervaPlusPlus
-    from kpp.objective import kl_beta
-    from pipeline.train import optim
-    from pipeline.train.loop import hash_seed
-    from pipeline.train.step import train_step
     from pipeline.train.gc_schedule import GcSchedule
-    torch.manual_seed(cfg.seed)
-    model = KanervaPlusPlus(cfg.model)
-    opt, sched = optim.build(model.parameters(), cfg.train)
-    at = []  # seconds from the start to the end of each step
+    from research.loop_probe import bare_train
     # the loop's garbage collection schedule here too (train.gc_every): like with like
     with GcSchedule(cfg.train.gc_every) as collector:
-        t0, cpu0 = time.perf_counter(), time.thread_time()
-        for step, x in enumerate(batches):
-            r = train_step(model, opt, sched, x, beta=kl_beta(step, cfg.model.objective),
-                           grad_clip=cfg.train.grad_clip, precision=cfg.train.precision,
-                           noise_seed=hash_seed(cfg.seed, 0, step))
-            at.append(time.perf_counter() - t0)
-            collector.step(step + 1)
-    final_loss = float(r.terms["loss"])  # the one host sync, after the clock's last step
-    return {"loop_s": at[-1], "loop_cpu_s": time.thread_time() - cpu0, "at": at, "final_loss": final_loss}
+        return bare_train(cfg, cfg.model, batches, collector)
 
 
 def nearest_batch(step_ms: dict[int, float], target_ms: float) -> int:

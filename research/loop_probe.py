@@ -34,23 +34,25 @@ from pipeline.train.loop import Loop, hash_seed
 from pipeline.train.step import train_step
 
 
-def bare_train(loop: Loop, batches: list[torch.Tensor], first_step: int = 0) -> dict[str, Any]:
-    """`train_step` over `batches` alone for a fresh model with the loop's initial weights, optimiser, schedule, KL
-    weights and noise seeds, on the calling thread, with the loop's garbage collection schedule (loop.collector):
-    the model's own speed here. Seconds from the start to the end of each step (`at`), thread time, last loss."""
-    t = loop.job.train
-    with torch.random.fork_rng(devices=[]):  # the loop's own RNG state untouched
-        torch.manual_seed(loop.job.seed)  # as Loop seeds its model: the same initial weights
-        model = KanervaPlusPlus(loop.mcfg).to(loop.device)
+def bare_train(job, mcfg, batches: list[torch.Tensor], collector, rank: int = 0, device="cpu",
+               first_step: int = 0) -> dict[str, Any]:
+    """`train_step` over `batches` alone for a fresh model with the loop's initial weights (job.seed), optimiser,
+    schedule, KL weights and noise seeds, on the calling thread, calling `collector.step` after each step as the loop
+    does (its garbage collection schedule, pipeline.train.gc_schedule): the model's own speed here. Seconds from the
+    start to the end of each step (`at`), thread time, last loss."""
+    t = job.train
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state untouched
+        torch.manual_seed(job.seed)  # as Loop seeds its model: the same initial weights
+        model = KanervaPlusPlus(mcfg).to(device)
     opt, sched = optim.build(model.parameters(), t)
     at = []
     t0, cpu0 = time.perf_counter(), time.thread_time()
     for i, x in enumerate(batches):
         step = first_step + i
-        r = train_step(model, opt, sched, x, beta=kl_beta(step, loop.mcfg.objective), grad_clip=t.grad_clip,
-                       precision=t.precision, noise_seed=hash_seed(loop.job.seed, loop.session.rank, step))
+        r = train_step(model, opt, sched, x, beta=kl_beta(step, mcfg.objective), grad_clip=t.grad_clip,
+                       precision=t.precision, noise_seed=hash_seed(job.seed, rank, step))
         at.append(time.perf_counter() - t0)
-        loop.collector.step(step + 1)
+        collector.step(step + 1)
     cpu = time.thread_time() - cpu0
     return {"loop_s": at[-1], "loop_cpu_s": cpu, "at": at, "final_loss": float(r.terms["loss"])}
 
@@ -67,13 +69,16 @@ class BracketedLoop(Loop):
             raise ValueError("BracketedLoop measures a fresh one-worker run (the benchmark's)")
         from research.benchmark_loop import read_batches  # the loop's batches, as its stream yields them
         batches = read_batches(self.job, stop)
-        self.bare_sides.append(bare_train(self, batches))
+        self.bare_sides.append(self._bare(batches))
         last = super()._steps(stop)
         # the last report and MLflow sends stored first, as after the real loop's clock: not in the bare side's time
         self.checkpointer.drain()
         self.tracker.flush()
-        self.bare_sides.append(bare_train(self, batches))
+        self.bare_sides.append(self._bare(batches))
         return last
+
+    def _bare(self, batches: list[torch.Tensor]) -> dict[str, Any]:
+        return bare_train(self.job, self.mcfg, batches, self.collector, self.session.rank, self.device)
 
     def run(self) -> dict[str, Any]:
         result = super().run()

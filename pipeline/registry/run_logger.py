@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from pipeline.retry import RetryPolicy, with_retries
 from pipeline.urls import redact, redact_text
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ CLIENT_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BA
 # server that is down: 0.5 s doubling to 30 s, 20 attempts, ~7 minutes. Training is done by then and its
 # checkpoint stored; failing the job at its end for an outage it could outlast (a restart, a short partition)
 # would throw the run's result away. The ranks wait in Ray's report barrier meanwhile, not a collective.
-END_ATTEMPTS, END_BACKOFF_MAX_S = 20, 30.0
+END_POLICY = RetryPolicy(max_attempts=20, backoff_max_s=30.0)
 
 
 def _set_all(marks: list[threading.Event]) -> list[threading.Event]:
@@ -156,15 +157,13 @@ class RankZeroLogger:
         self._queue.join()  # the sender thread has taken (and tried to send) everything queued so far
         if not self.pending:
             return
-        from pipeline.retry import RetryPolicy, with_retries
 
         def attempt() -> None:
             with self._lock:
                 if not self._send():
                     raise ConnectionError(f"{len(self.pending)} metrics still pending")
         try:
-            with_retries("send pending MLflow metrics", attempt,
-                         policy or RetryPolicy(max_attempts=END_ATTEMPTS, backoff_max_s=END_BACKOFF_MAX_S))
+            with_retries("send pending MLflow metrics", attempt, policy or END_POLICY)
         except OSError as e:
             raise TrackingError(f"tracking.uri: {len(self.pending)} metrics could not be written: {e}") from e
 
@@ -212,10 +211,8 @@ class RankZeroLogger:
 
     @staticmethod
     def _retried(what: str, action, attempts: int | None = None):
-        """`attempts` tries 8 s apart at most; None: the end-of-job budget (END_ATTEMPTS)."""
-        from pipeline.retry import RetryPolicy, with_retries
-        policy = (RetryPolicy(max_attempts=END_ATTEMPTS, backoff_max_s=END_BACKOFF_MAX_S) if attempts is None
-                  else RetryPolicy(max_attempts=attempts, backoff_max_s=8.0))
+        """`attempts` tries 8 s apart at most; None: the end-of-job budget (END_POLICY)."""
+        policy = END_POLICY if attempts is None else RetryPolicy(max_attempts=attempts, backoff_max_s=8.0)
         try:
             return with_retries(what, action, policy)
         except OSError as e:

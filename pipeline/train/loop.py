@@ -399,7 +399,7 @@ class Loop:
             return
         # mid-run pictures get one try and none while the server is known down: rank 0 must not sit in retries
         # while the other ranks wait at the next collective; the final ones are retried (the job waits for them)
-        attempts = None if final else 1  # None: the end-of-job budget (run_logger.END_ATTEMPTS)
+        attempts = None if final else 1  # None: the end-of-job budget (run_logger.END_POLICY)
         if not final and self.tracker.server_down:
             raise TrackingError("the tracking server is down")
         from kpp import viz
