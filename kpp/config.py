@@ -40,6 +40,11 @@ class EncoderConfig:
     blocks_per_stage: int = _f(1, "residual blocks per stage (3 stages)")
     groups: int = _f(8, "GroupNorm groups (the authors use GroupNorm, not BatchNorm)")
     shift_fraction: float = _f(0.125, "fraction of channels shifted each way along the episode (TSM: 1/8)")
+    # "both" is TSM as published: frame t takes channels from t-1 and t+1, so every embedding sees its neighbours.
+    # "past" is TSM's online variant: frame t takes channels from t-1 only, so E_t is a function of x_1..x_t and
+    # the memory written from E_1..E_{t-1} holds nothing of x_t or later images: the chain bound then costs one pass
+    # (kpp/model.py: chain_memories) and can be trained (objective.memory=chain).
+    shift_direction: Literal["past", "both"] = _f("past", "temporal shift from the previous frame only (past: online TSM, the encoder never looks ahead) or from both neighbours (both: TSM as published)")
     embedding_dim: int = _f(256, "F: embedding size of each image (input of the keys, the writer and q(z))")
     # How the last feature map becomes one vector per image. "mean" is ResNet's global average pooling (the
     # authors'); on 28x28 images "flatten" keeps where the strokes are and trained much faster here
@@ -187,6 +192,13 @@ class ObjectiveConfig:
     # for: while the warm-up discounts KL_z, z can carry the image without the memory. False keeps KL_z at full
     # weight from step 0 and warms up only the key KL (docs/memory-experiments.md, the pick-up).
     kl_z_warmup: bool = _f(True, "apply the KL warm-up to KL_z as well as to the key KL (false: KL_z at weight 1 from step 0)")
+    # Which memory each image is scored under in training. "episode" is the paper's objective: the memory written
+    # from the whole episode, x_t included, which any deterministic memory can drive down by carrying x_t to its
+    # own prior (a copy predicts nothing). "chain": x_t under the memory of x_1..x_{t-1} only (t = 1: the empty
+    # memory), a proper bound on -ln p(X) / T by the chain rule: the memory pays only for what it predicts.
+    # Needs an encoder that does not look ahead (encoder.shift_direction=past). The baselines' objectives (VAE,
+    # DKM, KM) are proper bounds already; this field changes nothing for them.
+    memory: Literal["chain", "episode"] = _f("chain", "memory each image is scored under in training: written from the images before it (chain, a proper bound) or from the whole episode, itself included (episode: the paper's objective)")
 
 
 @dataclass(kw_only=True)
@@ -216,6 +228,11 @@ class KanervaConfig:
     def kind(self) -> str:
         """"kpp" (the 2-D memory with keys: writers key, dense, none), "dkm", "km" or "vae" (the baselines)."""
         return self.memory.writer if self.memory.writer in BASELINES else "kpp"
+
+    @property
+    def encoder_is_causal(self) -> bool:
+        """Whether E_t depends on x_1..x_t only (no temporal shift from the next frame)."""
+        return self.encoder.shift_direction == "past" or self.encoder.shift_fraction == 0.0
 
     @property
     def key_terms(self) -> int:
@@ -306,6 +323,13 @@ class KanervaConfig:
         o = self.objective
         if o.kl_warmup_steps < 0 or not 0.0 <= o.kl_warmup_start <= 1.0:
             raise ConfigError("objective.kl_warmup_steps", "need kl_warmup_steps >= 0 and 0 <= kl_warmup_start <= 1")
+        if o.memory == "chain" and self.kind == "kpp" and not self.encoder_is_causal:
+            raise ConfigError("encoder.shift_direction", "objective.memory=chain scores x_t under the memory of the images "
+                              "before it, but shift_direction=both lets x_{t-1}'s embedding see x_t: use "
+                              "encoder.shift_direction=past (or shift_fraction=0), or objective.memory=episode")
+        if o.held_out and o.memory == "chain":
+            raise ConfigError("objective.held_out", "objective.memory=chain already scores every image without it in "
+                              "memory: leave held_out at 0, or set objective.memory=episode")
         if o.held_out and self.kind != "kpp":
             raise ConfigError("objective.held_out", f"held-out images need the K++ memory, not memory.writer={m.writer!r}")
         if not 0 <= o.held_out < self.episode_length:

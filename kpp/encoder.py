@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from kpp.config import EncoderConfig
 
 
-def temporal_shift(x: torch.Tensor, episode_length: int, fraction: float) -> torch.Tensor:
-    """Shift channels along the episode. x: [B*T, C, H, W] with the T images of each episode contiguous."""
+def temporal_shift(x: torch.Tensor, episode_length: int, fraction: float, direction: str = "both") -> torch.Tensor:
+    """Shift channels along the episode. x: [B*T, C, H, W] with the T images of each episode contiguous.
+    direction "both": `fraction` of the channels from the next frame and as many from the previous one (TSM);
+    "past": `fraction` from the previous frame only (online TSM), so frame t never sees a later frame."""
     bt, c, h, w = x.shape
     fold = int(c * fraction)
     if fold == 0:
@@ -25,15 +27,20 @@ def temporal_shift(x: torch.Tensor, episode_length: int, fraction: float) -> tor
     # One cat of three channel groups (the padded shifts and the rest) instead of zero-filling a copy and writing
     # into it: about half the memory traffic, which is what this op costs on CPU.
     pad = x.new_zeros(x.shape[0], 1, fold, h, w)
+    if direction == "past":
+        from_prev = torch.cat([pad, x[:, :-1, :fold]], dim=1)
+        return torch.cat([from_prev, x[:, :, fold:]], dim=2).view(bt, c, h, w)
     from_next = torch.cat([x[:, 1:, :fold], pad], dim=1)  # frame t sees frame t+1
     from_prev = torch.cat([pad, x[:, :-1, fold : 2 * fold]], dim=1)  # frame t sees frame t-1
     return torch.cat([from_next, from_prev, x[:, :, 2 * fold :]], dim=2).view(bt, c, h, w)
 
 
 class ShiftResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int, groups: int, shift_fraction: float):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, groups: int, shift_fraction: float,
+                 shift_direction: str = "both"):
         super().__init__()
         self.shift_fraction = shift_fraction
+        self.shift_direction = shift_direction
         self.norm1 = nn.GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
         self.norm2 = nn.GroupNorm(groups, out_ch)
@@ -41,7 +48,7 @@ class ShiftResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1, stride, bias=False) if stride != 1 or in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, episode_length: int) -> torch.Tensor:
-        h = temporal_shift(x, episode_length, self.shift_fraction)
+        h = temporal_shift(x, episode_length, self.shift_fraction, self.shift_direction)
         h = self.conv1(F.relu(self.norm1(h)))
         h = self.conv2(F.relu(self.norm2(h)))
         return self.skip(x) + h
@@ -61,7 +68,7 @@ class EpisodeEncoder(nn.Module):
         for stage, out_ch in enumerate((w, 2 * w, 4 * w)):
             for i in range(cfg.blocks_per_stage):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(ShiftResBlock(in_ch, out_ch, stride, cfg.groups, cfg.shift_fraction))
+                blocks.append(ShiftResBlock(in_ch, out_ch, stride, cfg.groups, cfg.shift_fraction, cfg.shift_direction))
                 in_ch = out_ch
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.GroupNorm(cfg.groups, in_ch)

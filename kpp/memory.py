@@ -118,8 +118,12 @@ class KeyWriter(nn.Module):
         theta = key_to_affine(key_mean, self.cfg.keys.min_scale, self.cfg.keys.max_scale).view(b, t * k, 2, 3)
         return place(blocks, theta, m.height, m.width, m.placement, group=k)
 
+    def combine(self, summed: torch.Tensor) -> torch.Tensor:
+        """The memory from the sum of some images' writes [N, C_m, H_m, W_m] (zeros: the empty memory)."""
+        return self.base + summed
+
     def forward(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
-        return self.base + self.contributions(embedding, key_mean).sum(1)
+        return self.combine(self.contributions(embedding, key_mean).sum(1))
 
     def empty(self, batch: int) -> torch.Tensor:
         """The memory of an episode with no images: the base map."""
@@ -153,8 +157,12 @@ class CodeWriter(nn.Module):
         theta = torch.cat([theta[..., :2] * m.write_span, theta[..., 2:]], dim=-1)  # same centre, wider region
         return place(blocks, theta, m.height, m.width, m.placement, group=k)
 
+    def combine(self, summed: torch.Tensor) -> torch.Tensor:
+        """The memory from the sum of some images' writes and their coverage [N, C_m + 1, H_m, W_m]."""
+        return self.empty(summed.shape[0]) + summed
+
     def forward(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
-        return self.empty(embedding.shape[0]) + self.contributions(embedding, key_mean).sum(1)
+        return self.combine(self.contributions(embedding, key_mean).sum(1))
 
     def empty(self, batch: int) -> torch.Tensor:
         """The base map, no coverage anywhere."""
@@ -167,10 +175,11 @@ COVERAGE_FLOOR = 0.5
 
 
 def normalise_by_coverage(blocks: torch.Tensor) -> torch.Tensor:
-    """Read blocks of a code memory [..., C_m + 1, w, w] -> [..., C_m, w, w]: the codes divided by the window's mean
-    coverage (at least COVERAGE_FLOOR), so a read that lands on one write returns its code at full strength."""
+    """Read blocks of a code memory [..., C_m + 1, w, w] -> the same shape: the codes divided by the window's mean
+    coverage (at least COVERAGE_FLOOR), so a read that lands on one write returns its code at full strength, then
+    the coverage itself (how many writes the read landed on: what tells the prior one image from several)."""
     coverage = blocks[..., -1:, :, :].mean((-1, -2), keepdim=True).clamp(min=COVERAGE_FLOOR)
-    return blocks[..., :-1, :, :] / coverage
+    return torch.cat([blocks[..., :-1, :, :] / coverage, blocks[..., -1:, :, :]], dim=-3)
 
 
 def grid_key_offsets(cfg: KanervaConfig) -> torch.Tensor:
@@ -210,13 +219,14 @@ class DenseWriter(nn.Module):
         b, t = embedding.shape[:2]
         return self.map(embedding).view(b, t, m.channels, m.height, m.width)
 
-    def forward(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
-        summed = self.contributions(embedding, key_mean).sum(1)
+    def combine(self, summed: torch.Tensor) -> torch.Tensor:
         return self.base + summed + self.mix(summed)
 
+    def forward(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.contributions(embedding, key_mean).sum(1))
+
     def empty(self, batch: int) -> torch.Tensor:
-        zero = torch.zeros_like(self.base)
-        return (self.base + self.mix(zero)).expand(batch, -1, -1, -1)
+        return self.combine(torch.zeros_like(self.base)).expand(batch, -1, -1, -1)
 
 
 class NoWriter(nn.Module):
@@ -231,11 +241,24 @@ class NoWriter(nn.Module):
     def contributions(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
         return torch.zeros(*embedding.shape[:2], *self.base.shape[1:], device=embedding.device)
 
+    def combine(self, summed: torch.Tensor) -> torch.Tensor:
+        return self.empty(summed.shape[0])
+
     def forward(self, embedding: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
         return self.empty(embedding.shape[0])
 
     def empty(self, batch: int) -> torch.Tensor:
         return self.base.expand(batch, -1, -1, -1)
+
+
+def prefix_memories(writer: nn.Module, contributions: torch.Tensor) -> torch.Tensor:
+    """The chain's memories [B, T, ...]: image t's is written from images 1..t-1 only (t = 1: the empty memory).
+    Every writer's memory is a function of the sum of per-image writes, so these are the writer's memory of an
+    exclusive cumulative sum: one pass over the episode, and image t's own write never enters its prefix (the sum
+    runs over earlier images only, not a total minus t's part, so nothing of x_t survives even in rounding)."""
+    b, t = contributions.shape[:2]
+    summed = torch.cat([torch.zeros_like(contributions[:, :1]), contributions[:, :-1].cumsum(1)], dim=1)
+    return writer.combine(summed.flatten(0, 1)).view(b, t, *summed.shape[2:])
 
 
 def build_writer(cfg: KanervaConfig) -> nn.Module:

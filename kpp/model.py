@@ -34,7 +34,8 @@ from kpp.config import KanervaConfig
 from kpp.dkm import DynamicMemory, KanervaMemory
 from kpp.encoder import EpisodeEncoder
 from kpp.likelihood import build_likelihood
-from kpp.memory import CodeWriter, build_writer, grid_key_offsets, key_to_affine, normalise_by_coverage, read
+from kpp.memory import (CodeWriter, build_writer, grid_key_offsets, key_to_affine, normalise_by_coverage,
+                        prefix_memories, read)
 from kpp.objective import gaussian_kl, gaussian_log_prob, training_loss
 
 KEY_DIM = 3  # (scale, shift_x, shift_y)
@@ -82,6 +83,8 @@ class LatentPrior(nn.Module):
     def __init__(self, cfg: KanervaConfig):
         super().__init__()
         k, c, w, width = cfg.keys.num_reads, cfg.memory.channels, cfg.read.window, cfg.latent.prior_width
+        self.reads_code = cfg.memory.writer == "key" and cfg.memory.content == "code"
+        c += self.reads_code  # the code memory's reads carry their coverage as one more channel
         self.convs = nn.Sequential(
             nn.Conv2d(k * c, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 2, 1), nn.ReLU()
         )
@@ -89,15 +92,21 @@ class LatentPrior(nn.Module):
         flat = width * math.ceil(w / 2) ** 2 + (k * KEY_DIM if self.sees_keys else 0)
         self.out = nn.Sequential(nn.Linear(flat, 2 * width), nn.ReLU(), nn.Linear(2 * width, 2 * cfg.latent.dim))
         # memory.content = "code": the blocks hold codes (the posterior's mean and log-variance in their first 2 d_z
-        # channels). The prior starts as the code it reads back, averaged over the K reads (a learned linear
+        # channels). The prior starts from the code it reads back, averaged over the K reads (a learned linear
         # readout of the blocks' window means, started at that average), and the conv net is a learned
-        # correction started at zero: a read of x_t's own write gives p(z | M_hat) = q(z | X) at step 0.
-        self.reads_code = cfg.memory.writer == "key" and cfg.memory.content == "code"
+        # correction started at zero. Under the paper's objective (objective.memory=episode) the readout starts
+        # as the whole code: a read of x_t's own write gives p(z | M_hat) = q(z | X) at step 0. Under the chain
+        # objective x_t's own write is never in its memory, so a copied log-variance (a posterior's: narrow)
+        # would only make the prior overconfident about another image: the readout starts as the mean of the
+        # codes read, the log-variance at 0 (N(mean code, I); the empty memory reads 0: N(0, I), a VAE's prior).
         if self.reads_code:
             dz = cfg.latent.dim
             self.readout = nn.Linear(k * 2 * dz, 2 * dz)
             with torch.no_grad():
-                self.readout.weight.copy_(torch.eye(2 * dz).repeat(1, k) / k)
+                eye = torch.eye(2 * dz)
+                if cfg.objective.memory == "chain":
+                    eye[dz:] = 0.0
+                self.readout.weight.copy_(eye.repeat(1, k) / k)
                 self.readout.bias.zero_()
                 self.out[-1].weight.zero_()
                 self.out[-1].bias.zero_()
@@ -175,7 +184,10 @@ class KanervaPlusPlus(nn.Module):
                     code.bias.view(k, cfg.memory.channels)[:, : 2 * dz].copy_(self.z_posterior.bias)
 
     # -- inference ------------------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> Encoding:
+    def encode(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> Encoding:
+        """q(y | X), q(z | X) and E of episodes x [B, T', ...]. `positions` [T'] are the images' places in their
+        episode (default 0..T'-1): keys.layout=grid gives each place its own cell, so an episode with images left
+        out keeps the others at their own cells (leave-one-out, held-out images)."""
         self._check_input(x)
         b, t = x.shape[:2]
         e = self.encoder(x)
@@ -193,7 +205,7 @@ class KanervaPlusPlus(nn.Module):
                 if self.cfg.keys.image_shift_gain != 1.0:  # (scale, shift_x, shift_y): damp the image's shifts
                     g = self.cfg.keys.image_shift_gain
                     key_mean = key_mean * key_mean.new_tensor([1.0, g, g])
-                key_mean = key_mean + self.key_offset[:t]
+                key_mean = key_mean + (self.key_offset[:t] if positions is None else self.key_offset[positions])
         elif self.kind == "km":  # KM's q(y_t | x_t), from the image's embedding
             key_mean, key_logvar = (h.unsqueeze(2) for h in self.memory.posterior(e))
         else:  # DKM's addressing depends on the memory (see _addressing); the VAE has none
@@ -256,14 +268,18 @@ class KanervaPlusPlus(nn.Module):
     def forward(self, x: torch.Tensor, beta: float = 1.0) -> dict[str, torch.Tensor]:
         """Training step quantities: "loss" (scalar to minimise, with warm-up beta and key free bits) and the
         per-image terms [B, T] ("recon", "kl_z", "kl_y", "total" = the negative ELBO without any shaping).
-        With objective.held_out = h, h random positions of every episode are scored under the memory of the other
-        T - h images (see held_out_memories)."""
-        if self.cfg.objective.held_out:
+        objective.memory=chain (the default) scores x_t under the memory of the images before it (chain_memories);
+        =episode, the paper's objective, under its whole episode's, or with objective.held_out = h, h random
+        positions of every episode under the memory of the other T - h images (held_out_memories)."""
+        obj = self.cfg.objective
+        if obj.memory == "chain" and self.kind == "kpp":
             enc = self.encode(x)
-            out = self.terms(x, memory=self.held_out_memories(x, enc, self.cfg.objective.held_out), enc=enc)
+            out = self.terms(x, memory=self.chain_memories(x, enc), enc=enc)
+        elif obj.held_out:
+            enc = self.encode(x)
+            out = self.terms(x, memory=self.held_out_memories(x, enc, obj.held_out), enc=enc)
         else:
             out = self.terms(x)
-        obj = self.cfg.objective
         out["loss"] = training_loss(out, beta, obj.key_free_bits, beta_z=None if obj.kl_z_warmup else 1.0)
         return out
 
@@ -300,7 +316,7 @@ class KanervaPlusPlus(nn.Module):
         held = torch.zeros(t, dtype=torch.bool, device=x.device)
         held[torch.randperm(t)[:count].to(x.device)] = True
         own = self.write(enc)
-        rest = self.write(self.encode(x[:, ~held]))
+        rest = self.write(self.encode(x[:, ~held], positions=(~held).nonzero().squeeze(1)))
         return torch.where(held.view(1, t, 1, 1, 1), rest.unsqueeze(1), own.unsqueeze(1))
 
     def leave_one_out_memories(self, x: torch.Tensor) -> torch.Tensor:
@@ -310,9 +326,31 @@ class KanervaPlusPlus(nn.Module):
         if self.kind == "vae":  # nothing to leave out of
             return x.new_zeros(x.shape[0], t, 1)
         memories = []
+        places = torch.arange(t, device=x.device)
         for i in range(t):
             rest = torch.cat([x[:, :i], x[:, i + 1 :]], dim=1)
-            memories.append(self.write(self.encode(rest)))
+            memories.append(self.write(self.encode(rest, positions=torch.cat([places[:i], places[i + 1 :]]))))
+        return torch.stack(memories, dim=1)
+
+    def chain_memories(self, x: torch.Tensor, enc: Encoding | None = None) -> torch.Tensor:
+        """For each image t, the memory written from x_1..x_{t-1} only (t = 1: the empty memory): [B, T, ...]. Scored
+        under it, the mean over t of x_t's bound bounds -ln p(X) / T (the chain rule). With an encoder that does not
+        look ahead (encoder.shift_direction=past) E_1..E_{t-1} are functions of x_1..x_{t-1}, and the memories are
+        the writer's of a cumulative sum of the writes: one pass. With the bidirectional shift, each prefix is
+        re-encoded alone (T passes), so x_t never reaches its memory through x_{t-1}'s embedding either.
+        The VAE has no memory (a placeholder); DKM and KM keep their own proper bound (see kpp/evaluate.py)."""
+        b, t = x.shape[:2]
+        if self.kind == "vae":
+            return x.new_zeros(b, t, 1)
+        if self.kind != "kpp":
+            raise ValueError(f"memory.writer={self.cfg.memory.writer!r}: DKM and KM bound -ln p(X) with their memory's "
+                             "KL; their chain bound is that bound (kpp.evaluate), not a prefix memory")
+        if self.cfg.encoder_is_causal:
+            enc = enc if enc is not None else self.encode(x)
+            return prefix_memories(self.writer, self.writer.contributions(enc.embedding, enc.key_mean))
+        memories = [self.writer.empty(b)]
+        for i in range(1, t):
+            memories.append(self.write(self.encode(x[:, :i])))
         return torch.stack(memories, dim=1)
 
     # -- the baselines (cfg.kind "dkm", "km", "vae") ----------------------------------------------------------
