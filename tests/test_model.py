@@ -66,13 +66,17 @@ def test_changing_frame_t_changes_only_its_neighbours_at_depth_one():
 
 def test_episode_encoder_mixes_frames_across_depth():
     torch.manual_seed(0)
-    model = KanervaPlusPlus(tiny_config())
+    model = KanervaPlusPlus(tiny_config(encoder={"shift_direction": "both"}, objective={"memory": "episode"}))
     x = binary_batch(1)
     e = model.encoder(x)
     x2 = x.clone()
     x2[0, 2] = 1 - x2[0, 2]
     changed = (model.encoder(x2) - e).abs().amax(-1)[0] > 1e-6
     assert changed.all(), "three shift blocks should carry frame 2 to every frame of a 6-frame episode"
+    # the online shift (the default) carries it to every later frame and to no earlier one
+    online = KanervaPlusPlus(tiny_config())
+    changed = (online.encoder(x2) - online.encoder(x)).abs().amax(-1)[0] > 1e-6
+    assert changed.tolist() == [False, False, True, True, True, True]
     no_shift = KanervaPlusPlus(tiny_config(encoder={"shift_fraction": 0.0}))
     changed = (no_shift.encoder(x2) - no_shift.encoder(x)).abs().amax(-1)[0] > 1e-6
     assert changed.tolist() == [False, False, True, False, False, False]
@@ -207,7 +211,7 @@ def test_the_library_never_imports_its_entry_points():
 
 def test_held_out_images_are_scored_under_a_memory_written_without_them():
     torch.manual_seed(0)
-    model = KanervaPlusPlus(tiny_config(objective={"held_out": 2}))
+    model = KanervaPlusPlus(tiny_config(objective={"held_out": 2, "memory": "episode"}))
     x = binary_batch()
     enc = model.encode(x)
     torch.manual_seed(5)
@@ -227,4 +231,4 @@ def test_held_out_images_are_scored_under_a_memory_written_without_them():
     out = model(x)
     assert out["total"].shape == (3, 6) and torch.isfinite(out["loss"])
     with pytest.raises(ConfigError, match="objective.held_out"):
-        tiny_config(objective={"held_out": 6})
+        tiny_config(objective={"held_out": 6, "memory": "episode"})
