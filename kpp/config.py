@@ -77,17 +77,23 @@ class MemoryConfig:
     # returns the block at every scale. Measured at 2,280 steps, sample 86.06 vs splat 89.15 nats/image (swap gap
     # +112 vs +54): the consistent write learned to use the memory more slowly (docs/memory-experiments.md).
     placement: Literal["sample", "splat"] = _f("sample", "how the key writer places a block: resampled at the memory's pixels, or the read's transpose")
-    # What the key writer writes (docs/memory-experiments.md, "A memory that pays from step 0"). "map" (the default
-    # until issue 23): a learned C_m x w x w block of the image's embedding, which the prior's conv net must learn
-    # to read: the memory is picked up only after ~1,000 steps. "code" (the default): the image's code, one C_m
-    # vector over the whole block, started as the mean and log-variance of its posterior q(z | X); the memory also
-    # carries how much of the writes covers each pixel, a read is divided by its coverage, and the prior starts as
-    # the code it reads back. A read that lands on x_t's own write then gives p(z | M_hat) = q(z | X) from the
-    # first step (needs channels >= 2 d_z).
+    # What the key writer writes. "map": a learned C_m x w x w block of the image's embedding, which the prior's conv
+    # net must learn to read. "code" (the default): the image's code, one C_m vector over the whole block, started
+    # as the mean and log-variance of its posterior q(z | X); the memory also carries how much of the writes
+    # covers each pixel, and a read is divided by its coverage, so it returns the mean code of the writes it
+    # lands on. Under the chain objective (the default) x_t's memory holds only the earlier images' codes: the
+    # prior starts as N(their mean code, I). Under the paper's objective with keys.layout=grid and
+    # keys.logvar=shared at -4 (the default until the chain bound) each image reads back its own code and
+    # p(z | M_hat) = q(z | X) from step 0: what the memory-conditional bound allows (a copy that predicts
+    # nothing: leave-one-out 4,400+ nats/image; docs/memory-experiments.md). Needs channels >= 2 d_z.
     content: Literal["map", "code"] = _f("code", "what the key writer writes: a learned block of the embedding (map), or the image's posterior code, read back by the prior from step 0 (code)")
     # The code writer's write covers write_span times the region of the read at the same key (same centre), so a
     # read whose key noise moves it off centre still lands on the write alone.
-    write_span: float = _f(1.0, "memory.content=code: an image's write covers this many times the side of its read's region")
+    # 3 (the default): a write covers most of a 16 x 16 memory, so a read anywhere near the centre lands on the
+    # earlier images' writes and returns the mean of their codes (divided by their coverage), weighted towards
+    # the writes whose keys lie nearest its own: what a prior for the next member of the episode needs (one-class
+    # episodes, 1,000 steps: chain bound 95.75 against 97.15 without memory, docs/results.md).
+    write_span: float = _f(3.0, "memory.content=code: an image's write covers this many times the side of its read's region")
     # The matrix-normal memory of DKM and KM (writer=dkm, km) is K_m x d_z (the authors' DKM: 32 x 100). Set for
     # another writer these do nothing, so validate() refuses them there (MATRIX_MEMORY_FIELDS).
     slots: int = _f(32, "writer=dkm or km: K_m, rows of the matrix-normal memory (its columns are the latent dim)")
@@ -118,7 +124,9 @@ class KeyConfig:
     max_scale: float = _f(0.5, "upper bound of the read scale: a read is a local block, never the whole memory")
     # Initial log-variance of q(y | X). Below 0 the first reads land near the writes (which sit at the key means),
     # so the memory can pay for its key KL before the keys collapse onto the prior (see docs/memory-experiments.md).
-    init_logvar: float = _f(-4.0, "initial log-variance of the key posterior q(y | X)")
+    # 0 (the default): the keys start at the prior and pay KL_y only for what their precision buys in the chain
+    # bound; -4 (the code memory's setting under the paper's objective) starts them sharp at ~4.5 nats per key.
+    init_logvar: float = _f(0.0, "initial log-variance of the key posterior q(y | X)")
     # Scales the initial weights of the key means. At the default init every image's key mean is ~0, so all images
     # write to (and read from) the same place and each read returns a superposition of the whole episode; a larger
     # gain spreads the first writes over the memory.
@@ -127,8 +135,10 @@ class KeyConfig:
     # "grid": a learned offset per episode position and read is added to the key means, started at the centre of
     # its own cell of a grid that tiles the memory, the read's scale at the cell's (divided by memory.write_span):
     # every image writes and reads at an address of its own from step 0. p(y) stays N(0, I), so the offsets are
-    # paid for in KL_y like any key.
-    layout: Literal["centre", "grid"] = _f("grid", "where the keys start: all near the centre, or each episode position at its own cell of a grid over the memory")
+    # paid for in KL_y like any key. Under the chain objective (the default) an image's own cell is empty in the
+    # memory it is scored under, so "grid" reads return the base map: "centre" lets an image's key find where the
+    # earlier images of its episode wrote. "grid" is the code memory of the paper's objective (the copy).
+    layout: Literal["centre", "grid"] = _f("centre", "where the keys start: all near the centre, or each episode position at its own cell of a grid over the memory")
     # With layout=grid the key mean is (image part) + (position's offset). Nothing stops the image part of the
     # shifts from growing and moving an episode's reads onto each other (seed 2 of the 1,000-step code-memory runs:
     # read centres 0.12 of the half-width apart, KL_z 12.6 against 4.0; docs/memory-experiments.md). This weight
@@ -140,7 +150,7 @@ class KeyConfig:
     # and coordinate. Under Adam an amortised log-variance moves by ~lr x (its 256 inputs) per step and the key
     # KL's consistent gradient widens sharp keys back to the prior within ~50 steps, before any read pays; a
     # shared one moves by ~lr per step (docs/memory-experiments.md).
-    logvar: Literal["amortized", "shared"] = _f("shared", "the key posterior's log-variance: from the image (amortized), or one learned value per read and coordinate (shared)")
+    logvar: Literal["amortized", "shared"] = _f("amortized", "the key posterior's log-variance: from the image (amortized), or one learned value per read and coordinate (shared)")
 
 
 @dataclass(kw_only=True)
@@ -284,8 +294,9 @@ class KanervaConfig:
                                   f"needs at least 2 x latent.dim = {2 * self.latent.dim} channels, got {m.channels}")
         if not (math.isfinite(m.write_span) and m.write_span >= 1.0):
             raise ConfigError("memory.write_span", f"must be a finite number >= 1, got {m.write_span}")
-        if m.write_span != 1.0 and not (m.content == "code" and m.writer == "key"):
-            raise ConfigError("memory.write_span", "only the code writer (memory.content=code) uses it: leave it at 1")
+        if m.write_span != default.write_span and not (m.content == "code" and m.writer == "key"):
+            raise ConfigError("memory.write_span", "only the code writer (memory.content=code) uses it: leave it at "
+                              f"its default ({default.write_span})")
         k = self.keys
         _check_positive(k, ["num_reads"], "keys")
         if not 0.0 < k.min_scale <= 1.0:

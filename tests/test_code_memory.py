@@ -175,10 +175,11 @@ def test_bad_code_memory_settings_are_refused_naming_the_field(overrides, field)
     assert err.value.field == field
 
 
-def test_the_default_model_is_the_code_memory_read_at_its_positions_cells():
+def test_the_default_model_writes_codes_near_the_centre_and_is_trained_on_the_chain_bound():
     cfg = KanervaConfig()
-    assert (cfg.memory.content, cfg.keys.num_reads, cfg.keys.layout, cfg.keys.logvar, cfg.keys.image_shift_gain) == (
-        "code", 1, "grid", "shared", 0.0)
+    assert (cfg.memory.content, cfg.keys.num_reads, cfg.keys.layout, cfg.keys.logvar, cfg.memory.write_span) == (
+        "code", 1, "centre", "amortized", 3.0)
+    assert (cfg.objective.memory, cfg.encoder.shift_direction) == ("chain", "past")
     assert cfg.memory.channels >= 2 * cfg.latent.dim
 
 
