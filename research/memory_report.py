@@ -2,6 +2,10 @@
 
     python -m research.memory_report outputs/experiments/*.json                      # a Markdown table, one row per run
     python -m research.memory_report --curve docs/memory-curve.png outputs/experiments/curve-*.json
+    python -m research.memory_report --chain-curve docs/figures/chain-curve.png outputs/experiments/r1-*.json
+
+The chain curve plots each run's chain -ELBO against the number of images already in memory (the Generative
+Matching Networks plot): the memory helps exactly where its line lies below the no-memory run's.
 
 The curve plots the memory-conditional -ELBO (solid) and IWAE (dashed) against training steps, one line per
 memory writer, so the K++ advantage over its no-memory control can be read at every budget.
@@ -36,6 +40,7 @@ def row(record: dict) -> str:
         idle = keys_at_floor(peaks, m["objective"]["key_free_bits"])
     cells = [
         record["name"], m["memory"]["writer"], f"{tc['steps']} x {tc['batch_size']}",
+        f"{t.get('chain_neg_elbo', float('nan')):.2f}", f"{t.get('chain_iwae', float('nan')):.2f}",
         f"{t['neg_elbo']:.2f}", f"{t['iwae']:.2f}", f"{t['recon']:.2f}", f"{t['kl_z']:.2f}",
         f"{t['kl_y']:.2f} ({per_key})", f"{t['swap_gap']:+.2f}", f"{t.get('loo_neg_elbo', float('nan')):.2f}",
         f"{t.get('loo_iwae', float('nan')):.2f}",
@@ -44,8 +49,8 @@ def row(record: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-HEADER = ("| run | writer | steps x episodes | -ELBO | IWAE | recon | KL_z | KL_y (per key) | swap gap | LOO -ELBO "
-          "| LOO IWAE | idle keys | train min |\n|" + " --- |" * 13)
+HEADER = ("| run | writer | steps x episodes | chain -ELBO | chain IWAE | memory-cond. -ELBO | memory-cond. IWAE | recon "
+          "| KL_z | KL_y (per key) | swap gap | LOO -ELBO | LOO IWAE | idle keys | train min |\n|" + " --- |" * 15)
 
 
 def table(records: list[dict]) -> str:
@@ -125,15 +130,49 @@ def plot_memory_samples(model, episodes, out: str, labels=None, seed: int = 0) -
     return out
 
 
+def plot_chain_curve(records: list[dict], out: str) -> str:
+    """Chain -ELBO (solid) and IWAE (dashed) against the images already in memory, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for r, colour in zip(records, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")):
+        t = r["test"]
+        n = list(range(len(t["chain_curve"])))
+        label = f"{r['name']} (writer={r['model_config']['memory']['writer']}; mean {t['chain_neg_elbo']:.2f})"
+        ax.plot(n, t["chain_curve"], "o-", color=colour, label=f"{label}: -ELBO")
+        ax.plot(n, t["chain_iwae_curve"], "s--", color=colour, alpha=0.6, label="  IWAE")
+    units = {r["test"]["unit"] for r in records}
+    images = "/".join(map(str, sorted({r["test_images"] for r in records})))
+    episodes = "/".join(sorted({r.get("episodes", "random") for r in records}))
+    steps = "/".join(map(str, sorted({r["train_config"]["steps"] for r in records})))
+    ax.set_xlabel("images of the episode already in memory (n: image n + 1 is scored)")
+    ax.set_ylabel(f"chain bound, {'/'.join(units)} (lower is better)")
+    ax.set_title(f"{'/'.join(sorted({r['dataset'] for r in records}))}, {episodes} episodes, {images} test images, "
+                 f"{steps} steps", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="JSON files written by research.memory_experiment")
     ap.add_argument("--curve", help="also plot -ELBO and IWAE against steps per writer into this PNG")
+    ap.add_argument("--chain-curve", help="also plot each run's chain bound against the images in memory into this PNG")
     args = ap.parse_args(argv)
     records = load(args.results)
     print(table(records))
     if args.curve:
         print(f"\ncurve: {plot_curve(records, args.curve)}")
+    if args.chain_curve:
+        print(f"\nchain curve: {plot_chain_curve(records, args.chain_curve)}")
 
 
 if __name__ == "__main__":
