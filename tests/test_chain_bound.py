@@ -14,6 +14,9 @@ from tests.model_helpers import MAP_MEMORY, tiny_config
 
 T = 6
 IMAGE = (1, 28, 28)
+# the code memory of the paper's objective: each position writes and reads its own grid cell (x_t reads its copy)
+GRID_COPY = {"keys": {"num_reads": 1, "layout": "grid", "logvar": "shared", "init_logvar": -4.0},
+             "memory": {"write_span": 1.0}, "objective": {"memory": "episode"}}
 
 
 def episodes(n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -49,7 +52,7 @@ def test_later_images_never_reach_the_memory_an_image_is_scored_under(overrides)
             assert torch.equal(changed[:, : t + 1], memories[:, : t + 1]), f"x_{t}.. leaked into memory {t}"
             assert not torch.equal(changed[:, t + 1 :], memories[:, t + 1 :]) or t == T - 1
         # the first image is scored under the empty memory
-        assert torch.equal(memories[:, 0], model.writer.empty(x.shape[0]))
+        assert torch.allclose(memories[:, 0], model.writer.empty(x.shape[0]), atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides", WRITERS.values(), ids=WRITERS.keys())
@@ -123,14 +126,14 @@ def test_the_bounds_of_a_model_without_memory_are_all_its_own_bound():
 
 def test_the_chain_curve_averages_to_the_chain_bound_and_a_memory_moves_it():
     torch.manual_seed(0)
-    model = KanervaPlusPlus(tiny_config())
+    model = KanervaPlusPlus(tiny_config(**GRID_COPY))
     x = episodes(4)
     r = evaluate(model, x, iwae_samples=2, seed=1)
     assert len(r["chain_curve"]) == T and len(r["chain_iwae_curve"]) == T
     assert sum(r["chain_curve"]) / T == pytest.approx(r["chain_neg_elbo"], rel=1e-5)
     assert sum(r["chain_iwae_curve"]) / T == pytest.approx(r["chain_iwae"], rel=1e-5)
-    # the code memory reads its earlier images' codes: the chain bound is not the memory-conditional one
-    assert r["chain_neg_elbo"] != pytest.approx(r["neg_elbo"], rel=1e-4)
+    # the copy reads back x_t's own code in its own memory, nothing in the chain's: the bounds part
+    assert r["chain_neg_elbo"] > r["neg_elbo"]
     per_episode = episode_bounds(model, x, iwae_samples=2, seed=1)
     assert per_episode["chain_neg_elbo"].mean().item() == pytest.approx(r["chain_neg_elbo"], rel=1e-5)
 
@@ -150,8 +153,7 @@ def test_after_leaving_image_t_out_its_grid_cell_is_empty():
     """keys.layout=grid: leave-one-out re-encodes the other images at their own positions, so image t's cell holds
     nothing (the code memory's coverage channel: 0 there) and every other image's cell is where it was."""
     torch.manual_seed(0)
-    model = KanervaPlusPlus(tiny_config(keys={"num_reads": 1}, encoder={"shift_fraction": 0.0},
-                                        objective={"memory": "episode"})).eval()
+    model = KanervaPlusPlus(tiny_config(**GRID_COPY, encoder={"shift_fraction": 0.0})).eval()
     x = episodes(2)
     with torch.no_grad():
         enc = model.encode(x)
