@@ -207,7 +207,8 @@ def quality(name: str, dataset: str, data, prof: Profile) -> dict:
                                "train_total_first_step": first_loss, "train_total_last_step": float(r.terms["total"]),
                                **{k: v for k, v in result.items() if not k.startswith("kl_y_key")}}
                 print(f"  {LABELS[name]:10s} {dataset:15s} {budget:11s} step {step:5d} {train_s:7.1f}s "
-                      f"-ELBO {result['neg_elbo']:.3f} IWAE {result['iwae']:.3f} LOO {result['loo_neg_elbo']:.3f} "
+                      f"chain {result['chain_neg_elbo']:.3f} LOO {result['loo_neg_elbo']:.3f} "
+                      f"memory-conditional {result['neg_elbo']:.3f} IWAE {result['iwae']:.3f} "
                       f"swap {result['swap_gap']:+.3f} {cfg.unit}", flush=True)
     return out
 
@@ -397,19 +398,24 @@ def markdown(report: dict) -> str:
              f"at the start, {report['machine']['loadavg_end'][0]:.1f} at the end (a shared machine: compare only "
              f"numbers from one run). {report['elapsed_min']:.1f} minutes.", ""]
     lines += ["## Quality at equal budget", "",
-              "Memory-conditional -ELBO (the paper's quantity), its IWAE bound, the leave-one-out -ELBO (x_t under a "
-              "memory of the other T-1 images) and the paired memory-swap gap, on the same fixed test episodes.", ""]
+              "The chain -ELBO (x_t under a memory of the images before it: a proper bound on -ln p(X)/T) and its "
+              "IWAE bound, the leave-one-out -ELBO (x_t under a memory of the other T-1 images), the "
+              "memory-conditional -ELBO (x_t in its own memory: the paper's quantity) and its IWAE bound, and the "
+              "paired memory-swap gap, on the same fixed test episodes.", ""]
     for dataset, runs in report["quality"].items():
         unit = next(iter(runs.values()))["unit"]
         lines += [f"**{dataset}** ({unit}; {report['profile_config']['batch']} episodes x "
                   f"{report['episode_length']} images per step)", "",
-                  "| model | budget | steps | train s | -ELBO | IWAE | LOO -ELBO | swap gap | KL_z | KL_y | KL_M |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| model | budget | steps | train s | chain -ELBO | chain IWAE | LOO -ELBO | memory-conditional "
+                  "-ELBO | IWAE | swap gap | KL_z | KL_y | KL_M |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for budget, label in (("equal_steps", "equal steps"), ("equal_time", "equal time")):
             for name, run in runs.items():
                 r = run[budget]
-                lines.append(f"| {LABELS[name]} | {label} | {r['steps']} | {r['train_s']:.0f} | {r['neg_elbo']:.3f} | "
-                             f"{r['iwae']:.3f} | {r['loo_neg_elbo']:.3f} | {r['swap_gap']:+.3f} | {r['kl_z']:.3f} | "
+                lines.append(f"| {LABELS[name]} | {label} | {r['steps']} | {r['train_s']:.0f} | "
+                             f"{r.get('chain_neg_elbo', math.nan):.3f} | {r.get('chain_iwae', math.nan):.3f} | "
+                             f"{r['loo_neg_elbo']:.3f} | {r['neg_elbo']:.3f} | "
+                             f"{r['iwae']:.3f} | {r['swap_gap']:+.3f} | {r['kl_z']:.3f} | "
                              f"{r['kl_y']:.3f} | {r.get('kl_m', 0.0):.3f} |")
         lines.append("")
     s = report.get("speed")

@@ -4,9 +4,11 @@
 
 Loads the version's weights and config through the tracking server (MLFLOW_TRACKING_URI; no storage credentials,
 nothing unpickled but tensors), checks the data against the version's tags (dataset, image shape, bit depth,
-episode length), and evaluates on the test episodes the training job measured its final bound on: the
-memory-conditional -ELBO, the IWAE bound with S samples, the leave-one-out bounds and the memory-swap gap, each
-with a 95% interval over episodes, in nats/image (binarized data) or bits/dim (8-bit). Prints a table beside the
+episode length), and evaluates on the test episodes the training job measured its final bound on: the chain bound
+(each image from a memory of the images before it: a proper bound on -ln p(X)/T), the leave-one-out bound (from
+the other images), the memory-conditional bound (the image in its own memory: the paper's quantity), each as an
+-ELBO and an IWAE bound with S samples, and the memory-swap gap, each with a 95% interval over episodes, in
+nats/image (binarized data) or bits/dim (8-bit). Prints a table beside the
 version's recorded numbers, writes the JSON record and logs an evaluation run linked to the version.
 --workers N spreads the episodes over N Ray tasks (RAY_ADDRESS, or a local cluster); the numbers do not change.
 Exit status: 0 done, 2 bad input (unknown model, alias not set, data that does not match the model, tracking

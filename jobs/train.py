@@ -51,10 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run {out.run_id or '-'}: {'finished' if out.finished else 'halted'} at step {out.step}"
           f"{' (resumed)' if out.resumed else ''}; checkpoint {redact_text(out.checkpoint)}")
     if out.finished:
-        print(f"test bound ({cfg.model.unit}, memory-conditional): negative ELBO "
-              f"{m['test/neg_elbo']:.3f}, IWAE({int(m['test/iwae_samples'])}) {m['test/iwae']:.3f}; "
-              f"leave-one-out negative ELBO {m.get('test/loo_neg_elbo', float('nan')):.3f}; "
-              f"memory swap gap {m['test/swap_gap']:+.3f}")
+        nan, s = float("nan"), int(m["test/iwae_samples"])
+        print(f"test bounds ({cfg.model.unit}; -ELBO, IWAE with S={s}), by what the memory scoring each image holds:")
+        for label, key in (("chain (the images before it; bounds -ln p(X)/T)", "chain"),
+                           ("leave-one-out (the other images)", "loo"),
+                           ("memory-conditional (the image itself too; the paper's)", "")):
+            elbo, iwae = (f"test/{key}_neg_elbo", f"test/{key}_iwae") if key else ("test/neg_elbo", "test/iwae")
+            print(f"  {label:<56} {m.get(elbo, nan):10.3f}  IWAE {m.get(iwae, nan):10.3f}")
+        print(f"  memory swap gap (another episode's memory - own) {m['test/swap_gap']:+.3f}")
         idle = m.get("keys_at_floor") or []
         if idle and cfg.model.memory.writer != "none":  # without a memory no key has an address
             print(f"key reads {', '.join(map(str, idle))} of {cfg.model.key_terms} stayed at the "

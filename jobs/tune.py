@@ -4,11 +4,12 @@
 
 The same command runs locally (a local Ray cluster) and under `ray job submit` / jobs.submit. The sweep YAML
 holds the training config (a file plus overrides), a `search:` section over its fields (choice, grid, uniform,
-loguniform, randint), the metric and mode, the number of trials and ASHA's settings (pipeline/tune/space.py).
+loguniform, randint), the metric and mode (default valid_chain_neg_elbo, the validation chain bound), the number
+of trials and ASHA's settings (pipeline/tune/space.py).
 Re-running the same command after the driver died resumes the sweep without rerunning finished trials.
 The best finished trial is registered as a new version of `<tracking.registered_model>-<dataset>` (alias
-tracking.alias, candidate by default) and becomes `champion` only if its test bound beats the champion's on the
-same test episodes.
+tracking.alias, candidate by default) and becomes `champion` only if its test bound (tracking.champion_metric,
+the chain bound by default) beats the champion's on the same test episodes.
 Exit status: 0 done, 2 invalid sweep or unusable storage/data/tracking/cluster (no trial started), 1 failed.
 """
 from __future__ import annotations

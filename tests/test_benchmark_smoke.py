@@ -35,6 +35,7 @@ def test_tiny_profile_writes_json_and_table(tmp_path):
                 b = run[budget]
                 # S = 2 samples on 8 images: the sampled IWAE may sit a little above the analytic-KL ELBO
                 assert math.isfinite(b["neg_elbo"]) and b["iwae"] <= 1.01 * b["neg_elbo"] and b["train_s"] > 0
+                assert math.isfinite(b["chain_neg_elbo"]) and math.isfinite(b["loo_neg_elbo"])
             assert run["equal_steps"]["steps"] == 3 if dataset == "binarized_mnist" else 2
         assert runs["vae"]["equal_steps"]["swap_gap"] == 0.0 == runs["none"]["equal_steps"]["swap_gap"]  # no memory
         assert all(runs[name]["equal_steps"]["kl_m"] > 0 for name in ("dkm", "dkm_plain", "km"))  # a memory KL
@@ -50,6 +51,7 @@ def test_tiny_profile_writes_json_and_table(tmp_path):
         first = one["launch_to_first_step_s"][side]
         assert 0 < first < one["fixed_overhead_s"][side] + best["loop_s"], (side, first, one)
     assert "## Quality at equal budget" in table and "Ray Train vs plain torchrun" in table
+    assert "| chain -ELBO | chain IWAE | LOO -ELBO | memory-conditional -ELBO | IWAE |" in table  # the three bounds
     for label in ("K++", "DKM w/ TSM", "DKM", "KM", "VAE"):
         assert f"| {label} | equal steps |" in table, label
 

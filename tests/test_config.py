@@ -162,7 +162,8 @@ scaling.num_workers scaling.use_gpu scaling.gpus_per_worker scaling.pin_training
 scaling.placement_strategy scaling.placement_wait_s scaling.autoscaling
 checkpoint.storage_path checkpoint.s3_endpoint_url checkpoint.every_steps checkpoint.keep checkpoint.keep_by
 checkpoint.max_failures checkpoint.when_behind
-tracking.enabled tracking.uri tracking.experiment tracking.registered_model tracking.alias tracking.images_every_steps
+tracking.enabled tracking.uri tracking.experiment tracking.registered_model tracking.champion_metric tracking.alias
+tracking.images_every_steps
 eval.every_steps eval.iwae_samples eval.seed
 """.split()
 
@@ -187,6 +188,9 @@ BAD_INPUTS = [  # (arguments of jobs.train, the field its message must start wit
     (["train.gc_every=-5"], "train.gc_every: must be >= 0"),
     (["scaling.placement_strategy=spread"], "scaling.placement_strategy"),
     (["tracking.alias=champion"], "tracking.alias: 'champion' moves only through the promotion gate"),
+    # a champion rule on a number no run records (or one that is no bound) could never compare two versions
+    (["tracking.champion_metric=swap_gap"], "tracking.champion_metric: must be a test bound a run reports: one of "
+                                            "chain_neg_elbo, chain_iwae, loo_neg_elbo, loo_iwae, neg_elbo, iwae"),
     (["scaling.placement_wait_s=0"], "scaling.placement_wait_s: must be >= 1"),
     (["data.audit_dir=s3://bucket/audit"], "data.audit_dir: must be a path of a file system every node mounts"),
     (["scaling.gpus_per_worker=0.5"], "scaling.gpus_per_worker: is set but scaling.use_gpu=false"),

@@ -91,12 +91,15 @@ def test_training_registers_a_tagged_version_under_the_dataset_name(trained, uri
     mv = client.get_model_version(NAME, trained.model_version)
     t = mv.tags
     assert (t["dataset"], t["image_shape"], t["bit_depth"], t["likelihood"]) == ("digits", "1x28x28", "1", "bernoulli")
-    assert float(t[promotion.BOUND_TAG]) == pytest.approx(trained.metrics["test/neg_elbo"], abs=1e-5)
+    for bound in promotion.BOUNDS:  # chain, leave-one-out and memory-conditional, each -ELBO and IWAE
+        assert float(t[promotion.bound_tag(bound)]) == pytest.approx(trained.metrics[f"test/{bound}"], abs=1e-5), bound
     assert float(t[naming.SWAP_GAP]) == pytest.approx(trained.metrics["test/swap_gap"], abs=1e-5)
     assert t[naming.TRAINING_RUN] == trained.run_id == mv.run_id and len(t[naming.GIT_COMMIT]) == 40
     assert len(t[promotion.EPISODES_TAG]) == 16 and t[naming.TEST_EPISODES] == "8" and t[naming.DATA_URL] == data["digits"]
     # and says the same in words, on the version and (once) on the registered model
-    assert "on digits 1x28x28" in mv.description and f"test bound {trained.metrics['test/neg_elbo']:.2f}" in mv.description
+    assert "on digits 1x28x28" in mv.description
+    assert f"chain bound {trained.metrics['test/chain_neg_elbo']:.2f}" in mv.description
+    assert f"memory-conditional bound {trained.metrics['test/neg_elbo']:.2f}" in mv.description
     assert f"MLflow run {trained.run_id}" in mv.description
     assert "trained on digits" in client.get_registered_model(NAME).description
     # the first version of the name is champion as well as candidate (nothing to beat)
@@ -135,19 +138,21 @@ def test_a_clean_process_evaluates_by_alias_and_matches_the_training_bound(train
     m = trained.metrics
     assert result["same_episodes_as_recorded"] and result["episodes"] == 8 and result["iwae_samples"] == 8
     assert result["unit"] == "nats/image" and result["version"] == trained.model_version
-    for key in ("neg_elbo", "iwae", "loo_neg_elbo", "swap_gap"):
+    for key in ("chain_neg_elbo", "chain_iwae", "neg_elbo", "iwae", "loo_neg_elbo", "swap_gap"):
         b, recorded = result["bounds"][key], m[f"test/{key}"]
         # the same episodes and the same draws as the training's final evaluation: equal up to float rounding,
         # far inside the interval's sampling tolerance
         assert abs(b["mean"] - recorded) <= 1e-4 * abs(recorded) + 2e-3, (key, b["mean"], recorded)
         assert b["low"] <= recorded <= b["high"] and b["half_width"] > 0
-    assert "memory-conditional -ELBO" in r.stdout and "95% interval" in r.stdout
+    assert "chain -ELBO" in r.stdout and "leave-one-out -ELBO" in r.stdout and "memory-conditional -ELBO" in r.stdout
+    assert "95% interval" in r.stdout
     # the evaluation run, linked to the version
     client = MlflowClient(uri)
     run = client.get_run(result["evaluation_run_id"])
     assert run.data.tags["kpp.model.name"] == NAME and run.data.tags["kpp.model.version"] == trained.model_version
     assert run.data.tags["kpp.model.training_run_id"] == trained.run_id
-    assert run.data.metrics["test/neg_elbo"] == pytest.approx(result["bounds"]["neg_elbo"]["mean"])
+    for key in ("chain_neg_elbo", "neg_elbo"):
+        assert run.data.metrics[f"test/{key}"] == pytest.approx(result["bounds"][key]["mean"])
     assert client.get_model_version(NAME, trained.model_version).tags["evaluation.last_run_id"] == run.info.run_id
 
 
@@ -202,11 +207,12 @@ def test_champion_moves_only_for_a_better_bound(trained, uri, data, capsys):
     from jobs import promote
     client = MlflowClient(uri)
     v1 = client.get_model_version(NAME, trained.model_version)
-    bound, episodes = float(v1.tags[promotion.BOUND_TAG]), v1.tags[promotion.EPISODES_TAG]
+    chain = promotion.bound_tag("chain_neg_elbo")  # what the champion rule compares by default
+    bound, episodes = float(v1.tags[chain]), v1.tags[promotion.EPISODES_TAG]
 
     def version(b, fp=episodes):  # the same weights, registered again with a stated bound
         v = client.create_model_version(NAME, v1.source, v1.run_id, model_id=v1.source.split('/')[-1]).version
-        for k, val in {promotion.BOUND_TAG: f"{b:.6f}", promotion.EPISODES_TAG: fp,
+        for k, val in {chain: f"{b:.6f}", promotion.EPISODES_TAG: fp,
                        promotion.UNIT_TAG: "nats/image", **{k: v1.tags[k] for k in (naming.DATASET, naming.IMAGE_SHAPE,
                        naming.BIT_DEPTH, naming.EPISODE_LENGTH, naming.TEST_EPISODES, naming.EPISODES_MODE,
                        naming.DATA_SEED, naming.EVAL_SEED)}}.items():
@@ -232,7 +238,7 @@ def test_champion_moves_only_for_a_better_bound(trained, uri, data, capsys):
     assert not run("--version", elsewhere)["promoted"]
     # ...unless both are recomputed on the same episodes: the same weights give the same bound, so it stays
     d = run("--version", elsewhere, "--data", data["digits"])
-    assert not d["promoted"] and "both recomputed on 8 test episodes" in d["reason"]
+    assert not d["promoted"] and d["metric"] == "chain_neg_elbo" and "both recomputed on 8 test episodes" in d["reason"]
     assert d["bound"] == pytest.approx(d["champion_bound"]) == pytest.approx(bound, abs=1e-3)
     assert client.get_model_version_by_alias(NAME, "champion").version == better
 

@@ -45,14 +45,15 @@ def test_class_test_episodes_of_two_seeds_are_other_images_and_fingerprint_apart
 
 
 def _versions(client, name: str, bounds: dict[str, float]) -> dict[str, str]:
-    """A registered model with one version per entry, tagged with its test bound on the same episodes."""
+    """A registered model with one version per entry, tagged with its test bound (the chain bound, which the
+    champion rule compares by default) on the same episodes."""
     client.create_registered_model(name)
     run = client.create_run(client.create_experiment(f"{name}-runs")).info.run_id
     out = {}
     for label, bound in bounds.items():
         v = client.create_model_version(name, f"runs:/{run}/model", run).version
-        for k, val in {promotion.BOUND_TAG: f"{bound:.6f}", promotion.EPISODES_TAG: "same-episodes",
-                       promotion.UNIT_TAG: "nats/image"}.items():
+        for k, val in {promotion.bound_tag(promotion.DEFAULT_METRIC): f"{bound:.6f}",
+                       promotion.EPISODES_TAG: "same-episodes", promotion.UNIT_TAG: "nats/image"}.items():
             client.set_model_version_tag(name, v, k, val)
         out[label] = str(v)
     return out

@@ -1,5 +1,8 @@
-"""The training loop in one process (no Ray): NaN/inf handling and what reaches a checkpoint."""
+"""The training loop in one process (no Ray): NaN/inf handling, what reaches a checkpoint, the bounds it reports."""
+import json
 import math
+import pathlib
+import tempfile
 
 import pytest
 import torch
@@ -359,3 +362,89 @@ def test_the_step_clips_the_models_whole_gradient_norm():
     assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) == pytest.approx(
         1e-3, rel=1e-3)
     assert float(r.grad_norm) > 1e-2
+
+
+# -- the bounds the loop reports and logs ---------------------------------------------------------------------
+def test_every_report_carries_the_chain_and_the_memory_conditional_validation_bounds(tmp_path):
+    """The chain bound (each image under a memory of the images before it) is what selects: reported as
+    valid_chain_neg_elbo beside valid_neg_elbo (the memory-conditional bound) and kept as the best in the checkpoint;
+    the final report has the three test bounds."""
+    loop, session = _loop(tmp_path, (), "train.max_steps=4", "checkpoint.keep_by=valid")
+    loop.run()
+    assert [r["step"] for r in session.reports] == [1, 2, 3, 4]
+    for r in session.reports:
+        assert math.isfinite(r["valid_chain_neg_elbo"]) and math.isfinite(r["valid_neg_elbo"])
+    # keep_by=valid validates at every checkpoint (steps 2, 4): reports carry the last one's bounds
+    assert session.reports[0]["valid_chain_neg_elbo"] != session.reports[1]["valid_chain_neg_elbo"]
+    assert session.reports[2]["valid_chain_neg_elbo"] == session.reports[1]["valid_chain_neg_elbo"]
+    final = session.reports[-1]
+    for key in ("test/chain_neg_elbo", "test/chain_iwae", "test/loo_neg_elbo", "test/neg_elbo", "test/iwae"):
+        assert math.isfinite(final[key]), key
+    # what a sweep may optimise (pipeline.tune.space refuses any other metric) is in every report
+    from pipeline.tune.space import REPORTED_METRICS
+    assert all(set(REPORTED_METRICS) <= set(r) for r in session.reports)
+    extra = checkpointing.load(checkpointing.latest_complete(tmp_path))["extra"]
+    assert extra["last_valid"] == {k: final[k] for k in ("valid_chain_neg_elbo", "valid_neg_elbo")}
+    assert extra["best_valid_chain"] == min(r["valid_chain_neg_elbo"] for r in session.reports)
+
+
+def test_a_checkpoint_from_before_the_chain_bound_resumes_with_it_unknown(tmp_path):
+    """Its last_valid is the memory-conditional bound alone (a float): kept as valid_neg_elbo; the chain bound is
+    reported as unknown (inf, the worst for the keep rule and ASHA) until the next validation gives it."""
+    loop, _ = _loop(tmp_path, (), "train.max_steps=4", "train.halt_at_step=2", "eval.every_steps=0",
+                    "checkpoint.keep_by=recent")
+    loop.run()
+    folder = checkpointing.latest_complete(tmp_path)
+    payload = checkpointing.load(folder)
+    e = payload["extra"]
+    e["best_valid"], e["last_valid"] = 123.0, 456.0
+    del e["best_valid_chain"], e["report"]
+    checkpointing.save(folder, model=loop.net, optimizer=loop.opt, scheduler=loop.sched, step=2,
+                       cursor=payload["cursor"], extra=e)
+    again, session = _loop(tmp_path, (), "train.max_steps=4", "eval.every_steps=0", "checkpoint.keep_by=recent",
+                           "checkpoint.every_steps=0")
+    again.run()
+    first, last = session.reports[0], session.reports[-1]
+    assert first["step"] == 3 and first["valid_neg_elbo"] == 456.0 and first["valid_chain_neg_elbo"] == math.inf
+    assert last["step"] == 4 and math.isfinite(last["valid_chain_neg_elbo"])  # the last step validates
+
+
+def test_the_chain_bound_and_its_curve_reach_mlflow(tmp_path, mlflow_server):
+    """On the session's MLflow server: valid/chain_neg_elbo at every validation beside valid/neg_elbo, the three
+    test bounds as metrics, the chain curve as a table (one row per number of earlier images, logged once even when
+    the last step is evaluated again) and as a labelled figure."""
+    from mlflow import MlflowClient
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("loop-chain") or client.get_experiment(client.create_experiment("loop-chain"))
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    cfg = config.load(None, [*TINY, "train.max_steps=4", "eval.every_steps=2", "tracking.enabled=true"])
+    data = load_data("digits", "", cfg.model.episode_length, 4, 4, 4, 0, 0, 1)[:3]
+    loop = Loop(cfg, LocalSession(tmp_path), tracking_uri=mlflow_server, run_id=run_id, data=data)
+    loop.run()
+    run = client.get_run(run_id)
+    for key in ("valid/chain_neg_elbo", "valid/neg_elbo"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 2, 4], key
+    m = run.data.metrics
+    for key in ("test/chain_neg_elbo", "test/chain_iwae", "test/loo_neg_elbo", "test/neg_elbo", "test/iwae"):
+        assert math.isfinite(m[key]), key
+    arts = {a.path for a in client.list_artifacts(run_id, "curves")}
+    assert {"curves/chain_curve.json", "curves/chain_curve.png", "curves/loss.png"} <= arts
+    t = cfg.model.episode_length
+
+    def table():
+        with tempfile.TemporaryDirectory() as d:
+            return json.loads(pathlib.Path(client.download_artifacts(run_id, "curves/chain_curve.json", d)).read_text())
+    logged = table()
+    assert logged["columns"] == ["step", "earlier_images", "chain_neg_elbo", "chain_iwae"]
+    assert [row[:2] for row in logged["data"]] == [[4, n] for n in range(t)]
+    # the mean of the curve over n is the bound itself: every episode has one image with n earlier ones
+    assert sum(row[2] for row in logged["data"]) / t == pytest.approx(m["test/chain_neg_elbo"], rel=1e-5)
+    assert "curves/chain_curve.json" in client.get_run(run_id).data.tags["mlflow.loggedArtifacts"]  # a table
+    # the last step evaluated again (its checkpoint kept no report: _report_again) logs no second copy of its rows
+    folder = checkpointing.latest_complete(tmp_path)
+    payload = checkpointing.load(folder)
+    del payload["extra"]["report"]
+    checkpointing.save(folder, model=loop.net, optimizer=loop.opt, scheduler=loop.sched, step=4,
+                       cursor=payload["cursor"], extra=payload["extra"])
+    Loop(cfg, LocalSession(tmp_path), tracking_uri=mlflow_server, run_id=run_id, data=data).run()
+    assert table() == logged

@@ -94,7 +94,8 @@ def test_short_run_learns_checkpoints_on_s3_and_registers(ray_cluster, mlflow_ur
     assert valid[30] < valid[0] - 50, valid
     assert assert_monotone(client, run.info.run_id, "train/loss") == [5, 10, 15, 20, 25, 30]
     for key in ("train/recon", "train/kl_z", "train/kl_y", "train/lr", "train/grad_norm", "perf/episodes_per_s",
-                "test/neg_elbo", "test/iwae", "test/loo_neg_elbo", "test/swap_gap"):
+                "valid/chain_neg_elbo", "test/chain_neg_elbo", "test/chain_iwae", "test/neg_elbo", "test/iwae",
+                "test/loo_neg_elbo", "test/swap_gap"):
         assert client.get_metric_history(run.info.run_id, key), key
     assert out.metrics["test/iwae"] <= out.metrics["test/neg_elbo"] + 1e-3
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
@@ -112,13 +113,15 @@ def test_short_run_learns_checkpoints_on_s3_and_registers(ray_cluster, mlflow_ur
     assert run.data.params["model.keys.num_reads"] == str(KanervaConfig().keys.num_reads)
     arts = {a.path for folder in ("samples", "config", "curves")
             for a in client.list_artifacts(run.info.run_id, folder)}
-    assert {"samples/final.png", "config/resolved.yaml", "curves/loss.png"} <= arts
+    assert {"samples/final.png", "config/resolved.yaml", "curves/loss.png", "curves/chain_curve.json",
+            "curves/chain_curve.png"} <= arts
     assert pathlib.Path(out.grid).is_file()
     # registered under the prefix and the dataset, tagged with its test bound, champion as the name's first version
     assert out.model_name == "kpp-t-binarized_mnist"
     mv = client.get_model_version_by_alias("kpp-t-binarized_mnist", "candidate")
     assert mv.version == out.model_version and mv.run_id == run.info.run_id
-    assert float(mv.tags["test.neg_elbo"]) == pytest.approx(out.metrics["test/neg_elbo"], abs=1e-5)
+    for bound in ("chain_neg_elbo", "loo_neg_elbo", "neg_elbo"):
+        assert float(mv.tags[f"test.{bound}"]) == pytest.approx(out.metrics[f"test/{bound}"], abs=1e-5), bound
     assert mv.tags["dataset"] == "binarized_mnist" and out.champion.promoted
 
 

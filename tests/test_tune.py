@@ -44,11 +44,41 @@ BAD = [
     ({"search": {"model.memory.channels": {"choice": [32, "many"]}}},
      "search.model.memory.channels: value 'many' is not accepted"),
     ({"search": {"train.lr": {"between": [1, 2]}}}, "search.train.lr: expected one of"),
-    ({"metric": "test/neg_elbo"}, "metric: 'test/neg_elbo' is not reported by the training loop"),
+    ({"metric": "test/neg_elbo"}, "metric: 'test/neg_elbo' is not reported by the training loop; one of "
+                                  "valid_chain_neg_elbo, valid_neg_elbo, train/loss"),
     ({"num_trials": 3}, "num_trials: 3 is not a multiple of the grid's 4 points"),
     ({"asha": {"grace_steps": 30}}, "asha.grace_steps: 30 must be < train.max_steps"),
     ({"search": {}}, "search: empty"),
 ]
+
+
+def test_a_metric_the_loop_does_not_report_is_refused_listing_the_reported_ones(tmp_path):
+    """MLflow's name of the chain bound (valid/chain_neg_elbo) is not what the loop reports to Tune: refused before
+    Ray, with every metric that is reported (tests/test_train_loop.py checks the loop reports each of them)."""
+    with pytest.raises(ConfigError) as e:
+        space.load(sweep_yaml(tmp_path, metric="valid/chain_neg_elbo"), [], root=pathlib.Path(ROOT))
+    assert str(e.value).startswith("metric: 'valid/chain_neg_elbo' is not reported by the training loop; one of ")
+    assert all(m in str(e.value) for m in space.REPORTED_METRICS), str(e.value)
+
+
+def test_sweeps_select_by_the_validation_chain_bound_by_default(tmp_path):
+    """A sweep that names no metric, ASHA and the searcher included, and every shipped sweep, optimise the chain
+    bound (a proper bound): not the memory-conditional one, which a memory that copies each image lowers. The
+    shipped search spaces leave the code memory's settings alone (what the memory-conditional bound allows)."""
+    from pipeline.tune.sweep import search_algorithm
+    doc = yaml.safe_load(pathlib.Path(sweep_yaml(tmp_path, algorithm="optuna",
+                                                 search={"train.lr": {"loguniform": [1e-4, 1e-2]}})).read_text())
+    assert "metric" not in doc
+    sweep = space.load(sweep_yaml(tmp_path, algorithm="optuna", search={"train.lr": {"loguniform": [1e-4, 1e-2]}}),
+                       [], root=pathlib.Path(ROOT))
+    assert sweep.cfg.metric == space.DEFAULT_METRIC == "valid_chain_neg_elbo" and sweep.cfg.mode == "min"
+    assert space.REPORTED_METRICS["valid_chain_neg_elbo"] == "min"
+    assert search_algorithm(sweep, 1).metric == "valid_chain_neg_elbo"  # TPE; ASHA gets it from TuneConfig
+    for path in sorted(pathlib.Path(ROOT, "jobs/configs").glob("tune_*.yaml")):
+        shipped = space.load(str(path), [], root=pathlib.Path(ROOT))
+        assert shipped.cfg.metric == "valid_chain_neg_elbo", path.name
+        assert not set(shipped.domains) & {"model.memory.content", "model.memory.write_span", "model.keys.layout",
+                                           "model.keys.image_shift_gain"}, path.name
 
 
 def test_a_grace_period_before_the_warm_up_ends_is_warned_about(tmp_path):
@@ -201,18 +231,18 @@ def test_asha_rungs_survive_a_restored_sweep(tmp_path):
     def feed(scheduler, trial_id, value):
         trial = SimpleNamespace(trial_id=trial_id)
         scheduler.on_trial_add(None, trial)
-        return scheduler.on_trial_result(None, trial, {"step": 10, "valid_neg_elbo": value})
+        return scheduler.on_trial_result(None, trial, {"step": 10, "valid_chain_neg_elbo": value})
 
     first = ResumableASHA(str(tmp_path / "exp"), **kw)
-    first.set_search_properties("valid_neg_elbo", "min")
+    first.set_search_properties("valid_chain_neg_elbo", "min")
     assert feed(first, "t1", 100.0) == TrialScheduler.CONTINUE
     assert feed(first, "t2", 200.0) == TrialScheduler.STOP
     restored = ResumableASHA(str(tmp_path / "exp"), **kw)
-    restored.set_search_properties("valid_neg_elbo", "min")
+    restored.set_search_properties("valid_chain_neg_elbo", "min")
     assert feed(restored, "t3", 300.0) == TrialScheduler.STOP
     assert restored.rung_records()[0]["10"] == {"t1": -100.0, "t2": -200.0, "t3": -300.0}
     plain = ASHAScheduler(**kw)  # what the restored sweep had before: an empty rung lets t3 go on
-    plain.set_search_properties("valid_neg_elbo", "min")
+    plain.set_search_properties("valid_chain_neg_elbo", "min")
     assert feed(plain, "t3", 300.0) == TrialScheduler.CONTINUE
 
 
@@ -328,14 +358,18 @@ def test_sweep_killed_midway_resumes_and_registers_the_best(ray_cluster, mlflow_
     table = pd.read_parquet(client.download_artifacts(out["parent_run_id"], "sweep/results.parquet",
                                                        str(tmp_path)))
     assert len(table) == 4 and set(table["outcome"]) <= {"finished", "stopped_by_asha"}
-    best = table[table["outcome"] == "finished"].sort_values("valid_neg_elbo").iloc[0]
+    # sorted by the sweep's metric, the validation chain bound; the three test bounds side by side
+    assert {"valid_chain_neg_elbo", "valid_neg_elbo", "test/chain_neg_elbo", "test/loo_neg_elbo",
+            "test/neg_elbo"} <= set(table.columns)
+    best = table[table["outcome"] == "finished"].sort_values("valid_chain_neg_elbo").iloc[0]
     assert out["best_trial"] == best["trial_id"] and out["model"] == "kpp-digits"
     versions = client.search_model_versions("name='kpp-digits'")
     assert len(versions) == 1, [(v.version, v.run_id, v.tags.get("sweep.parent_run_id")) for v in versions]
     tags = versions[0].tags
     assert tags["sweep.parent_run_id"] == out["parent_run_id"] and tags["dataset"] == "digits"
     assert f"MLflow run {versions[0].run_id}" in versions[0].description
-    assert abs(float(tags["test.neg_elbo"]) - float(best["test/neg_elbo"])) < 1e-3
+    for bound in ("chain_neg_elbo", "loo_neg_elbo", "neg_elbo"):
+        assert abs(float(tags[f"test.{bound}"]) - float(best[f"test/{bound}"])) < 1e-3, bound
     assert client.get_model_version_by_alias("kpp-digits", "champion").version == versions[0].version
 
     # 5. the same command once more, on a sweep that has ended: it is restored finished, nothing is trained and
@@ -364,7 +398,7 @@ def test_champion_moves_only_for_a_better_bound(mlflow_server, tmp_path):
 
     def version(bound: float, episodes: str = "fp1") -> str:
         v = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version
-        for k, val in {promotion.BOUND_TAG: f"{bound}", promotion.EPISODES_TAG: episodes,
+        for k, val in {promotion.bound_tag("chain_neg_elbo"): f"{bound}", promotion.EPISODES_TAG: episodes,
                        promotion.UNIT_TAG: "nats/image"}.items():
             client.set_model_version_tag(name, v, k, val)
         return v
@@ -388,6 +422,69 @@ def test_champion_moves_only_for_a_better_bound(mlflow_server, tmp_path):
     assert not d.promoted and "other test episodes" in d.reason
     assert client.get_model_version_by_alias(name, "champion").version == v3
     mlflow.set_tracking_uri(None)
+
+
+def test_the_champion_is_picked_by_the_chain_bound(mlflow_server, tmp_path, capsys):
+    """A version whose memory-conditional bound is worse but whose chain bound is better becomes champion (the
+    default rule); ranked by the memory-conditional bound (tracking.champion_metric=neg_elbo) it would not. A champion
+    registered before the chain bound was measured has no such tag: not compared, the reason says so. A bound no run
+    reports is refused, naming the ones it may be."""
+    from mlflow import MlflowClient
+
+    from jobs import promote
+    from pipeline.registry import promotion
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("promotion") or client.get_experiment(
+        client.create_experiment("promotion"))
+    run = client.create_run(exp.experiment_id)
+    (tmp_path / "weights.txt").write_text("stand-in artifact: promotion reads tags only")
+    client.log_artifact(run.info.run_id, str(tmp_path / "weights.txt"), "model")
+
+    def registered(suffix: str, *bounds: dict[str, float], samples=("16", "16")) -> tuple[str, list[str]]:
+        name = f"kpp-chain-{suffix}-{int(time.time() * 1000)}"
+        client.create_registered_model(name)
+        versions = []
+        for b, s in zip(bounds, samples):
+            v = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version
+            for k, val in {**{promotion.bound_tag(m): f"{x}" for m, x in b.items()}, promotion.EPISODES_TAG: "fp1",
+                           promotion.UNIT_TAG: "nats/image", promotion.IWAE_SAMPLES_TAG: s}.items():
+                client.set_model_version_tag(name, v, k, val)
+            versions.append(str(v))
+        return name, versions
+
+    # the copy: a memory-conditional bound of 60 (each image read back from its own write), a chain bound of 140
+    copy, honest = {"neg_elbo": 60.0, "chain_neg_elbo": 140.0}, {"neg_elbo": 80.0, "chain_neg_elbo": 95.0}
+    name, (v1, v2) = registered("default", copy, honest)
+    assert promotion.promote(mlflow_server, name, v1).promoted
+    d = promotion.promote(mlflow_server, name, v2)
+    assert d.promoted and d.metric == "chain_neg_elbo" and (d.bound, d.champion_bound) == (95.0, 140.0)
+    assert "chain_neg_elbo 95.000 beats champion version" in d.reason
+    assert client.get_model_version(name, v2).tags["champion.metric"] == "chain_neg_elbo"
+    # the paper's bound, asked for: the copy stays champion
+    name, (c1, c2) = registered("conditional", copy, honest)
+    promotion.promote(mlflow_server, name, c1, metric="neg_elbo")
+    d = promotion.promote(mlflow_server, name, c2, metric="neg_elbo")
+    assert not d.promoted and (d.bound, d.champion_bound) == (80.0, 60.0)
+    # a champion without the chain tag (registered before it was measured): not comparable, not promoted over
+    name, (o1, o2) = registered("old", {"neg_elbo": 90.0}, honest)
+    assert promotion.promote(mlflow_server, name, o1, metric="neg_elbo").promoted
+    d = promotion.promote(mlflow_server, name, o2)
+    assert not d.promoted and d.champion_bound is None
+    assert f"champion (version {o1}) has no test.chain_neg_elbo tag (registered before the chain -ELBO" in d.reason
+    assert "the bounds are not comparable; champion stays" in d.reason
+    assert client.get_model_version_by_alias(name, "champion").version == o1
+    # IWAE bounds of other sample counts: not comparable (a larger S alone gives a lower bound)
+    name, (i1, i2) = registered("iwae", {"chain_iwae": 100.0}, {"chain_iwae": 90.0}, samples=("8", "32"))
+    promotion.promote(mlflow_server, name, i1, metric="chain_iwae")
+    d = promotion.promote(mlflow_server, name, i2, metric="chain_iwae")
+    assert not d.promoted and "measured chain_iwae with S=8 importance samples, this version with S=32" in d.reason
+    # a metric no run reports: refused, naming the bounds (jobs.promote: exit 2; jobs.train: tests/test_config.py)
+    with pytest.raises(ValueError, match=r"tracking.champion_metric: 'swap_gap' is not a test bound a run reports; "
+                                         r"one of chain_neg_elbo, chain_iwae, loo_neg_elbo, loo_iwae, neg_elbo, iwae"):
+        promotion.promote(mlflow_server, name, o2, metric="swap_gap")
+    assert promote.main(["--model", name, "--version", o2, "--metric", "swap_gap",
+                         "--tracking-uri", mlflow_server]) == 2
+    assert "--metric: 'swap_gap' is not a test bound a run reports; one of chain_neg_elbo" in capsys.readouterr().err
 
 
 def test_trials_log_to_the_sweeps_store(tmp_path):

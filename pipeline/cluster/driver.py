@@ -326,7 +326,8 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], options: "RunOpti
                                          controller_failure_limit=placement_retries(s.placement_wait_s)),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=c.keep,
-                checkpoint_score_attribute="valid_neg_elbo" if c.keep_by == "valid" else None,
+                # kept by the validation chain bound: the memory-conditional one favours a memory that copies
+                checkpoint_score_attribute="valid_chain_neg_elbo" if c.keep_by == "valid" else None,
                 checkpoint_score_order="min"),
             callbacks=[*([ProgressPrinter()] if options is None or options.progress else []),
                        *(options.callbacks if options is not None else ())]))

@@ -28,7 +28,16 @@ class ProgressPrinter(UserCallback):
         line = (f"[train] step {step}/{total}  loss {m.get('train/loss', float('nan')):.3f}  "
                 f"{m.get('perf/episodes_per_s', 0):.1f} episodes/s  ETA {eta}")
         if "test/neg_elbo" in m:
-            line += f"  test neg-ELBO {m['test/neg_elbo']:.3f}  IWAE {m.get('test/iwae', float('nan')):.3f}"
+            line += "  test -ELBO: " + test_bounds(m)
         if checkpoint is not None:
             line += "  [checkpoint]"
         print(line, flush=True)
+
+
+def test_bounds(m) -> str:
+    """The three test -ELBOs of a final report, labelled by what the memory scoring x_t holds: the images before
+    it (chain: bounds -ln p(X)/T), the other images (leave-one-out), x_t itself too (memory-conditional, the
+    paper's)."""
+    nan = float("nan")
+    return (f"chain {m.get('test/chain_neg_elbo', nan):.3f}, leave-one-out {m.get('test/loo_neg_elbo', nan):.3f}, "
+            f"memory-conditional (paper's) {m.get('test/neg_elbo', nan):.3f}")

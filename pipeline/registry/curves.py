@@ -1,4 +1,5 @@
-"""Loss curves as a PNG artifact, drawn from the run's own metric history (so restarts and resumes are included)."""
+"""Loss curves as a PNG artifact, drawn from the run's own metric history (so restarts and resumes are included), and
+the chain curve of a test evaluation."""
 from __future__ import annotations
 
 import pathlib
@@ -19,5 +20,32 @@ def plot_curves(histories: dict[str, list[tuple[int, float]]], path: str | pathl
     fig.tight_layout()
     path = pathlib.Path(path)
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_chain_curve(curve: list[float], iwae_curve: list[float], unit: str, iwae_samples: int, title: str,
+                     path: str | pathlib.Path) -> pathlib.Path:
+    """The chain bound against the number of images already in memory (kpp.evaluate's chain_curve: entry n is the
+    mean bound of the images scored under a memory of the n images before them), -ELBO and IWAE, the mean over the
+    episode as a dashed line: what Generative Matching Networks plot. A memory that predicts makes it fall."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = list(range(len(curve)))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(n, curve, marker="o", label="chain -ELBO")
+    ax.plot(n, iwae_curve, marker=".", label=f"chain IWAE bound (S={iwae_samples})")
+    mean = sum(curve) / len(curve)
+    ax.axhline(mean, color="0.5", linestyle="--", linewidth=1,
+               label=f"mean over the episode: {mean:.2f} (bounds -ln p(X)/T)")
+    ax.set_xlabel("images already in memory (n earlier images of the episode)")
+    ax.set_ylabel(f"chain -ELBO ({unit})")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

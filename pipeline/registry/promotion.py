@@ -1,9 +1,12 @@
 """Who is `champion`: a registered version takes the alias only if its test bound beats the current champion's on
 the same fixed test episodes. Both numbers go on the version, with the decision and why.
 
-The bound and the fingerprint of the test episodes it was measured on are version tags (test.neg_elbo,
-test.episodes), written when the version is registered. Bounds measured on different episodes are not compared:
-the version is not promoted and the reason says so.
+The bounds (`BOUNDS`: test.chain_neg_elbo, test.loo_neg_elbo, test.neg_elbo, ... ) and the fingerprint of the test
+episodes they were measured on are version tags (test.episodes), written when the version is registered. The rule
+compares one bound, `tracking.champion_metric`: by default the chain bound, a proper bound on -ln p(X)/T; the
+memory-conditional one (the paper's) is driven down by a memory that copies each image to its own prior, and would
+crown that copy. Bounds measured on different episodes are not compared, nor is a champion without the bound's tag
+(registered before it was measured): the version is not promoted and the reason says so.
 
 Promotions are serialised per registered model: reading the champion, comparing and moving the alias happen under
 a lock, so two jobs finishing at once cannot both compare with the old champion and leave the worse one holding the
@@ -24,9 +27,30 @@ from dataclasses import dataclass
 from pipeline.train.config import JobConfig
 
 CHAMPION = "champion"
-BOUND_TAG = "test.neg_elbo"
 EPISODES_TAG = "test.episodes"
 UNIT_TAG = "test.unit"
+IWAE_SAMPLES_TAG = "eval.iwae_samples"  # an IWAE bound tightens with its sample count: compared only at equal S
+# The test bounds a run reports (its final metrics test/<bound>), each a version tag test.<bound>: what the champion
+# rule may compare, named for what the memory that scores x_t holds (kpp/evaluate.py).
+BOUNDS = {"chain_neg_elbo": "chain -ELBO (x_t from a memory of the images before it)",
+          "chain_iwae": "chain IWAE bound",
+          "loo_neg_elbo": "leave-one-out -ELBO (x_t from a memory of the other images)",
+          "loo_iwae": "leave-one-out IWAE bound",
+          "neg_elbo": "memory-conditional -ELBO (x_t in its own memory; the paper's quantity)",
+          "iwae": "memory-conditional IWAE bound"}
+DEFAULT_METRIC = "chain_neg_elbo"  # a proper bound: a memory lowers it only by predicting the images it has not seen
+
+
+def bound_tag(metric: str) -> str:
+    """The version tag of a test bound: test.<bound>."""
+    return f"test.{metric}"
+
+
+def check_metric(metric: str, field: str = "tracking.champion_metric") -> str:
+    """`metric` if the champion rule can compare it, else ValueError naming `field` and the bounds it can."""
+    if metric not in BOUNDS:
+        raise ValueError(f"{field}: {metric!r} is not a test bound a run reports; one of {', '.join(BOUNDS)}")
+    return metric
 
 
 def episodes_fingerprint(cfg: JobConfig, manifest_hash: str) -> str:
@@ -61,6 +85,7 @@ class Decision:
     champion_bound: float | None
     champion_version: str | None
     reason: str
+    metric: str = DEFAULT_METRIC  # the bound compared (a key of BOUNDS)
 
 
 LOCK_SUFFIX = ".promotion-lock"
@@ -124,19 +149,23 @@ def _holder(client, name: str, alias: str):
         return None
 
 
-def promote(uri: str, name: str, version: str, alias: str = CHAMPION, measure=None) -> Decision:
-    """Move `alias` to `version` if its bound is lower than the alias holder's on the same episodes; under the
-    registry's promotion lock, so concurrent promotions see each other's result.
+def promote(uri: str, name: str, version: str, alias: str = CHAMPION, measure=None,
+            metric: str = DEFAULT_METRIC) -> Decision:
+    """Move `alias` to `version` if its bound `metric` (a key of BOUNDS) is lower than the alias holder's on the
+    same episodes; under the registry's promotion lock, so concurrent promotions see each other's result.
 
-    measure: optional `measure(champion_version) -> (bound, champion_bound, what)`, both bounds recomputed now on
-    the same test episodes (jobs.promote --data); then the tags' numbers are not compared and `what` (the episodes
-    used) goes into the reason. It runs outside the lock (it may take minutes); if the champion moved meanwhile,
-    it is measured again against the new one."""
+    measure: optional `measure(champion_version) -> (bound, champion_bound, what)`, both values of `metric`
+    recomputed now on the same test episodes (jobs.promote --data); then the tags' numbers are not compared and
+    `what` (the episodes used) goes into the reason. It runs outside the lock (it may take minutes); if the
+    champion moved meanwhile, it is measured again against the new one."""
     from mlflow import MlflowClient
+    check_metric(metric)
     client = MlflowClient(uri)
     mv = client.get_model_version(name, version)
-    if BOUND_TAG not in mv.tags or EPISODES_TAG not in mv.tags:
-        raise ValueError(f"{name} version {version}: no {BOUND_TAG}/{EPISODES_TAG} tags; it cannot be compared")
+    tag = bound_tag(metric)
+    if tag not in mv.tags or EPISODES_TAG not in mv.tags:
+        raise ValueError(f"{name} version {version}: no {tag}/{EPISODES_TAG} tags; it cannot be compared by "
+                         f"{metric}")
     for _ in range(5):
         measured = None
         if measure is not None:
@@ -147,43 +176,57 @@ def promote(uri: str, name: str, version: str, alias: str = CHAMPION, measure=No
             champ = _holder(client, name, alias)
             if measured is not None and (champ is None or str(champ.version) != measured[0]):
                 continue  # the champion moved while the bounds were recomputed: compare with the new one
-            return _decide(client, name, str(version), mv, alias, champ, measured[1] if measured else None)
+            return _decide(client, name, str(version), mv, alias, champ, measured[1] if measured else None, metric)
     raise TimeoutError(f"{name}: {alias} moved during each of 5 measurements; promote again")
 
 
-def _decide(client, name: str, version: str, mv, alias: str, champ, measured) -> Decision:
+def _decide(client, name: str, version: str, mv, alias: str, champ, measured, metric: str) -> Decision:
     """The comparison itself, with the lock held: tags the decision on the version and moves the alias."""
-    bound = float(mv.tags[BOUND_TAG])
+    tag = bound_tag(metric)
+    bound = float(mv.tags[tag])
 
     def decide(promoted: bool, champ_bound: float | None, reason: str) -> Decision:
         client.set_model_version_tag(name, version, f"{alias}.decision", "promoted" if promoted else "kept")
         client.set_model_version_tag(name, version, f"{alias}.reason", reason)
+        client.set_model_version_tag(name, version, f"{alias}.metric", metric)
         client.set_model_version_tag(name, version, f"{alias}.bound_at_decision",
                                      "none" if champ_bound is None else f"{champ_bound:.6f}")
         if promoted:
             client.set_registered_model_alias(name, alias, version)
-        return Decision(promoted, bound, champ_bound, champ.version if champ else None, reason)
+        return Decision(promoted, bound, champ_bound, champ.version if champ else None, reason, metric)
 
     if champ is None:
-        return decide(True, None, f"no {alias} yet: version {version} ({bound:.3f}) becomes {alias}")
+        return decide(True, None, f"no {alias} yet: version {version} ({metric} {bound:.3f}) becomes {alias}")
     if str(champ.version) == str(version):
-        return Decision(True, bound, bound, str(version), f"version {version} already is {alias}")
+        return Decision(True, bound, bound, str(version), f"version {version} already is {alias}", metric)
     if measured is not None:
         bound, champ_bound, what = measured
         if bound < champ_bound:
-            return decide(True, champ_bound, f"{bound:.3f} beats {alias} version {champ.version} ({champ_bound:.3f}) "
-                                             f"{mv.tags.get(UNIT_TAG, '')}, both recomputed on {what}")
-        return decide(False, champ_bound, f"{bound:.3f} does not beat {alias} version {champ.version} "
+            return decide(True, champ_bound, f"{metric} {bound:.3f} beats {alias} version {champ.version} "
+                                             f"({champ_bound:.3f}) {mv.tags.get(UNIT_TAG, '')}, both recomputed on "
+                                             f"{what}")
+        return decide(False, champ_bound, f"{metric} {bound:.3f} does not beat {alias} version {champ.version} "
                                           f"({champ_bound:.3f}) {mv.tags.get(UNIT_TAG, '')}, both recomputed on "
                                           f"{what}; {alias} stays")
-    champ_bound = float(champ.tags[BOUND_TAG]) if BOUND_TAG in champ.tags else None
-    if champ.tags.get(EPISODES_TAG) != mv.tags[EPISODES_TAG] or champ_bound is None:
+    champ_bound = float(champ.tags[tag]) if tag in champ.tags else None
+    if champ.tags.get(EPISODES_TAG) != mv.tags[EPISODES_TAG]:
         return decide(False, champ_bound, f"{alias} (version {champ.version}) was measured on other test episodes "
                                           f"({champ.tags.get(EPISODES_TAG, 'unknown')} vs {mv.tags[EPISODES_TAG]}): "
                                           f"the bounds are not comparable; {alias} stays")
+    if metric.endswith("iwae") and champ.tags.get(IWAE_SAMPLES_TAG) != mv.tags.get(IWAE_SAMPLES_TAG):
+        return decide(False, champ_bound, f"{alias} (version {champ.version}) measured {metric} with "
+                                          f"S={champ.tags.get(IWAE_SAMPLES_TAG, 'unknown')} importance samples, this "
+                                          f"version with S={mv.tags.get(IWAE_SAMPLES_TAG, 'unknown')}: the bounds are "
+                                          f"not comparable; {alias} stays")
+    if champ_bound is None:
+        # a version registered before this bound was measured (the chain bound came later): no number to beat,
+        # and none is made up; jobs.promote --data measures both on the same episodes
+        return decide(False, None, f"{alias} (version {champ.version}) has no {tag} tag (registered before the "
+                                   f"{BOUNDS[metric]} was measured): the bounds are not comparable; {alias} stays "
+                                   f"(jobs.promote --data recomputes both)")
     unit = mv.tags.get(UNIT_TAG, "")
     if bound < champ_bound:
-        return decide(True, champ_bound, f"{bound:.3f} beats {alias} version {champ.version} ({champ_bound:.3f}) "
-                                         f"{unit} on the same test episodes")
-    return decide(False, champ_bound, f"{bound:.3f} does not beat {alias} version {champ.version} "
+        return decide(True, champ_bound, f"{metric} {bound:.3f} beats {alias} version {champ.version} "
+                                         f"({champ_bound:.3f}) {unit} on the same test episodes")
+    return decide(False, champ_bound, f"{metric} {bound:.3f} does not beat {alias} version {champ.version} "
                                       f"({champ_bound:.3f}) {unit} on the same test episodes; {alias} stays")

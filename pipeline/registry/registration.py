@@ -4,7 +4,7 @@ trial) share.
 A version of `<tracking.registered_model>-<dataset>` is created from a checkpoint folder (its weights as a plain
 state_dict, so it loads with weights_only=True), tagged with what it was trained on and its test bounds
 (pipeline.registry.naming.version_tags), described in words (naming.version_description), given `tracking.alias`, and then offered `champion` through the promotion
-gate (pipeline.registry.promotion: a lower test bound on the same test episodes)."""
+gate (pipeline.registry.promotion: a lower test bound, tracking.champion_metric, on the same test episodes)."""
 from __future__ import annotations
 
 import pathlib
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 def register_checkpoint(cfg, uri: str, run_id: str, folder: str | pathlib.Path, metrics: Mapping[str, Any],
                         extra_tags: Mapping[str, str] | None = None):
     """(registered name, version, promotion decision) for the checkpoint in `folder` of job `cfg` (resolved),
-    trained in MLflow run `run_id` with final `metrics` (test/neg_elbo, ...)."""
+    trained in MLflow run `run_id` with final `metrics` (test/chain_neg_elbo, test/neg_elbo, ...)."""
     import torch
 
     from pipeline.registry import naming, promotion, tracking
@@ -30,4 +30,4 @@ def register_checkpoint(cfg, uri: str, run_id: str, folder: str | pathlib.Path, 
                                             **(extra_tags or {})})
     naming.describe(uri, name, version, naming.model_description(cfg),
                     naming.version_description(cfg, metrics, run_id, run_tags))
-    return name, version, promotion.promote(uri, name, version)
+    return name, version, promotion.promote(uri, name, version, metric=cfg.tracking.champion_metric)

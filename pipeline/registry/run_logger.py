@@ -199,6 +199,33 @@ class RankZeroLogger:
                           lambda: self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True),
                           attempts)
 
+    def log_table(self, columns: dict[str, list], artifact_file: str, key: str, attempts: int | None = None) -> None:
+        """Rows (column -> values) as an MLflow table (MlflowClient.log_table, .json: the run's Tables view shows
+        it). MLflow appends to a table the run holds already; rows whose `key` value is in it already are left out,
+        so a retry after a failure part-way through, or the same step evaluated again after a resume, adds nothing
+        twice."""
+        if not self.active:
+            return
+        import pandas as pd
+        rows = pd.DataFrame(columns)
+
+        def append() -> None:
+            held = self._table(artifact_file)
+            fresh = rows if held is None or key not in held else rows[~rows[key].isin(set(held[key]))]
+            if len(fresh):
+                self.client.log_table(self.run_id, fresh, artifact_file)
+        self._retried(f"log table {artifact_file}", append, attempts)
+
+    def _table(self, artifact_file: str):
+        """The run's table `artifact_file` (a DataFrame), None when it has none."""
+        import pandas as pd
+        folder = str(pathlib.PurePosixPath(artifact_file).parent)
+        held = {f.path for f in self.client.list_artifacts(self.run_id, None if folder == "." else folder)}
+        if artifact_file not in held:
+            return None
+        with tempfile.TemporaryDirectory() as d:
+            return pd.read_json(self.client.download_artifacts(self.run_id, artifact_file, d), orient="split")
+
     def log_dict(self, d: dict[str, Any], artifact_file: str) -> None:
         if self.active:
             self._retried(f"log {artifact_file}", lambda: self.client.log_dict(self.run_id, d, artifact_file))

@@ -142,7 +142,7 @@ class CheckpointConfig(Section):
     every_steps: int = _f(100, "checkpoint every this many steps and at the last step (0 = only at the last)")
     keep: int = _f(2, "checkpoints to keep (the latest is always kept besides)")
     keep_by: Literal["recent", "valid"] = _f("valid", "which to keep: the most recent, or the best validation "
-                                                       "bound")
+                                                       "chain bound (valid_chain_neg_elbo)")
     max_failures: int = _f(3, "worker-group restarts after a crash before the job fails (-1 = unlimited); each "
                               "resumes from the latest complete checkpoint")
     when_behind: Literal["skip", "wait"] = _f("skip", "a checkpoint due while earlier ones are still being "
@@ -157,7 +157,15 @@ class TrackingConfig(Section):
     experiment: str = _f("kpp", "MLflow experiment name")
     registered_model: str = _f("kpp", "prefix of the registry name: the final model is registered as "
                                       "<prefix>-<dataset>, e.g. kpp-binarized_mnist ('' = don't register); it "
-                                      "becomes `champion` only if its test bound beats the champion's")
+                                      "becomes `champion` only if its test bound (tracking.champion_metric) beats "
+                                      "the champion's")
+    champion_metric: str = _f("chain_neg_elbo", "the test bound the champion rule compares, one of the bounds a run "
+                                                "reports (pipeline.registry.promotion.BOUNDS): chain_neg_elbo, "
+                                                "chain_iwae (x_t from a memory of the images before it: a proper "
+                                                "bound on -ln p(X)/T, the default), loo_neg_elbo, loo_iwae (from the "
+                                                "other images), neg_elbo, iwae (memory-conditional, the paper's: a "
+                                                "memory that copies each image to its own prior lowers it while "
+                                                "predicting nothing)")
     alias: str = _f("candidate", "alias set on the new model version")
     images_every_steps: int = _f(0, "log the labelled sample grid and the memory/keys figure (mlflow.log_image, "
                                     "one point per step in the UI) every this many steps (0 = only the final ones)")
@@ -298,6 +306,9 @@ class JobConfig(Section):
               "<host> or a database URI (postgresql://, mysql://, mssql://, databricks)", k.uri)
         _need(not c.s3_endpoint_url or c.s3_endpoint_url.startswith(("http://", "https://")),
               "checkpoint.s3_endpoint_url", "must be an http(s):// URL", c.s3_endpoint_url)
+        from pipeline.registry.promotion import BOUNDS  # no MLflow at import: cheap
+        _need(k.champion_metric in BOUNDS, "tracking.champion_metric",
+              f"must be a test bound a run reports: one of {', '.join(BOUNDS)}", k.champion_metric)
         if k.enabled:
             _need(bool(k.experiment.strip()), "tracking.experiment", "must be set", k.experiment)
             _need(not k.registered_model or bool(k.alias.strip()), "tracking.alias",

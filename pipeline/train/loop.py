@@ -11,6 +11,11 @@ fingerprint and the layout). A job of N steps and a job halted at N/2 and re-run
 weights; re-run with another worker count or batch size, it goes on with the images the epoch still owes.
 
 Validation, checkpoints and sample grids each run on their own step schedule (`Every`), and at the last step.
+Validation reports two bounds: valid_chain_neg_elbo (each image under a memory of the images before it, a proper
+bound on -ln p(X)/T), which selects (the best checkpoint, ASHA, the search), and valid_neg_elbo, the
+memory-conditional bound (the image in its own memory: the paper's), which a memory that copies each image to its
+own prior lowers while predicting nothing. The final test logs all three bounds and the chain curve (a table and a
+figure: the bound against the number of images already in memory).
 
 The loop is a short list of components: the data stream (batches with their cursor, copied to the device a step
 ahead), `train_step` (no host sync), `StepMetrics` (device-side counters, one all-reduce and one host read per
@@ -50,6 +55,10 @@ from pipeline.train.step import train_step
 
 
 SPREAD_EVERY_S = 1.0  # at log steps, threads that inherited the training core are moved off it at most this often
+# The validation bounds every report carries (inf until the first validation, and on the ranks that do not
+# validate): the chain bound, which selects (checkpoint.keep_by=valid, sweeps), and the memory-conditional one.
+SELECTS = "valid_chain_neg_elbo"
+UNVALIDATED = {SELECTS: math.inf, "valid_neg_elbo": math.inf}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -108,8 +117,8 @@ class Loop:
         self.grids = Every(job.tracking.images_every_steps)
         self.step = 0
         self.cursor: Cursor = self.stream.start(0)
-        self.best_valid = math.inf
-        self.last_valid = math.inf
+        self.best_valid = math.inf  # the lowest validation chain bound so far
+        self.last_valid = dict(UNVALIDATED)  # the last validation's bounds, as reported
         self.resumed_from = -1  # -1: this worker group started fresh
         self.loop_s = 0.0  # wall time of this process's step loop so far (benchmarks compare it)
         # CPU time of this (the training) thread in the loop: with wall time, the share of the loop this rank was
@@ -160,7 +169,7 @@ class Loop:
             if self.pin is not None:
                 self.pin.spread()  # ... and do their start-up (imports: 1-2 s of CPU) off the training core
         if resumed_from is None and self.rank0:
-            self.last_valid = self._validate()  # step-0 baseline: the bound the run must lower
+            self.last_valid = self._validate()  # step-0 baseline: the bounds the run must lower
         if resumed_from is not None:
             if self.rank0:
                 print(f"[train] resumed from the checkpoint of step {resumed_from} (epoch {self.cursor.epoch}, "
@@ -253,7 +262,7 @@ class Loop:
         last step's (with the test bounds) and not an older one. Every rank reports: a report is a barrier."""
         metrics = dict(self._restored_report)
         if not metrics:  # a checkpoint from before reports were kept in it: evaluate again
-            metrics = {"step": self.step, "max_steps": self.job.train.max_steps, "valid_neg_elbo": self.last_valid}
+            metrics = {"step": self.step, "max_steps": self.job.train.max_steps, **self.last_valid}
             if self.step == self.job.train.max_steps:
                 metrics.update(self._final())
         metrics["resumed_from_step"] = resumed_from
@@ -268,7 +277,7 @@ class Loop:
         if self.validation.due(self.step, done) or self.checkpointer.needs_fresh_valid(self.step, done):
             if self.rank0:
                 self.last_valid = self._validate()
-                self.best_valid = min(self.best_valid, self.last_valid)
+                self.best_valid = min(self.best_valid, self.last_valid[SELECTS])
             self.collector.full()  # a pause already (rank 0 validates, the others wait at the next collective)
         if self.grids.due(self.step, False) and not (done and self.step == self.job.train.max_steps):
             try:
@@ -346,7 +355,7 @@ class Loop:
         if self._started_unix is not None:  # reported with every report; logged to MLflow once, above
             m["perf/start_to_first_step_s"] = self._start_to_first_step_s
         m.update({"step": self.step, "max_steps": self.job.train.max_steps, "resumed_from_step": self.resumed_from,
-                  "valid_neg_elbo": self.last_valid})
+                  **self.last_valid})
         return m, window["report_due"], window["reports_in_flight_most"]
 
     def _enforce_nonfinite_policy(self, window: dict[str, Any]) -> None:
@@ -365,15 +374,17 @@ class Loop:
         """Rank 0's state in host memory (DDP replicas are identical: one copy is enough)."""
         return checkpointing.snapshot(model=self.net, optimizer=self.opt, scheduler=self.sched, step=self.step,
                                       cursor=self.cursor.to_dict(),
-                                      extra={"best_valid": self.best_valid, "last_valid": self.last_valid,
+                                      extra={"best_valid_chain": self.best_valid, "last_valid": dict(self.last_valid),
                                              "skipped": self.skipped, "key_kl_max": self.metrics.key_kl_max,
                                              "report": report})
 
-    def _validate(self) -> float:
-        r = evaluate(self.net, self.valid, iwae_samples=1, seed=self.job.eval.seed, leave_one_out=False)
-        self.tracker.log_metrics({"valid/neg_elbo": r["neg_elbo"], "valid/swap_gap": r["swap_gap"],
-                                  "valid/kl_y": r["kl_y"], "valid/kl_z": r["kl_z"]}, step=self.step)
-        return r["neg_elbo"]
+    def _validate(self) -> dict[str, float]:
+        """The validation bounds as reported (valid_chain_neg_elbo, valid_neg_elbo), logged as valid/*."""
+        r = evaluate(self.net, self.valid, iwae_samples=1, seed=self.job.eval.seed, leave_one_out=False, chain=True)
+        self.tracker.log_metrics({"valid/chain_neg_elbo": r["chain_neg_elbo"], "valid/neg_elbo": r["neg_elbo"],
+                                  "valid/swap_gap": r["swap_gap"], "valid/kl_y": r["kl_y"], "valid/kl_z": r["kl_z"]},
+                                 step=self.step)
+        return {"valid_chain_neg_elbo": r["chain_neg_elbo"], "valid_neg_elbo": r["neg_elbo"]}
 
     def _final(self) -> dict[str, float]:
         """Test bounds on rank 0 (the others wait at the next report)."""
@@ -388,9 +399,29 @@ class Loop:
         out["keys_at_floor"] = idle
         self.tracker.set_tags({"test.unit": r["unit"]})
         self._log_grid(final=True)
-        self.tracker.log_curves(["train/loss", "train/recon", "train/kl_z", "train/kl_y", "valid/neg_elbo",
-                                 "valid/swap_gap", "train/lr"])
+        self._log_chain_curve(r)
+        self.tracker.log_curves(["train/loss", "train/recon", "train/kl_z", "train/kl_y", "valid/chain_neg_elbo",
+                                 "valid/neg_elbo", "valid/swap_gap", "train/lr"])
         return out
+
+    def _log_chain_curve(self, r: dict[str, Any]) -> None:
+        """The test chain bound against the number of images already in memory: a table (curves/chain_curve.json,
+        in the run's Tables view; one set of rows per step, so an extended job adds its own) and a labelled figure
+        (curves/chain_curve.png, this step's). A memory that helps makes it fall with n; n = 0 is the empty memory."""
+        if not self.tracker.active:
+            return
+        from pipeline.registry import naming
+        from pipeline.registry.curves import plot_chain_curve
+        n = len(r["chain_curve"])
+        self.tracker.log_table({"step": [self.step] * n, "earlier_images": list(range(n)),
+                                "chain_neg_elbo": r["chain_curve"], "chain_iwae": r["chain_iwae_curve"]},
+                               "curves/chain_curve.json", key="step")
+        title = (f"{naming.model_label(self.job)} on {self.job.data.dataset} ({self.job.data.episodes} episodes of "
+                 f"{n}), step {self.step}")
+        with tempfile.TemporaryDirectory() as d:
+            path = plot_chain_curve(r["chain_curve"], r["chain_iwae_curve"], r["unit"], int(r["iwae_samples"]),
+                                    title, pathlib.Path(d) / "chain_curve.png")
+            self.tracker.log_artifact(path, "curves")
 
     def _log_grid(self, final: bool = False) -> None:
         """The labelled sample grid (samples/<step or final>.png) and, as image series over steps (log_image), the
@@ -428,7 +459,11 @@ class Loop:
         # checkpoints before kpp-train/2 kept {epoch, batch} only: taken as is, in the layout of this run
         self.cursor = Cursor.from_dict(c) if "batches_seen" in c else Cursor(c["epoch"], c["batch"])
         e = payload["extra"]
-        self.best_valid, self.last_valid = e["best_valid"], e["last_valid"]
+        last = e["last_valid"]
+        # a checkpoint from before the chain bound holds the memory-conditional bound alone: the chain bound is
+        # unknown (the worst, for the keep rule and ASHA) until the next validation
+        self.last_valid = dict(last) if isinstance(last, dict) else {**UNVALIDATED, "valid_neg_elbo": last}
+        self.best_valid = e.get("best_valid_chain", math.inf)
         self.metrics.skipped = e["skipped"]
         self.metrics.key_kl_max = list(e.get("key_kl_max", []))
         self._restored_report = dict(e.get("report", {}))  # what the step of this checkpoint reported

@@ -5,7 +5,7 @@
     search:
       model.memory.channels: {choice: [4, 8]}
       train.lr: {loguniform: [5.0e-4, 5.0e-3]}
-    metric: valid_neg_elbo      # what the loop reports; mode min
+    metric: valid_chain_neg_elbo   # what the loop reports (REPORTED_METRICS); mode min
     num_trials: 4
     algorithm: optuna           # optuna (TPE) | random; a grid forces random (grid x num_trials / grid size)
     asha: {grace_steps: 20, reduction_factor: 2}
@@ -28,8 +28,13 @@ from pydantic import Field, ValidationError
 from pipeline.train.config import ConfigError, JobConfig, Section, set_path, split_override
 
 # What the loop reports to Ray Train (and so to Tune) at every report: the metric must be one of these.
-REPORTED_METRICS = {"valid_neg_elbo": "min", "train/loss": "min", "train/total": "min", "train/recon": "min",
-                    "train/kl_z": "min", "train/kl_y": "min"}
+# valid_chain_neg_elbo is the default: each validation image scored under a memory of the images before it, a
+# proper bound on -ln p(X)/T. valid_neg_elbo is the memory-conditional bound (the image in its own memory: the
+# paper's), which a memory that copies each image to its own prior lowers while predicting nothing: a sweep on it
+# selects for the copy.
+REPORTED_METRICS = {"valid_chain_neg_elbo": "min", "valid_neg_elbo": "min", "train/loss": "min", "train/total": "min",
+                    "train/recon": "min", "train/kl_z": "min", "train/kl_y": "min"}
+DEFAULT_METRIC = "valid_chain_neg_elbo"
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
@@ -48,7 +53,9 @@ class SweepConfig(Section):
     seed: int = Field(0, description="seed of the search algorithm")
     train: TrainSource = Field(default_factory=TrainSource)
     search: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    metric: str = Field("valid_neg_elbo", description="reported metric ASHA and the search optimise")
+    metric: str = Field(DEFAULT_METRIC, description="reported metric ASHA and the search optimise (REPORTED_METRICS): "
+                                                     "the validation chain bound by default, a proper bound that a "
+                                                     "memory copying each image cannot game")
     mode: Literal["min", "max"] = "min"
     num_trials: int = Field(4, description="trials in all")
     algorithm: Literal["optuna", "random"] = "optuna"
@@ -157,7 +164,7 @@ def load(path: str | None, overrides: list[str], root: pathlib.Path | None = Non
         raise ConfigError(f"num_trials: must be >= 1, got {cfg.num_trials}")
     if cfg.metric not in REPORTED_METRICS:
         raise ConfigError(f"metric: {cfg.metric!r} is not reported by the training loop; one of "
-                          f"{sorted(REPORTED_METRICS)}")
+                          f"{', '.join(REPORTED_METRICS)}")
     if cfg.max_concurrent_trials < 0:
         raise ConfigError(f"max_concurrent_trials: must be >= 0, got {cfg.max_concurrent_trials}")
     base_raw: dict[str, Any] = {}

@@ -5,7 +5,8 @@ and fits a TorchTrainer (pipeline.cluster.driver.run) with Tune's TuneReportCall
 from the trial. The trial function itself holds almost nothing (0.001 CPU); its worker group asks for its own
 resources, so the number of trials at once is what the cluster holds of worker groups (max_concurrent_trials).
 
-- ASHA stops trials on the validation bound the loop reports (time axis: the optimiser step).
+- ASHA stops trials on the metric the loop reports (time axis: the optimiser step): by default the validation
+  chain bound, which a memory that copies each image to its own prior cannot lower (pipeline.tune.space).
 - Optuna's TPE proposes the values (random search where asked, or where the space has a grid).
 - MLflow: the sweep has one parent run; each trial's run is its child (mlflow.parentRunId). A trial never
   registers a model; the sweep registers its best finished trial and promotes it only if it beats the champion.
@@ -304,13 +305,13 @@ def run(sweep: Sweep, sweep_yaml: str) -> SweepOutcome:
         tuner, resumed = build_tuner(sweep, setup, restoring, parent, uri, max_concurrent)
         results = tuner.fit()
         rows = report.results_rows(sweep, results)
-        out = SweepOutcome(parent_run_id=parent, rows=rows, table=report.markdown_table(rows, list(sweep.domains)),
-                           resumed=resumed)
+        out = SweepOutcome(parent_run_id=parent, rows=rows,
+                           table=report.markdown_table(rows, list(sweep.domains), sweep.cfg.metric), resumed=resumed)
         if uri:
             _log_report(sweep, results, rows, out.table, uri, parent)
         finished = [r for r in rows if r["outcome"] == "finished"]
         if finished:
-            out.best_trial = finished[0]["trial_id"]  # rows are sorted: the lowest validation bound first
+            out.best_trial = finished[0]["trial_id"]  # rows are sorted: the best by the sweep's metric first
             if uri:
                 client = tracking.MlflowClient(uri)
                 client.set_tag(parent, "kpp.sweep.best_trial", out.best_trial)
@@ -357,7 +358,7 @@ def _register_best(sweep: Sweep, results, best_row: dict[str, Any], uri: str, pa
             if v.tags.get("sweep.parent_run_id") == parent and v.tags.get("sweep.trial_id") == trial_id]
     if done:  # the sweep ran to the end before (a re-run restores it finished): its version, not a duplicate
         out.model_name, out.model_version = name, str(done[0].version)
-        out.decision = promotion.promote(uri, name, out.model_version)
+        out.decision = promotion.promote(uri, name, out.model_version, metric=cfg.tracking.champion_metric)
         print(f"[tune] trial {trial_id} is registered already as {name} version {out.model_version}", flush=True)
         return
     metrics = {k: v for k, v in best_row.items() if k.startswith("test/")}
