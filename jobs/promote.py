@@ -29,7 +29,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--alias", default="champion", help="the alias to move (default champion)")
     ap.add_argument("--metric", default="chain_neg_elbo",
                     help="the test bound compared (default chain_neg_elbo; chain_iwae, loo_neg_elbo, loo_iwae, "
-                         "neg_elbo, iwae: pipeline.registry.promotion.BOUNDS)")
+                         "neg_elbo, iwae: kpp/bounds.py)")
     ap.add_argument("--data", default="", help="recompute both bounds on this prepared dataset's test episodes")
     ap.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else jobs.train's store")
     return ap.parse_args(argv)

@@ -57,6 +57,19 @@ def table(records: list[dict]) -> str:
     return "\n".join([HEADER, *(row(r) for r in records)])
 
 
+def _save(fig, ax, out: str, legend_size: int) -> str:
+    """Grid, legend and layout of a report figure, written to `out` (its folder made)."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_curve(records: list[dict], out: str) -> str:
     import matplotlib
 
@@ -83,12 +96,7 @@ def plot_curve(records: list[dict], out: str) -> str:
     devices = "/".join(sorted({r.get("device_name") or r.get("device", "cpu") for r in records}))
     ax.set_title(f"Binarized MNIST, memory-conditional bounds on {'/'.join(map(str, sorted(images)))} test images\n"
                  f"K = {reads} reads, trained on {devices}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    return _save(fig, ax, out, legend_size=8)
 
 
 def plot_memory_samples(model, episodes, out: str, labels=None, seed: int = 0) -> str:
@@ -152,13 +160,7 @@ def plot_chain_curve(records: list[dict], out: str) -> str:
     ax.set_ylabel(f"chain bound, {'/'.join(units)} (lower is better)")
     ax.set_title(f"{'/'.join(sorted({r['dataset'] for r in records}))}, {episodes} episodes, {images} test images, "
                  f"{steps} steps", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, legend_size=7)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from kpp.bounds import BOUNDS, SELECTING
 from pipeline.train.config import JobConfig
 
 CHAMPION = "champion"
@@ -31,14 +32,8 @@ EPISODES_TAG = "test.episodes"
 UNIT_TAG = "test.unit"
 IWAE_SAMPLES_TAG = "eval.iwae_samples"  # an IWAE bound tightens with its sample count: compared only at equal S
 # The test bounds a run reports (its final metrics test/<bound>), each a version tag test.<bound>: what the champion
-# rule may compare, named for what the memory that scores x_t holds (kpp/evaluate.py).
-BOUNDS = {"chain_neg_elbo": "chain -ELBO (x_t from a memory of the images before it)",
-          "chain_iwae": "chain IWAE bound",
-          "loo_neg_elbo": "leave-one-out -ELBO (x_t from a memory of the other images)",
-          "loo_iwae": "leave-one-out IWAE bound",
-          "neg_elbo": "memory-conditional -ELBO (x_t in its own memory; the paper's quantity)",
-          "iwae": "memory-conditional IWAE bound"}
-DEFAULT_METRIC = "chain_neg_elbo"  # a proper bound: a memory lowers it only by predicting the images it has not seen
+# rule may compare (kpp/bounds.py).
+DEFAULT_METRIC = SELECTING
 
 
 def bound_tag(metric: str) -> str:

@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 
 from kpp.config import ConfigError as ModelConfigError
+from kpp.bounds import BOUNDS, SELECTING
 from kpp.config import KanervaConfig
 from pipeline.train import affinity
 
@@ -159,8 +160,8 @@ class TrackingConfig(Section):
                                       "<prefix>-<dataset>, e.g. kpp-binarized_mnist ('' = don't register); it "
                                       "becomes `champion` only if its test bound (tracking.champion_metric) beats "
                                       "the champion's")
-    champion_metric: str = _f("chain_neg_elbo", "the test bound the champion rule compares, one of the bounds a run "
-                                                "reports (pipeline.registry.promotion.BOUNDS): chain_neg_elbo, "
+    champion_metric: str = _f(SELECTING, "the test bound the champion rule compares, one of the bounds a run "
+                                                "reports (kpp/bounds.py): chain_neg_elbo, "
                                                 "chain_iwae (x_t from a memory of the images before it: a proper "
                                                 "bound on -ln p(X)/T, the default), loo_neg_elbo, loo_iwae (from the "
                                                 "other images), neg_elbo, iwae (memory-conditional, the paper's: a "
@@ -306,7 +307,6 @@ class JobConfig(Section):
               "<host> or a database URI (postgresql://, mysql://, mssql://, databricks)", k.uri)
         _need(not c.s3_endpoint_url or c.s3_endpoint_url.startswith(("http://", "https://")),
               "checkpoint.s3_endpoint_url", "must be an http(s):// URL", c.s3_endpoint_url)
-        from pipeline.registry.promotion import BOUNDS  # no MLflow at import: cheap
         _need(k.champion_metric in BOUNDS, "tracking.champion_metric",
               f"must be a test bound a run reports: one of {', '.join(BOUNDS)}", k.champion_metric)
         if k.enabled:
