@@ -9,9 +9,12 @@
 
 Per image:  -ELBO = -log p(x_t | z_t) + KL[q(z_t|X) || p(z_t|M_hat_t, y_t)] + sum_k KL[q(y_tk|X) || N(0, I)].
 One reparameterised sample of y and z; analytic Gaussian KLs. See kpp/objective.py for warm-up and free bits.
+Which memory M scores x_t is the point: its own episode's (the paper's, memory-conditional: x_t is in M), the
+other images' (leave-one-out), or x_1..x_{t-1}'s only (chain_memories: a proper bound on -ln p(X) / T, what the
+default objective trains and what selects models).
 
 The baselines share this class, its encoder, decoder and likelihood, and its interface (encode, write, terms,
-log_weights, leave-one-out memories), switched by memory.writer (cfg.kind):
+log_weights, leave-one-out and chain memories), switched by memory.writer (cfg.kind):
 - "dkm": DKM w/ TSM, the Dynamic Kanerva Machine's memory (kpp/dkm.py) in place of the 2-D memory and its keys;
   kl_y is the KL of the addressing weights w, kl_m the memory's KL against its prior (per image: / T). With
   encoder.shift_fraction=0 the encoder is a per-image conv net: the plain "DKM".
